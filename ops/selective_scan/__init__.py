@@ -1,0 +1,174 @@
+"""Mamba-1 selective scan (SPEC 1.2) in a time-major layout.
+
+Public functions:
+  selective_scan(u, delta, A, B, C, ...)    the whole sequence; training and prefill.
+  selective_scan_step(state, u, delta, ...) one token; the decode path.
+
+Implementations: ``"reference"`` (token-by-token ``lax.scan``, float32) and ``"xla"`` (chunked
+associative scan with the state carried across chunks). ``None`` picks ``"xla"``.
+All arithmetic is float32 whatever the input dtype; outputs take ``u``'s dtype and states are
+float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ops._validate import check_shape, resolve_implementation
+from ops.selective_scan import chunk, reference
+
+IMPLEMENTATIONS = ("xla", "reference")
+
+
+def _check_bc(name, x, batch, time, channels, state):
+  """B and C: [batch, time, state] or [batch, time, groups, state]; returns the group count."""
+  if x.ndim == 3:
+    check_shape(name, x, (batch, time, state), "[batch, time, state]")
+    return 1
+  check_shape(name, x, (batch, time, None, state), "[batch, time, groups, state]")
+  groups = x.shape[2]
+  if channels % groups:
+    raise ValueError(f"{name}: groups ({groups}) must divide channels ({channels})")
+  return groups
+
+
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias, state, time_axis: bool):
+  """Validates shapes; returns (batch, channels, state_size, groups)."""
+  lead = ("[batch, time, channels]", 3) if time_axis else ("[batch, channels]", 2)
+  if u.ndim != lead[1]:
+    raise ValueError(f"u must have shape {lead[0]}, got {tuple(u.shape)}")
+  batch, channels = u.shape[0], u.shape[-1]
+  time = u.shape[1] if time_axis else None
+  sizes = (batch, time, channels) if time_axis else (batch, channels)
+  check_shape("delta", delta, sizes, lead[0])
+  if z is not None:
+    check_shape("z", z, sizes, lead[0])
+  if A.ndim != 2:
+    raise ValueError(f"A must have shape [channels, state], got {tuple(A.shape)}")
+  check_shape("A", A, (channels, None), "[channels, state]")
+  state_size = A.shape[1]
+  if time_axis:
+    groups = _check_bc("B", B, batch, time, channels, state_size)
+    if _check_bc("C", C, batch, time, channels, state_size) != groups or B.ndim != C.ndim:
+      raise ValueError(f"C must have the same shape as B {tuple(B.shape)}, got {tuple(C.shape)}")
+  else:
+    groups = 1 if B.ndim == 2 else B.shape[1]
+    layout = "[batch, state]" if B.ndim == 2 else "[batch, groups, state]"
+    for name, x in (("B", B), ("C", C)):
+      check_shape(name, x, (batch, state_size) if B.ndim == 2 else (batch, groups, state_size),
+                  layout)
+    if channels % groups:
+      raise ValueError(f"B: groups ({groups}) must divide channels ({channels})")
+  for name, x in (("D", D), ("delta_bias", delta_bias)):
+    if x is not None:
+      check_shape(name, x, (channels,), "[channels]")
+  if state is not None:
+    check_shape("initial_state" if time_axis else "state", state, (batch, channels, state_size),
+                "[batch, channels, state]")
+  return batch, channels, state_size, groups
+
+
+def _discretisation_step(delta, delta_bias, delta_softplus):
+  delta = delta.astype(jnp.float32)
+  if delta_bias is not None:
+    delta = delta + delta_bias.astype(jnp.float32)
+  return jax.nn.softplus(delta) if delta_softplus else delta
+
+
+def _readout(y, u, D, z):
+  """out = y + D u, gated by SiLU(z); float32 in, u's dtype out."""
+  if D is not None:
+    y = y + D.astype(jnp.float32) * u.astype(jnp.float32)
+  if z is not None:
+    y = y * jax.nn.silu(z.astype(jnp.float32))
+  return y.astype(u.dtype)
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   initial_state=None, return_final_state=False, implementation=None,
+                   segment_ids=None, chunk_size=None):
+  """Selective scan over a sequence.
+
+  Args:
+    u: [batch, time, channels] input, any float dtype.
+    delta: [batch, time, channels] step size before ``delta_bias`` and softplus.
+    A: [channels, state] continuous-time transition (negative for a stable scan).
+    B, C: [batch, time, state], or [batch, time, groups, state] where channel d uses group
+      ``d // (channels // groups)``.
+    D: optional [channels] skip connection.
+    z: optional [batch, time, channels] gate; the output is multiplied by SiLU(z).
+    delta_bias: optional [channels], added to delta.
+    delta_softplus: apply softplus to delta (after the bias).
+    initial_state: optional [batch, channels, state] float32; zeros when None.
+    return_final_state: also return the state after the last token.
+    implementation: None, "reference" or "xla".
+    segment_ids: optional [batch, time] integers of a packed batch; the state restarts from
+      zero wherever the id changes, so no token sees another segment.
+    chunk_size: tokens per chunk of the "xla" form (default ``chunk.DEFAULT_CHUNK_SIZE``).
+
+  Returns:
+    out [batch, time, channels] in u's dtype, and with ``return_final_state`` the final state
+    [batch, channels, state] float32.
+  """
+  implementation = resolve_implementation(implementation, IMPLEMENTATIONS)
+  batch, channels, state_size, groups = _check_inputs(
+      u, delta, A, B, C, D, z, delta_bias, initial_state, time_axis=True)
+  time = u.shape[1]
+  if segment_ids is not None:
+    check_shape("segment_ids", segment_ids, (batch, time), "[batch, time]")
+  if chunk_size is not None and (implementation != "xla" or chunk_size < 1):
+    raise ValueError(f"chunk_size applies to implementation 'xla' only and must be >= 1, got "
+                     f"chunk_size={chunk_size} with implementation={implementation!r}")
+
+  grouped = (batch, time, groups, channels // groups)
+  delta_f = _discretisation_step(delta, delta_bias, delta_softplus).reshape(grouped)
+  u_g = u.astype(jnp.float32).reshape(grouped)
+  B_g, C_g = (x.astype(jnp.float32).reshape(batch, time, groups, state_size) for x in (B, C))
+  A_g = A.astype(jnp.float32).reshape(groups, channels // groups, state_size)
+  keep = jnp.ones((batch, time), jnp.float32)
+  if segment_ids is not None:
+    starts = segment_ids[:, 1:] != segment_ids[:, :-1]
+    keep = keep.at[:, 1:].set(jnp.where(starts, 0.0, 1.0))
+  if initial_state is None:
+    h0 = jnp.zeros((batch, groups, channels // groups, state_size), jnp.float32)
+  else:
+    h0 = initial_state.astype(jnp.float32).reshape(batch, groups, channels // groups, state_size)
+
+  if implementation == "reference":
+    y, final_state = reference.scan(u_g, delta_f, A_g, B_g, C_g, keep, h0)
+  else:
+    y, final_state = chunk.scan(u_g, delta_f, A_g, B_g, C_g, keep, h0,
+                                chunk_size=chunk_size or chunk.DEFAULT_CHUNK_SIZE)
+  out = _readout(y.reshape(batch, time, channels), u, D, z)
+  if return_final_state:
+    return out, final_state.reshape(batch, channels, state_size)
+  return out
+
+
+def selective_scan_step(state, u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                        delta_softplus=False):
+  """Advances the scan by one token (the decode path).
+
+  Args:
+    state: [batch, channels, state] float32.
+    u, delta, z: [batch, channels].
+    A: [channels, state].
+    B, C: [batch, state] or [batch, groups, state].
+    D, delta_bias, delta_softplus: as in ``selective_scan``.
+
+  Returns:
+    (out [batch, channels] in u's dtype, new state [batch, channels, state] float32).
+  """
+  batch, channels, state_size, groups = _check_inputs(
+      u, delta, A, B, C, D, z, delta_bias, state, time_axis=False)
+  grouped = (batch, groups, channels // groups)
+  y, new_state = reference.update(
+      state.astype(jnp.float32).reshape(grouped + (state_size,)),
+      u.astype(jnp.float32).reshape(grouped),
+      _discretisation_step(delta, delta_bias, delta_softplus).reshape(grouped),
+      A.astype(jnp.float32).reshape(groups, channels // groups, state_size),
+      B.astype(jnp.float32).reshape(batch, groups, state_size),
+      C.astype(jnp.float32).reshape(batch, groups, state_size))
+  return (_readout(y.reshape(batch, channels), u, D, z),
+          new_state.reshape(batch, channels, state_size))

@@ -1,0 +1,109 @@
+"""Shared test helpers: the relative RMS error, hypothesis strategies and random input makers.
+
+Forms of one op are compared with ``rel_rms(ref, x) = rms(ref - x) / rms(ref)`` computed in
+float64 (DESIGN.md, Numerics). A NaN or an infinity on either side never passes.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import strategies as st
+
+# Sequence lengths around the usual chunk sizes (16 to 128): 1, multiples and off-by-ones.
+SEQ_LENGTHS = (1, 2, 7, 16, 17, 63, 64, 65, 127, 129, 150)
+
+FLOAT_DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+def to_f64(x) -> np.ndarray:
+  """Any array (JAX or NumPy, bfloat16 included) as a float64 NumPy array, without rounding."""
+  return np.asarray(x).astype(np.float64)
+
+
+def _rms(v: np.ndarray) -> float:
+  """Root mean square; 0 for an empty array."""
+  return float(np.sqrt(np.mean(np.square(v)))) if v.size else 0.0
+
+
+def rel_rms(ref, x) -> float:
+  """``rms(ref - x) / rms(ref)`` in float64; plain ``rms(x)`` when ``ref`` is all zero.
+
+  NaN or inf anywhere gives NaN or inf, which no tolerance accepts.
+  """
+  ref, x = to_f64(ref), to_f64(x)
+  if ref.shape != x.shape:
+    raise AssertionError(f"shape mismatch: reference {ref.shape}, got {x.shape}")
+  scale = _rms(ref)
+  return float(_rms(ref - x) / (scale if scale > 0 else 1.0))
+
+
+def assert_close(ref, x, tol: float, name: str = "value") -> None:
+  """Fails unless ``rel_rms(ref, x) <= tol``; a NaN or inf error always fails."""
+  err = rel_rms(ref, x)
+  if not (np.isfinite(err) and err <= tol):
+    raise AssertionError(f"{name}: relative RMS error {err:.3e} > tolerance {tol:.1e}")
+
+
+def assert_tree_close(ref: dict, x: dict, tol: float, prefix: str = "") -> None:
+  """``assert_close`` on every entry of two dicts with the same keys (names the failing key)."""
+  assert ref.keys() == x.keys(), (sorted(ref), sorted(x))
+  for key in ref:
+    assert_close(ref[key], x[key], tol, name=f"{prefix}{key}")
+
+
+# --- hypothesis strategies --------------------------------------------------------------------
+
+def seq_lengths() -> st.SearchStrategy[int]:
+  """Sequence lengths from ``SEQ_LENGTHS`` (a bounded set keeps the number of compilations low)."""
+  return st.sampled_from(SEQ_LENGTHS)
+
+
+def float_dtypes() -> st.SearchStrategy:
+  """float32 or bfloat16."""
+  return st.sampled_from(FLOAT_DTYPES)
+
+
+def seeds() -> st.SearchStrategy[int]:
+  """Seeds for ``np.random.default_rng``: fresh random inputs for every example."""
+  return st.integers(0, 2**32 - 1)
+
+
+@st.composite
+def divisors(draw, n: int) -> int:
+  """A divisor of ``n``."""
+  return draw(st.sampled_from([d for d in range(1, n + 1) if n % d == 0]))
+
+
+# --- random inputs ----------------------------------------------------------------------------
+
+def normal(rng: np.random.Generator, shape, dtype=jnp.float32, scale: float = 1.0) -> jnp.ndarray:
+  """Standard normal samples times ``scale``, as a JAX array of ``dtype``."""
+  return jnp.asarray(scale * rng.standard_normal(shape), dtype)
+
+
+def uniform(rng: np.random.Generator, shape, low: float, high: float,
+            dtype=jnp.float32) -> jnp.ndarray:
+  """Uniform samples in ``[low, high)`` as a JAX array of ``dtype``."""
+  return jnp.asarray(rng.uniform(low, high, shape), dtype)
+
+
+def random_segment_ids(rng: np.random.Generator, batch: int, time: int,
+                       max_segments: int = 4) -> jnp.ndarray:
+  """int32 ``[batch, time]`` packed-sequence ids: non-decreasing, 1 to ``max_segments`` runs."""
+  ids = np.zeros((batch, time), np.int32)
+  for row in ids:
+    num_cuts = rng.integers(0, min(max_segments, time))
+    for cut in rng.choice(np.arange(1, time), size=num_cuts, replace=False):
+      row[cut:] += 1
+  return jnp.asarray(ids)
+
+
+def segment_bounds(segment_ids) -> list[list[tuple[int, int]]]:
+  """Per batch row, the ``(start, stop)`` of each run of equal ids."""
+  ids = np.asarray(segment_ids)
+  bounds = []
+  for row in ids:
+    starts = [0] + [t for t in range(1, len(row)) if row[t] != row[t - 1]]
+    bounds.append(list(zip(starts, starts[1:] + [len(row)])))
+  return bounds

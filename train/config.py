@@ -1,0 +1,195 @@
+"""Typed run configuration: the schema, preset loading and command-line overrides.
+
+A preset is a Python file under ``configs/`` that defines ``get_config() -> Config``. Any field
+can be overridden from the command line as ``--section.field=value``, for example::
+
+    python -m train --config configs/mamba_tiny.py --train.steps=50 --model.d_model=96
+
+Unknown presets, sections and fields raise ``ConfigError`` naming what was asked for and what
+exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import pathlib
+import types
+import typing
+from typing import Any, Sequence
+
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+  """A preset, section, field or value that the schema does not accept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of the language model.
+
+  ``layer_pattern`` is tiled to ``num_layers`` letters; each letter names a mixer
+  (``S`` = Mamba selective scan). ``dtype`` is the compute dtype; parameters stay float32.
+  """
+
+  vocab_size: int = 256
+  d_model: int = 64
+  num_layers: int = 2
+  layer_pattern: str = "S"
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  dtype: str = "float32"
+  # Mamba mixer (SPEC 1.3-1.4).
+  d_state: int = 16
+  d_conv: int = 4
+  expand: int = 2
+  dt_rank: int | None = None  # None: ceil(d_model / 16).
+  dt_min: float = 0.001
+  dt_max: float = 0.1
+  dt_init_floor: float = 1e-4
+  dt_scale: float = 1.0
+  scan_implementation: str | None = None  # None: the fastest one for the platform.
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where the tokens come from: a TFDS dataset of text, read as bytes.
+
+  The default is ``stdlib_bytes``, built offline from the Python standard library's sources.
+  ``data_dir`` None means TFDS's default directory.
+  """
+
+  dataset: str = "stdlib_bytes"
+  data_dir: str | None = None
+  text_key: str = "text"
+  train_split: str = "train"
+  eval_split: str = "validation"
+  seq_len: int = 128
+  shuffle_seed: int = 0
+  num_workers: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation, mesh, evaluation, checkpointing and logging.
+
+  ``batch_size`` is global (over all hosts and devices). ``mesh_shape`` gives the sizes of the
+  ("data", "fsdp", "tensor") axes; one entry may be -1 to take the remaining devices.
+  """
+
+  workdir: str = "runs/default"
+  steps: int = 200
+  batch_size: int = 16
+  learning_rate: float = 3e-3
+  warmup_steps: int = 20
+  final_learning_rate_ratio: float = 0.1
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  grad_clip_norm: float = 1.0
+  seed: int = 0
+  mesh_shape: tuple[int, int, int] = (-1, 1, 1)
+  eval_every: int = 50
+  eval_batches: int = 4
+  checkpoint_every: int = 50
+  keep_checkpoints: int = 3
+  log_every: int = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+  """Text generation after training and from ``python -m train.generate``."""
+
+  prompt: str = "def "
+  max_new_tokens: int = 200
+  temperature: float = 0.8
+  top_k: int = 0  # 0: no top-k filter.
+  top_p: float = 1.0  # 1.0: no nucleus filter.
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  train: TrainConfig = TrainConfig()
+  sample: SampleConfig = SampleConfig()
+
+
+def available_presets() -> list[str]:
+  return sorted(p.stem for p in CONFIGS_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
+def load_preset(name_or_path: str) -> Config:
+  """Loads ``configs/<name>.py`` (a bare name or a path to a file) and calls its get_config()."""
+  path = pathlib.Path(name_or_path)
+  if path.suffix != ".py":
+    path = CONFIGS_DIR / f"{name_or_path}.py"
+  if not path.is_file():
+    raise ConfigError(
+        f"--config: unknown preset {name_or_path!r}; expected a file under configs/ "
+        f"or one of {available_presets()}")
+  spec = importlib.util.spec_from_file_location(f"_preset_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"--config: preset {str(path)!r} defines no get_config()")
+  config = module.get_config()
+  if not isinstance(config, Config):
+    raise ConfigError(f"--config: {str(path)}'s get_config() returned {type(config).__name__}, "
+                      "expected train.config.Config")
+  return config
+
+
+def _field_types(cls) -> dict[str, Any]:
+  hints = typing.get_type_hints(cls)
+  return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _parse_value(text: str, annotation: Any, where: str) -> Any:
+  """Converts the command-line text to the field's annotated type."""
+  origin = typing.get_origin(annotation)
+  args = typing.get_args(annotation)
+  if origin in (typing.Union, types.UnionType):
+    if text.lower() == "none" and type(None) in args:
+      return None
+    (inner,) = [a for a in args if a is not type(None)]
+    return _parse_value(text, inner, where)
+  if origin is tuple:
+    parts = [p for p in text.strip("()[] ").split(",") if p.strip()]
+    if len(parts) != len(args):
+      raise ConfigError(f"{where}: expected {len(args)} comma-separated values, got {text!r}")
+    return tuple(_parse_value(p.strip(), a, where) for p, a in zip(parts, args))
+  if annotation is bool:
+    if text.lower() in ("true", "1", "yes"):
+      return True
+    if text.lower() in ("false", "0", "no"):
+      return False
+    raise ConfigError(f"{where}: expected true or false, got {text!r}")
+  try:
+    return annotation(text)
+  except ValueError:
+    raise ConfigError(f"{where}: expected a value of type {annotation.__name__}, got {text!r}")
+
+
+def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
+  """Applies ``section.field=value`` strings (a leading ``--`` is allowed) to ``config``."""
+  sections = _field_types(Config)
+  for item in overrides:
+    key, sep, text = item.removeprefix("--").partition("=")
+    if not sep:
+      raise ConfigError(f"override {item!r}: expected --section.field=value")
+    section_name, _, field_name = key.partition(".")
+    if section_name not in sections:
+      raise ConfigError(f"override {item!r}: unknown config section {section_name!r}; "
+                        f"expected one of {sorted(sections)}")
+    section = getattr(config, section_name)
+    fields = _field_types(type(section))
+    if field_name not in fields:
+      raise ConfigError(f"override {item!r}: unknown config field {key!r}; fields of "
+                        f"{section_name!r} are {sorted(fields)}")
+    value = _parse_value(text, fields[field_name], f"override {key}")
+    section = dataclasses.replace(section, **{field_name: value})
+    config = dataclasses.replace(config, **{section_name: section})
+  return config
