@@ -1,0 +1,142 @@
+"""The train loop: sharded steps equal one device, non-finite steps stop, resume is exact."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from models.lm import LanguageModel
+from tests._numerics import assert_close
+from train import data
+from train.checkpoint import Checkpointer
+from train.config import Config, DataConfig, ModelConfig, TrainConfig
+from train.loop import NonFiniteError, train
+from train.optimizer import learning_rate_schedule, make_optimizer
+from train.sharding import make_mesh, resolve_mesh_shape
+from train.step import make_trainer
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+MODEL = ModelConfig(vocab_size=256, d_model=32, num_layers=2, d_state=4)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("tfds")
+  data.prepare(DataConfig(data_dir=str(path)))
+  return str(path)
+
+
+def _config(workdir, data_dir, **train_fields) -> Config:
+  fields = dict(workdir=str(workdir), batch_size=8, warmup_steps=2, eval_every=1000,
+                eval_batches=1, log_every=1000)
+  train_cfg = TrainConfig(**{**fields, **train_fields})
+  return Config(model=MODEL, data=DataConfig(data_dir=data_dir, seq_len=32), train=train_cfg,
+                sample=dataclasses.replace(Config().sample, max_new_tokens=0))
+
+
+def test_train_step_on_8_devices_equals_1_device():
+  """data 2 x fsdp 2 x tensor 2: same losses and parameters as a single device, 3 steps."""
+  assert jax.device_count() == 8
+  tc = TrainConfig(steps=3, warmup_steps=1)
+  tokens = jax.random.randint(jax.random.key(0), (8, 33), 0, MODEL.vocab_size)
+  results = {}
+  for shape in [(1, 1, 1), (2, 2, 2)]:
+    mesh = make_mesh(shape, jax.devices()[:int(np.prod(shape))])
+    trainer = make_trainer(LanguageModel(MODEL), make_optimizer(tc), mesh, 32,
+                           learning_rate_schedule(tc))
+    state = trainer.init(jax.random.key(1))
+    losses = []
+    for _ in range(tc.steps):
+      state, metrics = trainer.train_step(state, tokens)
+      losses.append(float(metrics["loss"]))
+    results[shape] = losses, jax.device_get(state.params)
+    kernel = state.params["layer_0"]["mixer"]["in_proj"]["kernel"]
+    assert len(kernel.sharding.device_set) == int(np.prod(shape))
+  (losses_1, params_1), (losses_8, params_8) = results[(1, 1, 1)], results[(2, 2, 2)]
+  np.testing.assert_allclose(losses_1, losses_8, rtol=1e-6)
+  jax.tree.map(lambda a, b: assert_close(a, b, 1e-5, "params"), params_1, params_8)
+
+
+def test_mesh_shape_errors_name_the_problem():
+  assert resolve_mesh_shape((-1, 2, 1), 8) == (4, 2, 1)
+  with pytest.raises(ValueError, match="mesh_shape"):
+    resolve_mesh_shape((3, -1, 1), 8)
+  with pytest.raises(ValueError, match="mesh_shape"):
+    resolve_mesh_shape((2, 2, 1), 8)
+
+
+def test_non_finite_step_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
+  """A huge learning rate blows up the parameters; the run stops naming the step."""
+  config = _config(tmp_path, data_dir, steps=10, checkpoint_every=1, learning_rate=1e30,
+                   warmup_steps=0)
+  with pytest.raises(NonFiniteError, match=r"step (\d+): non-finite") as error:
+    train(config)
+  failed_step = int(error.value.args[0].split()[1].rstrip(":"))
+  assert failed_step >= 1
+  assert Checkpointer(tmp_path / "checkpoints", 3).latest_step() == failed_step
+
+
+def _losses(workdir) -> dict[int, list[float]]:
+  losses = {}
+  for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    losses.setdefault(record["step"], []).append(record["loss"])
+  return losses
+
+
+def _train_command(workdir, data_dir, steps):
+  overrides = {"train.workdir": workdir, "train.steps": steps, "train.checkpoint_every": 1,
+               "train.batch_size": 8, "train.warmup_steps": 2, "train.eval_every": 1000,
+               "train.eval_batches": 1, "train.keep_checkpoints": 10, "data.data_dir": data_dir,
+               "data.seq_len": 32, "model.d_model": 64, "model.num_layers": 2,
+               "sample.max_new_tokens": 0}
+  return [sys.executable, "-m", "train", "--config", "configs/mamba_tiny.py"] + [
+      f"--{k}={v}" for k, v in overrides.items()]
+
+
+def _run(command):
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+def test_resume_after_sigkill_during_a_checkpoint_is_exact(tmp_path, data_dir):
+  """2N steps straight == N steps, SIGKILL while a checkpoint is written, restart to 2N."""
+  total = 8
+  straight = tmp_path / "straight"
+  _run(_train_command(straight, data_dir, total))
+  expected = {step: losses[0] for step, losses in _losses(straight).items()}
+  assert sorted(expected) == list(range(1, total + 1))
+
+  killed = tmp_path / "killed"
+  process = subprocess.Popen(_train_command(killed, data_dir, total), cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  checkpoints, partial = killed / "checkpoints", None
+  deadline = time.monotonic() + 240
+  while partial is None and process.poll() is None and time.monotonic() < deadline:
+    if checkpoints.is_dir():
+      partial = next((p for p in os.scandir(checkpoints)
+                      if ".orbax-checkpoint-tmp" in p.name and not p.name.startswith("1.")), None)
+    if partial is None:
+      time.sleep(0.0005)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert partial is not None, "the run finished before a checkpoint write could be interrupted"
+  assert os.path.exists(partial.path), "the checkpoint write finished before the kill landed"
+  killed_step = int(partial.name.split(".")[0])
+
+  finished = Checkpointer(checkpoints, 10).latest_step()
+  assert finished == killed_step - 1, "the partial checkpoint must not count as finished"
+  output = _run(_train_command(killed, data_dir, total))
+  assert f"resuming from step {finished}" in output
+  for step, losses in _losses(killed).items():
+    assert all(loss == expected[step] for loss in losses), (step, losses, expected[step])
+  assert max(_losses(killed)) == total
