@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+import jax
+
 from train.config import Config, ConfigError, apply_overrides, available_presets, load_preset
 
 DEFAULT_PRESET = "mamba_tiny"
@@ -27,6 +29,9 @@ def parse_args(argv: list[str], prog: str) -> Config:
   parser.add_argument("--config", default=DEFAULT_PRESET,
                       help="a preset name or a path such as configs/mamba_tiny.py")
   parser.add_argument("--print_config", action="store_true", help="print the config and exit")
+  parser.add_argument("--distributed", action="store_true",
+                      help="join the other hosts with jax.distributed.initialize() (cluster "
+                      "auto-detection, or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
   args, overrides = parser.parse_known_args(argv)
   try:
     config = apply_overrides(load_preset(args.config), overrides)
@@ -35,4 +40,6 @@ def parse_args(argv: list[str], prog: str) -> Config:
   if args.print_config:
     print(describe(config))
     parser.exit(0)
+  if args.distributed:
+    jax.distributed.initialize()
   return config

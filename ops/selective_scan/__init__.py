@@ -5,7 +5,8 @@ Public functions:
   selective_scan_step(state, u, delta, ...) one token; the decode path.
 
 Implementations: ``"reference"`` (token-by-token ``lax.scan``, float32) and ``"xla"`` (chunked
-associative scan with the state carried across chunks). ``None`` picks ``"xla"``.
+associative scan with the state carried across chunks). ``None`` picks ``"xla"``, except on CPU
+where the token-by-token scan measured faster (docs/selective_scan.md).
 All arithmetic is float32 whatever the input dtype; outputs take ``u``'s dtype and states are
 float32.
 """
@@ -19,6 +20,7 @@ from ops._validate import check_shape, resolve_implementation
 from ops.selective_scan import chunk, reference
 
 IMPLEMENTATIONS = ("xla", "reference")
+DEFAULT_BY_PLATFORM = {"cpu": "reference"}
 
 
 def _check_bc(name, x, batch, time, channels, state):
@@ -111,7 +113,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     out [batch, time, channels] in u's dtype, and with ``return_final_state`` the final state
     [batch, channels, state] float32.
   """
-  implementation = resolve_implementation(implementation, IMPLEMENTATIONS)
+  implementation = resolve_implementation(implementation, IMPLEMENTATIONS, DEFAULT_BY_PLATFORM)
   batch, channels, state_size, groups = _check_inputs(
       u, delta, A, B, C, D, z, delta_bias, initial_state, time_axis=True)
   time = u.shape[1]
