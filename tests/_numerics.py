@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 # Sequence lengths around the usual chunk sizes (16 to 128): 1, multiples and off-by-ones.
 SEQ_LENGTHS = (1, 2, 7, 16, 17, 63, 64, 65, 127, 129, 150)
 
-FLOAT_DTYPES = (jnp.float32, jnp.bfloat16)
+FLOAT_DTYPES = ("float32", "bfloat16")
 
 
 def to_f64(x) -> np.ndarray:
@@ -45,13 +45,6 @@ def assert_close(ref, x, tol: float, name: str = "value") -> None:
     raise AssertionError(f"{name}: relative RMS error {err:.3e} > tolerance {tol:.1e}")
 
 
-def assert_tree_close(ref: dict, x: dict, tol: float, prefix: str = "") -> None:
-  """``assert_close`` on every entry of two dicts with the same keys (names the failing key)."""
-  assert ref.keys() == x.keys(), (sorted(ref), sorted(x))
-  for key in ref:
-    assert_close(ref[key], x[key], tol, name=f"{prefix}{key}")
-
-
 # --- hypothesis strategies --------------------------------------------------------------------
 
 def seq_lengths() -> st.SearchStrategy[int]:
@@ -59,8 +52,8 @@ def seq_lengths() -> st.SearchStrategy[int]:
   return st.sampled_from(SEQ_LENGTHS)
 
 
-def float_dtypes() -> st.SearchStrategy:
-  """float32 or bfloat16."""
+def float_dtypes() -> st.SearchStrategy[str]:
+  """The name of float32 or bfloat16 (names keep hypothesis' reports readable)."""
   return st.sampled_from(FLOAT_DTYPES)
 
 
@@ -77,9 +70,10 @@ def divisors(draw, n: int) -> int:
 
 # --- random inputs ----------------------------------------------------------------------------
 
-def normal(rng: np.random.Generator, shape, dtype=jnp.float32, scale: float = 1.0) -> jnp.ndarray:
-  """Standard normal samples times ``scale``, as a JAX array of ``dtype``."""
-  return jnp.asarray(scale * rng.standard_normal(shape), dtype)
+def normal(rng: np.random.Generator, shape, dtype=jnp.float32, scale: float = 1.0,
+           loc: float = 0.0) -> jnp.ndarray:
+  """Normal samples of mean ``loc`` and deviation ``scale``, as a JAX array of ``dtype``."""
+  return jnp.asarray(rng.normal(loc, scale, shape), dtype)
 
 
 def uniform(rng: np.random.Generator, shape, low: float, high: float,

@@ -86,7 +86,7 @@ def train(config: Config) -> dict:
         f"{dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} device(s); "
         + (f"resuming from step {start}" if start else "starting from scratch"), flush=True)
 
-  metrics, eval_loss = {}, None
+  metrics, eval_loss, recent_losses = {}, None, []
   bar = tqdm.tqdm(total=tc.steps, initial=start, unit="step", dynamic_ncols=True,
                   disable=jax.process_index() != 0)
   try:
@@ -98,6 +98,7 @@ def train(config: Config) -> dict:
       seconds = time.perf_counter() - t0
       metrics.update(step_time=seconds, tokens_per_second=tokens_per_step / seconds)
       done = step + 1
+      recent_losses.append(metrics["loss"])
       bar.update(1)
       bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_second']:,.0f}",
                       step_s=f"{seconds:.3f}")
@@ -106,10 +107,12 @@ def train(config: Config) -> dict:
         metrics["eval_loss"] = eval_loss
       log.write(step=done, **metrics)
       if done % tc.log_every == 0 or "eval_loss" in metrics:
-        bar.write(f"step {done:>6}  loss {metrics['loss']:.4f}  "
+        bar.write(f"step {done:>6}  loss {np.mean(recent_losses):.4f} (mean of "
+                  f"{len(recent_losses)})  "
                   + (f"eval {eval_loss:.4f}  " if "eval_loss" in metrics else "")
                   + f"grad_norm {metrics['grad_norm']:.3f}  lr {metrics['learning_rate']:.2e}  "
                   f"{metrics['tokens_per_second']:,.0f} tok/s")
+        recent_losses.clear()
       if done % tc.checkpoint_every == 0 or done == tc.steps:
         checkpointer.save(done, state, train_batches)
   finally:

@@ -23,52 +23,34 @@ IMPLEMENTATIONS = ("xla", "reference")
 DEFAULT_BY_PLATFORM = {"cpu": "reference"}
 
 
-def _check_bc(name, x, batch, time, channels, state):
-  """B and C: [batch, time, state] or [batch, time, groups, state]; returns the group count."""
-  if x.ndim == 3:
-    check_shape(name, x, (batch, time, state), "[batch, time, state]")
-    return 1
-  check_shape(name, x, (batch, time, None, state), "[batch, time, groups, state]")
-  groups = x.shape[2]
-  if channels % groups:
-    raise ValueError(f"{name}: groups ({groups}) must divide channels ({channels})")
-  return groups
-
-
-def _check_inputs(u, delta, A, B, C, D, z, delta_bias, state, time_axis: bool):
-  """Validates shapes; returns (batch, channels, state_size, groups)."""
-  lead = ("[batch, time, channels]", 3) if time_axis else ("[batch, channels]", 2)
-  if u.ndim != lead[1]:
-    raise ValueError(f"u must have shape {lead[0]}, got {tuple(u.shape)}")
-  batch, channels = u.shape[0], u.shape[-1]
-  time = u.shape[1] if time_axis else None
-  sizes = (batch, time, channels) if time_axis else (batch, channels)
-  check_shape("delta", delta, sizes, lead[0])
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias, state, *, with_time: bool, state_name: str):
+  """Validates shapes for a sequence (with_time) or one token; returns (channels, state, groups)."""
+  lead_names = ["batch", "time"] if with_time else ["batch"]
+  layout = lambda *names: "[" + ", ".join(lead_names + list(names)) + "]"
+  if u.ndim != len(lead_names) + 1:
+    raise ValueError(f"u must have shape {layout('channels')}, got {tuple(u.shape)}")
+  lead, channels = tuple(u.shape[:-1]), u.shape[-1]
+  check_shape("delta", delta, u.shape, layout("channels"))
   if z is not None:
-    check_shape("z", z, sizes, lead[0])
-  if A.ndim != 2:
-    raise ValueError(f"A must have shape [channels, state], got {tuple(A.shape)}")
+    check_shape("z", z, u.shape, layout("channels"))
   check_shape("A", A, (channels, None), "[channels, state]")
   state_size = A.shape[1]
-  if time_axis:
-    groups = _check_bc("B", B, batch, time, channels, state_size)
-    if _check_bc("C", C, batch, time, channels, state_size) != groups or B.ndim != C.ndim:
-      raise ValueError(f"C must have the same shape as B {tuple(B.shape)}, got {tuple(C.shape)}")
-  else:
-    groups = 1 if B.ndim == 2 else B.shape[1]
-    layout = "[batch, state]" if B.ndim == 2 else "[batch, groups, state]"
-    for name, x in (("B", B), ("C", C)):
-      check_shape(name, x, (batch, state_size) if B.ndim == 2 else (batch, groups, state_size),
-                  layout)
-    if channels % groups:
-      raise ValueError(f"B: groups ({groups}) must divide channels ({channels})")
+  if B.ndim not in (len(lead) + 1, len(lead) + 2):
+    raise ValueError(f"B must have shape {layout('state')} or {layout('groups', 'state')}, got "
+                     f"{tuple(B.shape)}")
+  grouped = B.ndim == len(lead) + 2
+  groups = B.shape[len(lead)] if grouped else 1
+  expected = lead + ((groups,) if grouped else ()) + (state_size,)
+  for name, x in (("B", B), ("C", C)):
+    check_shape(name, x, expected, layout("groups", "state") if grouped else layout("state"))
+  if channels % groups:
+    raise ValueError(f"B: groups ({groups}) must divide channels ({channels})")
   for name, x in (("D", D), ("delta_bias", delta_bias)):
     if x is not None:
       check_shape(name, x, (channels,), "[channels]")
   if state is not None:
-    check_shape("initial_state" if time_axis else "state", state, (batch, channels, state_size),
-                "[batch, channels, state]")
-  return batch, channels, state_size, groups
+    check_shape(state_name, state, (lead[0], channels, state_size), "[batch, channels, state]")
+  return channels, state_size, groups
 
 
 def _discretisation_step(delta, delta_bias, delta_softplus):
@@ -114,9 +96,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     [batch, channels, state] float32.
   """
   implementation = resolve_implementation(implementation, IMPLEMENTATIONS, DEFAULT_BY_PLATFORM)
-  batch, channels, state_size, groups = _check_inputs(
-      u, delta, A, B, C, D, z, delta_bias, initial_state, time_axis=True)
-  time = u.shape[1]
+  channels, state_size, groups = _check_inputs(
+      u, delta, A, B, C, D, z, delta_bias, initial_state, with_time=True,
+      state_name="initial_state")
+  batch, time = u.shape[:2]
   if segment_ids is not None:
     check_shape("segment_ids", segment_ids, (batch, time), "[batch, time]")
   if chunk_size is not None and (implementation != "xla" or chunk_size < 1):
@@ -162,8 +145,9 @@ def selective_scan_step(state, u, delta, A, B, C, D=None, z=None, delta_bias=Non
   Returns:
     (out [batch, channels] in u's dtype, new state [batch, channels, state] float32).
   """
-  batch, channels, state_size, groups = _check_inputs(
-      u, delta, A, B, C, D, z, delta_bias, state, time_axis=False)
+  channels, state_size, groups = _check_inputs(
+      u, delta, A, B, C, D, z, delta_bias, state, with_time=False, state_name="state")
+  batch = u.shape[0]
   grouped = (batch, groups, channels // groups)
   y, new_state = reference.update(
       state.astype(jnp.float32).reshape(grouped + (state_size,)),

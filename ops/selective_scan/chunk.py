@@ -16,7 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-DEFAULT_CHUNK_SIZE = 64
+DEFAULT_CHUNK_SIZE = 128
 
 
 def _combine(left, right):

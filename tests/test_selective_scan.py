@@ -1,0 +1,379 @@
+"""Tests of ``ops.selective_scan`` against SPEC.md 1.2 (Mamba-1 selective scan), time-major layout.
+
+The ground truth is ``oracle`` below: SPEC 1.2 transcribed token by token in float64 NumPy,
+independent of the op's code. Properties checked:
+
+* "reference" equals the oracle over drawn cases, and every form does on fixed cases, compiled
+  and op by op (output and final state);
+* "xla" equals "reference" in output, final state and the gradient of every float input;
+* a packed batch with ``segment_ids`` equals running each segment on its own;
+* ``selective_scan_step`` token by token equals the full forward;
+* malformed arguments raise a ``ValueError`` that names the argument.
+
+Tolerances (relative RMS error, tests/_numerics.py). A float32 result, value or gradient: 1e-5.
+Rounding in float32 gives errors near 1e-7 (measured: at most 6e-7 over 40 drawn cases, for
+outputs, states and every gradient, dA worst); the margin allows for longer products of decays
+and sums over batch and time taken in another order. A form that exponentiates unreferenced
+cumulative sums of the log decay (SPEC 3.5) would lose about |cumsum| x 6e-8 and fail.
+A bfloat16 result: 1e-2, a few bf16 ulps (2^-8 = 3.9e-3 apart; measured at most 2.4e-3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ops.selective_scan import selective_scan, selective_scan_step
+from tests import _numerics as num
+
+TOL_F32 = 1e-5
+TOL_BF16 = 1e-2
+IMPLEMENTATIONS = ("reference", "xla")
+DIFFERENTIABLE = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+TIME_MAJOR = ("u", "delta", "B", "C", "z")  # the arguments with a time axis (axis 1)
+
+
+def tolerance(x) -> float:
+  """The tolerance for comparing ``x``: ``TOL_BF16`` for a bfloat16 array, else ``TOL_F32``."""
+  return TOL_BF16 if x.dtype == jnp.bfloat16 else TOL_F32
+
+
+# --- the float64 oracle (SPEC 1.2) ------------------------------------------------------------
+
+def _per_channel(x, channels: int) -> np.ndarray:
+  """B or C as float64 [batch, time, channels, state]; channel d reads group d // (d_all/groups)."""
+  x = num.to_f64(x)
+  if x.ndim == 3:
+    x = x[:, :, None]
+  return np.repeat(x, channels // x.shape[2], axis=2)
+
+
+def oracle(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+           initial_state=None, segment_ids=None):
+  """SPEC 1.2 in float64 NumPy, one token at a time. Returns (out, final_state)."""
+  u, delta, A = num.to_f64(u), num.to_f64(delta), num.to_f64(A)
+  batch, time, channels = u.shape
+  B, C = _per_channel(B, channels), _per_channel(C, channels)
+  dt = delta if delta_bias is None else delta + num.to_f64(delta_bias)
+  if delta_softplus:
+    dt = np.logaddexp(0.0, dt)
+  x = (np.zeros((batch, channels, A.shape[1])) if initial_state is None
+       else num.to_f64(initial_state))
+  y = np.zeros((batch, time, channels))
+  for t in range(time):
+    if segment_ids is not None and t > 0:
+      starts = np.asarray(segment_ids[:, t]) != np.asarray(segment_ids[:, t - 1])
+      x = np.where(starts[:, None, None], 0.0, x)
+    x = np.exp(dt[:, t, :, None] * A) * x + (dt[:, t] * u[:, t])[:, :, None] * B[:, t]
+    y[:, t] = np.sum(x * C[:, t], axis=-1)
+  if D is not None:
+    y = y + num.to_f64(D) * u
+  if z is not None:
+    z = num.to_f64(z)
+    y = y * z / (1.0 + np.exp(-z))
+  return y, x
+
+
+# --- problem cases ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One problem: shapes, dtype of u/delta/z/B/C, options, and the seed of its random inputs.
+
+  ``groups = 0`` gives B and C without a group axis ([batch, time, state]).
+  """
+
+  batch: int = 2
+  time: int = 9
+  channels: int = 4
+  state: int = 3
+  groups: int = 0
+  dtype: str = "float32"
+  delta_softplus: bool = True
+  with_D: bool = True
+  with_z: bool = True
+  with_delta_bias: bool = True
+  with_initial_state: bool = True
+  with_segment_ids: bool = False
+  seed: int = 0
+
+  def arrays(self) -> dict:
+    """The array arguments of ``selective_scan`` (those the options switch on)."""
+    rng = np.random.default_rng(self.seed)
+    b, t, d, n = self.batch, self.time, self.channels, self.state
+    bc_shape = (b, t, n) if self.groups == 0 else (b, t, self.groups, n)
+    if self.delta_softplus:  # softplus(N(-2, 0.5) + bias) ~ 0.05 .. 0.5
+      delta = num.normal(rng, (b, t, d), self.dtype, scale=0.5, loc=-2.0)
+      bias = num.normal(rng, (d,), scale=0.5)
+    else:  # delta must stay positive without the softplus
+      delta = num.uniform(rng, (b, t, d), 0.001, 0.3, self.dtype)
+      bias = num.uniform(rng, (d,), 0.0, 0.05)
+    arrays = dict(
+        u=num.normal(rng, (b, t, d), self.dtype), delta=delta,
+        A=-jnp.exp(num.uniform(rng, (d, n), np.log(0.5), np.log(16.0))),
+        B=num.normal(rng, bc_shape, self.dtype), C=num.normal(rng, bc_shape, self.dtype),
+        D=num.normal(rng, (d,)), z=num.normal(rng, (b, t, d), self.dtype), delta_bias=bias,
+        initial_state=num.normal(rng, (b, d, n)),
+        segment_ids=num.random_segment_ids(rng, b, t))
+    optional = dict(D=self.with_D, z=self.with_z, delta_bias=self.with_delta_bias,
+                    initial_state=self.with_initial_state, segment_ids=self.with_segment_ids)
+    return {k: v for k, v in arrays.items() if optional.get(k, True)}
+
+
+@st.composite
+def cases(draw) -> Case:
+  """Cases of drawn shapes (lengths off the chunk multiples included), dtype and options."""
+  channels = draw(st.integers(1, 16))
+  return Case(
+      batch=draw(st.integers(1, 3)), time=draw(num.seq_lengths()), channels=channels,
+      state=draw(st.integers(1, 16)), groups=draw(st.just(0) | num.divisors(channels)),
+      dtype=draw(num.float_dtypes()), delta_softplus=draw(st.booleans()),
+      with_D=draw(st.booleans()), with_z=draw(st.booleans()),
+      with_delta_bias=draw(st.booleans()), with_initial_state=draw(st.booleans()),
+      with_segment_ids=draw(st.booleans()), seed=draw(num.seeds()))
+
+
+# --- jitted runners (module level, so equal shapes reuse the compilation) ---------------------
+
+@functools.partial(jax.jit, static_argnames=("implementation", "delta_softplus"))
+def _forward(arrays, *, implementation, delta_softplus):
+  """(out, final_state) of ``selective_scan``."""
+  return selective_scan(**arrays, delta_softplus=delta_softplus, return_final_state=True,
+                        implementation=implementation)
+
+
+@functools.partial(jax.jit, static_argnames=("implementation", "delta_softplus"))
+def _forward_and_vjp(arrays, cotangents, *, implementation, delta_softplus):
+  """((out, final_state), gradients of every float array) for the cotangents of both outputs."""
+  inputs = {k: v for k, v in arrays.items() if k in DIFFERENTIABLE}
+  fixed = {k: v for k, v in arrays.items() if k not in DIFFERENTIABLE}
+  outputs, vjp = jax.vjp(lambda x: _forward(
+      {**x, **fixed}, implementation=implementation, delta_softplus=delta_softplus), inputs)
+  return outputs, vjp(cotangents)[0]
+
+
+def _random_cotangents(case: Case):
+  """Random cotangents for (out [u's dtype], final_state [float32])."""
+  rng = np.random.default_rng(case.seed + 1)
+  return (num.normal(rng, (case.batch, case.time, case.channels), case.dtype),
+          num.normal(rng, (case.batch, case.channels, case.state)))
+
+
+# --- the op equals the oracle -----------------------------------------------------------------
+
+def _check_against_oracle(case: Case, run) -> None:
+  """Compares ``run(arrays) -> (out, final_state)`` with the oracle, dtypes and shapes included."""
+  arrays = case.arrays()
+  out, final_state = run(arrays)
+  ref_out, ref_state = oracle(**arrays, delta_softplus=case.delta_softplus)
+  assert out.dtype == jnp.dtype(case.dtype), out.dtype
+  assert final_state.dtype == jnp.float32, final_state.dtype
+  num.assert_close(ref_out, out, tolerance(out), "out")
+  num.assert_close(ref_state, final_state, TOL_F32, "final_state")
+
+
+@given(case=cases())
+def test_reference_matches_oracle(case):
+  _check_against_oracle(case, functools.partial(
+      _forward, implementation="reference", delta_softplus=case.delta_softplus))
+
+
+ORACLE_CASES = dict(
+    single_token=Case(batch=1, time=1, channels=1, state=1, delta_softplus=False, with_D=False,
+                      with_z=False, with_delta_bias=False, with_initial_state=False),
+    grouped_all_options=Case(time=37, channels=6, state=4, groups=3, with_segment_ids=True),
+    bfloat16_past_chunk=Case(time=129, groups=1, dtype="bfloat16", delta_softplus=False,
+                             with_z=False),
+)
+
+
+class OracleTest(chex.TestCase):
+  """Fixed cases against the oracle, each run compiled and op by op (chex variants)."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(
+      *[dict(case_name=c, implementation=i) for c in ORACLE_CASES for i in IMPLEMENTATIONS],
+      dict(case_name="grouped_all_options", implementation=None))
+  def test_fixed_case(self, case_name, implementation):
+    case = ORACLE_CASES[case_name]
+    run = self.variant(functools.partial(
+        selective_scan, delta_softplus=case.delta_softplus, return_final_state=True,
+        implementation=implementation))
+    _check_against_oracle(case, lambda arrays: run(**arrays))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_without_final_state_returns_out_only(implementation):
+  """``return_final_state=False`` returns the output array alone."""
+  arrays = Case(time=3).arrays()
+  out = selective_scan(**arrays, delta_softplus=True, implementation=implementation)
+  expected, _ = selective_scan(**arrays, delta_softplus=True, return_final_state=True,
+                               implementation=implementation)
+  assert isinstance(out, jax.Array)
+  np.testing.assert_array_equal(expected, out)
+
+
+# --- "xla" equals "reference", gradients included -----------------------------------------------
+
+def _check_xla_matches_reference(case: Case) -> None:
+  """Output, final state and the gradient of every float input agree between the two forms."""
+  arrays, cotangents = case.arrays(), _random_cotangents(case)
+  (ref_out, ref_state), ref_grads = _forward_and_vjp(
+      arrays, cotangents, implementation="reference", delta_softplus=case.delta_softplus)
+  (out, final_state), grads = _forward_and_vjp(
+      arrays, cotangents, implementation="xla", delta_softplus=case.delta_softplus)
+  num.assert_close(ref_out, out, tolerance(out), "out")
+  num.assert_close(ref_state, final_state, TOL_F32, "final_state")
+  assert ref_grads.keys() == {k for k in arrays if k in DIFFERENTIABLE}
+  for name, grad in grads.items():
+    assert grad.dtype == arrays[name].dtype, (name, grad.dtype)
+    num.assert_close(ref_grads[name], grad, tolerance(grad), f"d{name}")
+
+
+@given(case=cases())
+def test_xla_matches_reference(case):
+  _check_xla_matches_reference(case)
+
+
+def test_xla_matches_reference_all_inputs():
+  """A fixed case with every optional input, so that each gradient is checked in every run."""
+  _check_xla_matches_reference(
+      Case(batch=2, time=65, channels=8, state=16, groups=2, with_segment_ids=True, seed=1))
+
+
+# --- packed sequences -------------------------------------------------------------------------
+
+# Per row: segment labels and lengths (few distinct lengths: few compilations). Ids change value
+# but not always upward; boundaries fall on t = 64 and t = 65 (64 is a multiple of usual chunks).
+PACKED_ROWS = (((7, 64), (3, 1), (9, 5)), ((2, 5), (5, 64), (1, 1)), ((4, 1), (0, 5), (4, 64)))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_segments_equal_separate_runs(implementation):
+  """Packed rows equal each segment run alone: the first from initial_state, the rest from zero."""
+  ids = jnp.asarray([np.repeat(*zip(*row)) for row in PACKED_ROWS], jnp.int32)
+  case = Case(batch=len(PACKED_ROWS), time=ids.shape[1], channels=4, state=3, groups=2)
+  arrays = case.arrays()
+  run = functools.partial(_forward, implementation=implementation,
+                          delta_softplus=case.delta_softplus)
+  out, final_state = run({**arrays, "segment_ids": ids})
+  for b, bounds in enumerate(num.segment_bounds(ids)):
+    state = arrays["initial_state"][b:b + 1]
+    for i, (start, stop) in enumerate(bounds):
+      piece = {k: v[b:b + 1, start:stop] if k in TIME_MAJOR else v for k, v in arrays.items()}
+      seg_out, state = run({**piece, "initial_state": state if i == 0 else jnp.zeros_like(state)})
+      num.assert_close(seg_out, out[b:b + 1, start:stop], TOL_F32, f"out row {b} segment {i}")
+    num.assert_close(state, final_state[b:b + 1], TOL_F32, f"final_state row {b}")
+
+
+# --- decoding token by token ------------------------------------------------------------------
+
+_step = jax.jit(selective_scan_step, static_argnames=("delta_softplus",))
+
+
+@pytest.mark.parametrize("implementation, dtype, groups", [
+    ("reference", "float32", 3), ("xla", "float32", 0), ("reference", "bfloat16", 0),
+    ("xla", "bfloat16", 3)])
+def test_step_equals_forward(implementation, dtype, groups):
+  """``selective_scan_step`` over the tokens equals the full forward (from an initial state)."""
+  case = Case(time=9, channels=6, state=4, groups=groups, dtype=dtype)
+  arrays = case.arrays()
+  out, final_state = _forward(arrays, implementation=implementation,
+                              delta_softplus=case.delta_softplus)
+  state = arrays["initial_state"]
+  for t in range(case.time):
+    token = {k: v[:, t] if k in TIME_MAJOR else v for k, v in arrays.items()
+             if k != "initial_state"}
+    out_t, state = _step(state, **token, delta_softplus=case.delta_softplus)
+    assert out_t.dtype == out.dtype and state.dtype == jnp.float32
+    num.assert_close(out[:, t], out_t, tolerance(out_t), f"out[{t}]")
+  num.assert_close(final_state, state, TOL_F32, "final_state")
+
+
+# --- malformed arguments ----------------------------------------------------------------------
+
+def _valid_arguments() -> dict:
+  """Well-formed arguments: batch 2, time 5, channels 4, state 3, B and C in 2 groups."""
+  return Case(batch=2, time=5, channels=4, state=3, groups=2, with_segment_ids=True).arrays()
+
+
+def _replace(name: str, make):
+  """A change of the valid arguments that sets ``name`` to ``make(old value)``."""
+  return lambda args: {**args, name: make(args[name])}
+
+
+def _grow(axis: int):
+  """A change that lengthens ``axis`` by one (repeating its first entry)."""
+  return lambda x: jnp.concatenate([x, jnp.take(x, jnp.array([0]), axis)], axis)
+
+BAD_ARGUMENTS = {  # id: (change, regex the message must match)
+    "u_rank": (_replace("u", lambda x: x[0]), r"\bu\b"),
+    "delta_rank": (_replace("delta", lambda x: x[..., None]), r"\bdelta\b"),
+    "delta_channels": (_replace("delta", _grow(2)), r"\bdelta\b"),
+    "delta_time": (_replace("delta", _grow(1)), r"\bdelta\b"),
+    "A_rank": (_replace("A", lambda x: x[0]), r"\bA\b"),
+    "A_channels": (_replace("A", _grow(0)), r"\bA\b"),
+    "B_rank": (_replace("B", lambda x: x[None]), r"\bB\b"),
+    "B_batch": (_replace("B", _grow(0)), r"\bB\b"),
+    "B_time": (_replace("B", _grow(1)), r"\bB\b"),
+    "B_state": (_replace("B", _grow(3)), r"\bB\b"),
+    "B_groups_not_dividing_channels": (
+        lambda a: {**a, "B": _grow(2)(a["B"]), "C": _grow(2)(a["C"])}, r"\b(B|C)\b"),
+    "C_state": (_replace("C", _grow(3)), r"\bC\b"),
+    "C_rank": (_replace("C", lambda x: x[0]), r"\bC\b"),
+    "B_C_groups_mismatch": (_replace("C", lambda x: x[:, :, :1]), r"\b(B|C)\b"),
+    "D_shape": (_replace("D", _grow(0)), r"\bD\b"),
+    "D_rank": (_replace("D", lambda x: x[None]), r"\bD\b"),
+    "z_shape": (_replace("z", _grow(2)), r"\bz\b"),
+    "delta_bias_shape": (_replace("delta_bias", _grow(0)), r"\bdelta_bias\b"),
+    "initial_state_shape": (_replace("initial_state", _grow(2)), r"\binitial_state\b"),
+    "initial_state_rank": (_replace("initial_state", lambda x: x[0]), r"\binitial_state\b"),
+    "segment_ids_shape": (_replace("segment_ids", _grow(1)), r"\bsegment_ids\b"),
+}
+
+
+@pytest.mark.parametrize("change, pattern", BAD_ARGUMENTS.values(), ids=BAD_ARGUMENTS.keys())
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_bad_argument_raises(implementation, change, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    selective_scan(**change(_valid_arguments()), implementation=implementation)
+
+
+def test_unknown_implementation_raises():
+  with pytest.raises(ValueError, match=r"implementation") as info:
+    selective_scan(**_valid_arguments(), implementation="cuda")
+  for allowed in IMPLEMENTATIONS:
+    assert allowed in str(info.value), str(info.value)
+
+
+def _valid_step_arguments() -> dict:
+  """Well-formed ``selective_scan_step`` arguments: one token of ``_valid_arguments``."""
+  args = _valid_arguments()
+  del args["segment_ids"]
+  args["state"] = args.pop("initial_state")
+  return {k: v[:, 0] if k in TIME_MAJOR else v for k, v in args.items()}
+
+
+BAD_STEP_ARGUMENTS = {
+    "state_shape": (_replace("state", _grow(2)), r"\bstate\b"),
+    "state_rank": (_replace("state", lambda x: x[0]), r"\bstate\b"),
+    "u_rank": (_replace("u", lambda x: x[:, None]), r"\bu\b"),
+    "B_state": (_replace("B", _grow(2)), r"\bB\b"),
+    "z_shape": (_replace("z", _grow(1)), r"\bz\b"),
+}
+
+
+@pytest.mark.parametrize("change, pattern", BAD_STEP_ARGUMENTS.values(),
+                         ids=BAD_STEP_ARGUMENTS.keys())
+def test_bad_step_argument_raises(change, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    selective_scan_step(**change(_valid_step_arguments()))
