@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -79,9 +80,9 @@ def test_non_finite_step_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
                    warmup_steps=0)
   with pytest.raises(NonFiniteError, match=r"step (\d+): non-finite") as error:
     train(config)
-  failed_step = int(error.value.args[0].split()[1].rstrip(":"))
-  assert failed_step >= 1
-  assert Checkpointer(tmp_path / "checkpoints", 3).latest_step() == failed_step
+  failed_step = int(re.search(r"step (\d+)", str(error.value)).group(1))
+  assert failed_step >= 2
+  assert Checkpointer(tmp_path / "checkpoints", 3).latest_step() == failed_step - 1
 
 
 def _losses(workdir) -> dict[int, list[float]]:

@@ -44,11 +44,12 @@ class MetricsLog:
 
 
 def _check_finite(step: int, metrics: dict) -> None:
+  """Raises NonFiniteError naming ``step`` (1-based, as logged) if any metric is NaN or inf."""
   bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
   if bad:
     raise NonFiniteError(
         f"step {step}: non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}; the run "
-        "stops here and the last checkpoint written before this step stays the latest")
+        "stops without saving this step, and the last checkpoint before it stays the latest")
 
 
 def _evaluate(trainer, params, batches, mesh) -> float:
@@ -94,10 +95,10 @@ def train(config: Config) -> dict:
       t0 = time.perf_counter()
       state, metrics = trainer.train_step(state, _global_batch(next(train_batches), mesh))
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      _check_finite(step, metrics)
+      done = step + 1
+      _check_finite(done, metrics)
       seconds = time.perf_counter() - t0
       metrics.update(step_time=seconds, tokens_per_second=tokens_per_step / seconds)
-      done = step + 1
       recent_losses.append(metrics["loss"])
       bar.update(1)
       bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_second']:,.0f}",
