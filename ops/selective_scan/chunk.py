@@ -33,7 +33,7 @@ def _chunk(h, xs, A):
   drive = (delta * u)[..., None] * B[:, :, :, None, :]
   decay_prefix, drive_prefix = jax.lax.associative_scan(_combine, (decay, drive), axis=1)
   states = decay_prefix * h[:, None] + drive_prefix  # [b, L, g, c, n]
-  y = jnp.einsum("blgcn,blgn->blgc", states, C)
+  y = jnp.einsum("blgcn,blgn->blgc", states, C, precision=jax.lax.Precision.HIGHEST)
   return states[:, -1], y
 
 

@@ -24,7 +24,7 @@ def update(h, u_t, delta_t, A, B_t, C_t):
   """
   decay = jnp.exp(delta_t[..., None] * A)
   h = decay * h + (delta_t * u_t)[..., None] * B_t[:, :, None, :]
-  y_t = jnp.einsum("bgcn,bgn->bgc", h, C_t)
+  y_t = jnp.einsum("bgcn,bgn->bgc", h, C_t, precision=jax.lax.Precision.HIGHEST)
   return y_t, h
 
 

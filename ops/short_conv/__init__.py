@@ -94,5 +94,6 @@ def short_conv_step(x, weight, bias=None, cache=None, activation=None):
   if cache is None:
     cache = jnp.zeros((batch, width - 1, channels), x.dtype)
   window = jnp.concatenate([cache.astype(x.dtype), x[:, None]], axis=1)
-  y = jnp.einsum("bwc,wc->bc", window.astype(jnp.float32), weight.astype(jnp.float32))
+  y = jnp.einsum("bwc,wc->bc", window.astype(jnp.float32), weight.astype(jnp.float32),
+                 precision=jax.lax.Precision.HIGHEST)
   return _finish(y, bias, activation, x.dtype), window[:, 1:]
