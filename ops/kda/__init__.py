@@ -80,7 +80,8 @@ def _prepare(q, k, v, g, beta, H, HV, K, scale, use_qk_l2norm_in_kernel):
 def _segment_index(segment_ids):
   """Non-decreasing index per row that steps up wherever the id changes."""
   changes = (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)
-  return jnp.concatenate([jnp.zeros_like(changes[:, :1]), jnp.cumsum(changes, axis=1)], axis=1)
+  first = jnp.zeros((segment_ids.shape[0], 1), jnp.int32)
+  return jnp.concatenate([first, jnp.cumsum(changes, axis=1)], axis=1)
 
 
 def _sequence_layout(cu_seqlens, time: int):
