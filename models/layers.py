@@ -1,15 +1,20 @@
-"""Building blocks shared by the mixers: logically partitioned parameters, Dense, RMSNorm.
+"""Building blocks shared by the mixers: logically partitioned parameters, initialisers, Dense,
+RMSNorm.
 
 Logical axis names used on parameters and activations (``train.sharding`` maps them to the mesh):
   batch, length      activations' leading axes
   embed              the model width
   vocab              the vocabulary
   inner              a mixer's expanded width (Mamba's d_inner)
-  state, conv, proj  small per-mixer axes that are never sharded
+  heads              a mixer's heads, or a head-major flattened (heads, head dim) axis (KDA)
+  kv                 the per-head key or value dimension
+  mlp                the MLP's hidden width
+  state, conv, proj  small per-mixer axes that are never sharded (proj: low-rank bottlenecks)
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -29,6 +34,20 @@ def symmetric_uniform(limit: float) -> Initializer:
 
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -limit, limit)
+
+  return init
+
+
+def dt_bias_init(dt_min: float, dt_max: float, floor: float) -> Initializer:
+  """softplus^-1(dt) with dt log-uniform in [dt_min, dt_max] and at least ``floor`` (SPEC 1.4).
+
+  Mamba's time-step bias; KDA's ``dt_bias`` uses the same recipe (SPEC 3.2).
+  """
+
+  def init(key, shape, dtype=jnp.float32):
+    log_dt = jax.random.uniform(key, shape, dtype, math.log(dt_min), math.log(dt_max))
+    dt = jnp.maximum(jnp.exp(log_dt), floor)
+    return dt + jnp.log(-jnp.expm1(-dt))
 
   return init
 

@@ -3,8 +3,10 @@
 Each letter of ``config.layer_pattern`` (tiled to ``config.num_layers``) names a mixer:
 
   S  Mamba-1 selective scan (models.mamba.MambaMixer)
+  K  Kimi Delta Attention (models.kda.KDAMixer)
 
-Blocks are pre-norm residual: ``x += mixer(RMSNorm(x))``; the residual stream is float32.
+Blocks are pre-norm residual: ``x += mixer(RMSNorm(x))``, then ``x += MLP(RMSNorm(x))`` when
+``config.mlp`` names one (SPEC 5); the residual stream is float32.
 ``logits, state = model.apply(params, tokens, state=None, segment_ids=None)``: with a decode
 state and one token per sequence the model takes one decode step; otherwise it runs the whole
 sequence (continuing from ``state`` if given) and returns the state after the last token.
@@ -18,10 +20,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models.kda import KDAMixer
 from models.layers import Dense, RMSNorm
 from models.mamba import MambaMixer
+from models.mlp import SwiGLU
 
-MIXERS = {"S": MambaMixer}
+MIXERS = {"S": MambaMixer, "K": KDAMixer}
+MLPS = {"none": None, "swiglu": SwiGLU}
 
 
 def layer_letters(config) -> str:
@@ -36,6 +41,11 @@ def layer_letters(config) -> str:
   return (pattern * config.num_layers)[:config.num_layers]
 
 
+def _check_mlp(config) -> None:
+  if config.mlp not in MLPS:
+    raise ValueError(f"mlp must be one of {sorted(MLPS)}, got {config.mlp!r}")
+
+
 def init_decode_state(config, batch_size: int) -> tuple[Any, ...]:
   """A zero decode state: one pytree per layer, as the model returns and consumes it."""
   return tuple(MIXERS[letter].initial_state(config, batch_size) for letter in layer_letters(config))
@@ -48,7 +58,7 @@ def decode_state_bytes(config, batch_size: int) -> int:
 
 
 class Block(nn.Module):
-  """x + mixer(RMSNorm(x))."""
+  """``x += mixer(RMSNorm(x))``, then ``x += MLP(RMSNorm(x))`` unless ``config.mlp`` is "none"."""
 
   config: Any
   letter: str
@@ -57,10 +67,15 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, state=None, segment_ids=None):
     cfg = self.config
-    h = RMSNorm(cfg.norm_eps, dtype=jnp.dtype(cfg.dtype), name="norm")(x)
-    y, state = MIXERS[self.letter](cfg, self.num_layers, name="mixer")(h, state, segment_ids)
-    x = x + y.astype(jnp.float32)
-    return nn.with_logical_constraint(x, ("batch", "length", "embed")), state
+    norm = lambda name: RMSNorm(cfg.norm_eps, dtype=jnp.dtype(cfg.dtype), name=name)
+    constrain = lambda a: nn.with_logical_constraint(a, ("batch", "length", "embed"))
+    y, state = MIXERS[self.letter](cfg, self.num_layers, name="mixer")(norm("norm")(x), state,
+                                                                       segment_ids)
+    x = constrain(x + y.astype(jnp.float32))
+    if MLPS[cfg.mlp] is not None:
+      y = MLPS[cfg.mlp](cfg, self.num_layers, name="mlp")(norm("mlp_norm")(x))
+      x = constrain(x + y.astype(jnp.float32))
+    return x, state
 
 
 class LanguageModel(nn.Module):
@@ -75,6 +90,7 @@ class LanguageModel(nn.Module):
   def __call__(self, tokens, state=None, segment_ids=None):
     cfg = self.config
     letters = layer_letters(cfg)
+    _check_mlp(cfg)
     if tokens.ndim != 2:
       raise ValueError(f"tokens must have shape [batch, time], got {tuple(tokens.shape)}")
     if state is not None and len(state) != len(letters):

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.layers import Dense, fan_in_uniform, param, symmetric_uniform
+from models.layers import Dense, dt_bias_init, fan_in_uniform, param, symmetric_uniform
 from ops.selective_scan import selective_scan, selective_scan_step
 from ops.short_conv import short_conv, short_conv_step
 
@@ -20,17 +20,6 @@ def dt_rank(config) -> int:
 
 def d_inner(config) -> int:
   return config.expand * config.d_model
-
-
-def _dt_bias_init(config):
-  """softplus^-1(dt), dt log-uniform in [dt_min, dt_max] and at least dt_init_floor (SPEC 1.4)."""
-
-  def init(key, shape, dtype=jnp.float32):
-    log_dt = jax.random.uniform(key, shape, dtype, math.log(config.dt_min), math.log(config.dt_max))
-    dt = jnp.maximum(jnp.exp(log_dt), config.dt_init_floor)
-    return dt + jnp.log(-jnp.expm1(-dt))
-
-  return init
 
 
 def _a_log_init(key, shape, dtype=jnp.float32):
@@ -84,7 +73,8 @@ class MambaMixer(nn.Module):
     delta = Dense(inner, ("proj", "inner"), dtype=dtype,
                   kernel_init=symmetric_uniform(cfg.dt_scale / math.sqrt(rank)),
                   name="dt_proj")(dt_in)
-    dt_bias = param(self, "dt_bias", _dt_bias_init(cfg), (inner,), ("inner",))
+    dt_init = dt_bias_init(cfg.dt_min, cfg.dt_max, cfg.dt_init_floor)
+    dt_bias = param(self, "dt_bias", dt_init, (inner,), ("inner",))
     A = -jnp.exp(param(self, "A_log", _a_log_init, (inner, n), ("inner", "state")))
     D = param(self, "D", nn.initializers.ones, (inner,), ("inner",))
 

@@ -2,9 +2,11 @@
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import pytest
 
-from models.lm import layer_letters
+from models.lm import LanguageModel, layer_letters
 from train.cli import parse_args
 from train.config import Config, ConfigError, apply_overrides, available_presets, load_preset
 
@@ -23,6 +25,13 @@ def test_preset_by_path_equals_by_name():
 def test_mamba_130m_matches_the_paper():
   model = load_preset("mamba_130m").model
   assert (model.num_layers, model.d_model, model.d_state, model.expand) == (24, 768, 16, 2)
+
+
+def test_kda_1b_has_about_a_billion_parameters():
+  model = load_preset("kda_1b").model
+  shapes = jax.eval_shape(
+      lambda: LanguageModel(model).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+  assert sum(x.size for x in jax.tree.leaves(shapes)) == 1_047_839_264
 
 
 def test_overrides_are_typed():

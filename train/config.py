@@ -30,7 +30,9 @@ class ModelConfig:
   """Architecture of the language model.
 
   ``layer_pattern`` is tiled to ``num_layers`` letters; each letter names a mixer
-  (``S`` = Mamba selective scan). ``dtype`` is the compute dtype; parameters stay float32.
+  (``S`` = Mamba selective scan, ``K`` = KDA). Each block is ``x += mixer(RMSNorm(x))``, then
+  ``x += MLP(RMSNorm(x))`` unless ``mlp`` is "none". ``dtype`` is the compute dtype; parameters
+  stay float32. ``norm_eps`` serves every RMSNorm, KDA's per-head output norm included.
   """
 
   vocab_size: int = 256
@@ -40,16 +42,30 @@ class ModelConfig:
   norm_eps: float = 1e-5
   tie_embeddings: bool = True
   dtype: str = "float32"
-  # Mamba mixer (SPEC 1.3-1.4).
-  d_state: int = 16
+  # MLP after each mixer: "none" or "swiglu" (down(silu(gate(x)) * up(x))).
+  mlp: str = "none"
+  d_ff: int | None = None  # SwiGLU width; None: 8/3 d_model rounded up to a multiple of 256.
+  # Shared by Mamba and KDA: the short-conv width and the dt-bias initialisation, softplus^-1(dt)
+  # with dt log-uniform in [dt_min, dt_max] and at least dt_init_floor (SPEC 1.4, 3.2).
   d_conv: int = 4
-  expand: int = 2
-  dt_rank: int | None = None  # None: ceil(d_model / 16).
   dt_min: float = 0.001
   dt_max: float = 0.1
   dt_init_floor: float = 1e-4
+  # Mamba mixer (SPEC 1.3-1.4).
+  d_state: int = 16
+  expand: int = 2
+  dt_rank: int | None = None  # None: ceil(d_model / 16).
   dt_scale: float = 1.0
   scan_implementation: str | None = None  # None: the fastest one for the platform.
+  # KDA mixer (SPEC 3.2): q/k heads of kda_head_dim, value heads of kda_v_head_dim (grouped
+  # when kda_num_v_heads is a multiple of kda_num_heads), one float32 state
+  # [kda_head_dim, kda_v_head_dim] per value head.
+  kda_num_heads: int = 4
+  kda_head_dim: int = 16
+  kda_num_v_heads: int | None = None  # None: kda_num_heads.
+  kda_v_head_dim: int | None = None  # None: kda_head_dim.
+  kda_implementation: str | None = None  # None: the fastest one for the platform.
+  kda_chunk_size: int = 64  # Tokens per chunk of the chunkwise form, a multiple of 16.
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 Mesh axes: ``data`` (pure data parallelism), ``fsdp`` (data parallelism with parameters and
 optimizer state sharded over it) and ``tensor`` (model parallelism over the mixers' inner
-width and the vocabulary). The same code runs on one device, one host of 8, or many hosts:
-``jax.devices()`` spans every process once ``jax.distributed.initialize()`` has run.
+width or heads, the MLP's hidden width and the vocabulary). The same code runs on one device,
+one host of 8, or many hosts: ``jax.devices()`` spans every process once
+``jax.distributed.initialize()`` has run.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("embed", "fsdp"),
     ("vocab", "tensor"),
     ("inner", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("kv", None),
     ("state", None),
     ("conv", None),
     ("proj", None),
