@@ -82,6 +82,41 @@ def _gated_products(q, k, G):
   return assemble(qk_off, qk_diag), assemble(kk_off, kk_diag)
 
 
+def _unit_lower_inverse(A):
+  """(I + A)^-1 for strictly lower-triangular A [..., C, C], C a multiple of SUB_CHUNK.
+
+  Forward substitution inside each 16 x 16 diagonal block, then block forward substitution,
+  T_ab = -T_aa sum_{b <= j < a} A_aj T_jb (SPEC 3.4's merge). Only matmuls and row updates: no
+  LAPACK call (its batched CPU solve can deadlock XLA's thread pool on small machines) and no
+  power series (whose alternating terms cancel catastrophically for repeated keys).
+  """
+  *lead, C, _ = A.shape
+  ns = C // SUB_CHUNK
+  blocks = jnp.swapaxes(A.reshape(*lead, ns, SUB_CHUNK, ns, SUB_CHUNK), -3, -2)  # [.., a, b, r, i]
+  diagonal = jnp.diagonal(blocks, axis1=-4, axis2=-3)  # [..., r, i, a]
+  diagonal = jnp.moveaxis(diagonal, -1, -3)  # [..., a, r, i]
+  eye = jnp.eye(SUB_CHUNK, dtype=A.dtype)
+
+  def substitute_row(r, inverse):
+    # Row r of the block inverse: e_r - sum_{i<r} D[r, i] inverse[i]; D[r, i>=r] is zero.
+    coefficients = jax.lax.dynamic_index_in_dim(diagonal, r, axis=-2, keepdims=False)
+    row = eye[r] - _einsum("...i,...ij->...j", coefficients, inverse)
+    return jax.lax.dynamic_update_index_in_dim(inverse, row, r, axis=-2)
+
+  inverse = jax.lax.fori_loop(1, SUB_CHUNK, substitute_row,
+                              jnp.broadcast_to(eye, diagonal.shape))
+  T = {}
+  for a in range(ns):
+    T[a, a] = inverse[..., a, :, :]
+    for b in range(a - 1, -1, -1):
+      coupled = sum(_einsum("...ri,...ij->...rj", blocks[..., a, j, :, :], T[j, b])
+                    for j in range(b, a))
+      T[a, b] = -_einsum("...ri,...ij->...rj", T[a, a], coupled)
+  zero = jnp.zeros_like(inverse[..., 0, :, :])
+  rows = [jnp.concatenate([T.get((a, b), zero) for b in range(ns)], axis=-1) for a in range(ns)]
+  return jnp.concatenate(rows, axis=-2)
+
+
 def _chunk(state, xs):
   """One chunk for every (batch, head). state: [B, HV, K, V]; xs: this chunk's slices."""
   q, k, v, g, beta, same, carried, last = xs  # q, k, g [B, HV, C, K]; v [B, HV, C, V]
@@ -89,9 +124,7 @@ def _chunk(state, xs):
   A_qk, A_kk = _gated_products(q, k, G)
   A_qk = A_qk * same
   A_kk = A_kk * same * beta[..., :, None]
-  C = q.shape[-2]
-  T = jax.scipy.linalg.solve_triangular(jnp.eye(C) + A_kk, jnp.broadcast_to(jnp.eye(C), A_kk.shape),
-                                        lower=True, unit_diagonal=True)
+  T = _unit_lower_inverse(A_kk)
   gamma = jnp.exp(G)
   W = _einsum("...ri,...ik->...rk", T, beta[..., None] * k * gamma) * carried[..., None]
   U = _einsum("...ri,...iv->...rv", T, beta[..., None] * v)
@@ -105,6 +138,7 @@ def _chunk(state, xs):
   return state, o
 
 
+@functools.partial(jax.jit, static_argnames=("chunk_size", "remat"))
 def scan(q, k, v, g, beta, initial_state, segment_index, *, chunk_size: int = 64,
          remat: bool = True):
   """Same contract as ``reference.scan``.

@@ -31,6 +31,7 @@ def update(state, q_t, k_t, v_t, g_t, beta_t):
   return jnp.einsum("bhk,bhkv->bhv", q_t, state, precision=HIGHEST), state
 
 
+@jax.jit
 def scan(q, k, v, g, beta, initial_state, segment_index):
   """Runs ``update`` over time.
 

@@ -37,6 +37,7 @@ def _chunk(h, xs, A):
   return states[:, -1], y
 
 
+@functools.partial(jax.jit, static_argnames=("chunk_size",))
 def scan(u, delta, A, B, C, keep, initial_state, *, chunk_size: int = DEFAULT_CHUNK_SIZE):
   """Same contract as ``reference.scan``; ``chunk_size`` bounds the parallel work per step."""
   batch, time = u.shape[:2]

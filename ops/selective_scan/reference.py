@@ -28,6 +28,7 @@ def update(h, u_t, delta_t, A, B_t, C_t):
   return y_t, h
 
 
+@jax.jit
 def scan(u, delta, A, B, C, keep, initial_state):
   """Runs ``update`` over time.
 
