@@ -6,6 +6,7 @@ float64 (DESIGN.md, Numerics). A NaN or an infinity on either side never passes.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import strategies as st
@@ -43,6 +44,44 @@ def assert_close(ref, x, tol: float, name: str = "value") -> None:
   err = rel_rms(ref, x)
   if not (np.isfinite(err) and err <= tol):
     raise AssertionError(f"{name}: relative RMS error {err:.3e} > tolerance {tol:.1e}")
+
+
+TOL_F32 = 1e-5
+TOL_BF16 = 1e-2
+
+
+def tolerance(x) -> float:
+  """The tolerance for comparing ``x``: ``TOL_BF16`` for a bfloat16 array, else ``TOL_F32``."""
+  return TOL_BF16 if x.dtype == jnp.bfloat16 else TOL_F32
+
+
+def vjp_of(forward, arrays: dict, cotangents, differentiable) -> tuple:
+  """(forward(arrays), gradients of the ``differentiable`` entries) for ``cotangents``.
+
+  ``forward`` maps the dict of arrays to the op's outputs; the other entries stay fixed.
+  """
+  inputs = {k: v for k, v in arrays.items() if k in differentiable}
+  fixed = {k: v for k, v in arrays.items() if k not in differentiable}
+  outputs, vjp = jax.vjp(lambda x: forward({**x, **fixed}), inputs)
+  return outputs, vjp(cotangents)[0]
+
+
+def assert_forms_agree(run, arrays: dict, differentiable, candidate: str,
+                       baseline: str = "reference", output: str = "out") -> None:
+  """Two implementations give the same output, final state and gradients.
+
+  ``run(implementation) -> ((output, final_state), gradients)`` for fixed inputs and cotangents;
+  the output and gradients are held to their dtype's tolerance, the float32 state to TOL_F32,
+  and each gradient must keep its input's dtype.
+  """
+  (ref_out, ref_state), ref_grads = run(baseline)
+  (out, final_state), grads = run(candidate)
+  assert_close(ref_out, out, tolerance(out), output)
+  assert_close(ref_state, final_state, TOL_F32, "final_state")
+  assert grads.keys() == ref_grads.keys() == {k for k in arrays if k in differentiable}
+  for name, grad in grads.items():
+    assert grad.dtype == arrays[name].dtype, (name, grad.dtype)
+    assert_close(ref_grads[name], grad, tolerance(grad), f"d{name}")
 
 
 # --- hypothesis strategies --------------------------------------------------------------------

@@ -49,17 +49,11 @@ from hypothesis import strategies as st
 from ops.kda import gated_delta_rule, kda, kda_gate, kda_step
 from tests import _numerics as num
 
-TOL_F32 = 1e-5
-TOL_BF16 = 1e-2
+TOL_F32, tolerance = num.TOL_F32, num.tolerance
 IMPLEMENTATIONS = ("reference", "xla")
 DIFFERENTIABLE = ("q", "k", "v", "g", "beta", "initial_state")
 TIME_MAJOR = ("q", "k", "v", "g", "beta", "segment_ids")  # the arguments with a time axis (1)
 L2NORM_EPS = 1e-6  # inside the square root (SPEC 3.2, fla's l2norm)
-
-
-def tolerance(x) -> float:
-  """The tolerance for comparing ``x``: ``TOL_BF16`` for a bfloat16 array, else ``TOL_F32``."""
-  return TOL_BF16 if x.dtype == jnp.bfloat16 else TOL_F32
 
 
 # --- the float64 oracle (SPEC 3.1) ------------------------------------------------------------
@@ -277,10 +271,7 @@ def _forward(arrays, *, implementation, scale=None, l2norm=False, chunk_size=64,
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _forward_and_vjp(arrays, cotangents, **static):
   """((o, final_state), gradients of every float array) for the cotangents of both outputs."""
-  inputs = {k: v for k, v in arrays.items() if k in DIFFERENTIABLE}
-  fixed = {k: v for k, v in arrays.items() if k not in DIFFERENTIABLE}
-  outputs, vjp = jax.vjp(lambda x: _forward({**x, **fixed}, **static), inputs)
-  return outputs, vjp(cotangents)[0]
+  return num.vjp_of(lambda x: _forward(x, **static), arrays, cotangents, DIFFERENTIABLE)
 
 
 # --- the op equals the oracle -----------------------------------------------------------------
@@ -342,15 +333,9 @@ def _check_xla_matches_reference(case: Case, **static) -> None:
   """Output, final state and the gradient of every float input agree between the two forms."""
   arrays, cotangents = case.arrays(), case.cotangents()
   static = {**case.options, **static}
-  (ref_o, ref_state), ref_grads = _forward_and_vjp(
-      arrays, cotangents, implementation="reference", **static)
-  (o, final_state), grads = _forward_and_vjp(arrays, cotangents, implementation="xla", **static)
-  num.assert_close(ref_o, o, tolerance(o), "o")
-  num.assert_close(ref_state, final_state, TOL_F32, "final_state")
-  assert grads.keys() == {k for k in arrays if k in DIFFERENTIABLE}
-  for name, grad in grads.items():
-    assert grad.dtype == arrays[name].dtype, (name, grad.dtype)
-    num.assert_close(ref_grads[name], grad, tolerance(grad), f"d{name}")
+  run = lambda implementation: _forward_and_vjp(arrays, cotangents,
+                                                implementation=implementation, **static)
+  num.assert_forms_agree(run, arrays, DIFFERENTIABLE, "xla", output="o")
 
 
 @given(case=cases())

@@ -35,16 +35,10 @@ from hypothesis import strategies as st
 from ops.selective_scan import selective_scan, selective_scan_step
 from tests import _numerics as num
 
-TOL_F32 = 1e-5
-TOL_BF16 = 1e-2
+TOL_F32, tolerance = num.TOL_F32, num.tolerance
 IMPLEMENTATIONS = ("reference", "xla")
 DIFFERENTIABLE = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 TIME_MAJOR = ("u", "delta", "B", "C", "z")  # the arguments with a time axis (axis 1)
-
-
-def tolerance(x) -> float:
-  """The tolerance for comparing ``x``: ``TOL_BF16`` for a bfloat16 array, else ``TOL_F32``."""
-  return TOL_BF16 if x.dtype == jnp.bfloat16 else TOL_F32
 
 
 # --- the float64 oracle (SPEC 1.2) ------------------------------------------------------------
@@ -154,11 +148,8 @@ def _forward(arrays, *, implementation, delta_softplus):
 @functools.partial(jax.jit, static_argnames=("implementation", "delta_softplus"))
 def _forward_and_vjp(arrays, cotangents, *, implementation, delta_softplus):
   """((out, final_state), gradients of every float array) for the cotangents of both outputs."""
-  inputs = {k: v for k, v in arrays.items() if k in DIFFERENTIABLE}
-  fixed = {k: v for k, v in arrays.items() if k not in DIFFERENTIABLE}
-  outputs, vjp = jax.vjp(lambda x: _forward(
-      {**x, **fixed}, implementation=implementation, delta_softplus=delta_softplus), inputs)
-  return outputs, vjp(cotangents)[0]
+  forward = lambda x: _forward(x, implementation=implementation, delta_softplus=delta_softplus)
+  return num.vjp_of(forward, arrays, cotangents, DIFFERENTIABLE)
 
 
 def _random_cotangents(case: Case):
@@ -227,16 +218,9 @@ def test_without_final_state_returns_out_only(implementation):
 def _check_xla_matches_reference(case: Case) -> None:
   """Output, final state and the gradient of every float input agree between the two forms."""
   arrays, cotangents = case.arrays(), _random_cotangents(case)
-  (ref_out, ref_state), ref_grads = _forward_and_vjp(
-      arrays, cotangents, implementation="reference", delta_softplus=case.delta_softplus)
-  (out, final_state), grads = _forward_and_vjp(
-      arrays, cotangents, implementation="xla", delta_softplus=case.delta_softplus)
-  num.assert_close(ref_out, out, tolerance(out), "out")
-  num.assert_close(ref_state, final_state, TOL_F32, "final_state")
-  assert ref_grads.keys() == {k for k in arrays if k in DIFFERENTIABLE}
-  for name, grad in grads.items():
-    assert grad.dtype == arrays[name].dtype, (name, grad.dtype)
-    num.assert_close(ref_grads[name], grad, tolerance(grad), f"d{name}")
+  run = lambda implementation: _forward_and_vjp(
+      arrays, cotangents, implementation=implementation, delta_softplus=case.delta_softplus)
+  num.assert_forms_agree(run, arrays, DIFFERENTIABLE, "xla")
 
 
 @given(case=cases())
