@@ -42,6 +42,13 @@ def _finish(y, bias, activation, dtype):
   return ACTIVATIONS[activation](y).astype(dtype)
 
 
+def _after_cache(cache, x, width: int):
+  """[cache (zeros when None); x] along time: x [batch, steps, channels] in x's dtype."""
+  if cache is None:
+    cache = jnp.zeros((x.shape[0], width - 1, x.shape[-1]), x.dtype)
+  return jnp.concatenate([cache.astype(x.dtype), x], axis=1)
+
+
 def short_conv(x, weight, bias=None, cache=None, activation=None, segment_ids=None):
   """Causal depthwise convolution over a sequence.
 
@@ -63,9 +70,7 @@ def short_conv(x, weight, bias=None, cache=None, activation=None, segment_ids=No
   time = x.shape[1]
   if segment_ids is not None:
     check_shape("segment_ids", segment_ids, (batch, time), "[batch, time]")
-  if cache is None:
-    cache = jnp.zeros((batch, width - 1, channels), x.dtype)
-  padded = jnp.concatenate([cache.astype(x.dtype), x], axis=1)
+  padded = _after_cache(cache, x, width)
   y = jnp.zeros((batch, time, channels), jnp.float32)
   for w in range(width):
     window = padded[:, w:w + time].astype(jnp.float32)
@@ -90,10 +95,8 @@ def short_conv_step(x, weight, bias=None, cache=None, activation=None):
   Returns:
     y [batch, channels] in x's dtype and the new cache [batch, width - 1, channels].
   """
-  batch, width, channels = _check(x, weight, bias, cache, activation, "[batch, channels]", 2)
-  if cache is None:
-    cache = jnp.zeros((batch, width - 1, channels), x.dtype)
-  window = jnp.concatenate([cache.astype(x.dtype), x[:, None]], axis=1)
+  _, width, _ = _check(x, weight, bias, cache, activation, "[batch, channels]", 2)
+  window = _after_cache(cache, x[:, None], width)
   y = jnp.einsum("bwc,wc->bc", window.astype(jnp.float32), weight.astype(jnp.float32),
                  precision=jax.lax.Precision.HIGHEST)
   return _finish(y, bias, activation, x.dtype), window[:, 1:]
