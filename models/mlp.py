@@ -20,19 +20,21 @@ def d_ff(config) -> int:
 class SwiGLU(nn.Module):
   """``down(silu(gate(x)) * up(x))``, no biases: [batch, time, d_model] -> same, in ``dtype``.
 
-  The hidden width is ``d_ff(config)``; ``down``'s initialisation is scaled by
-  1 / sqrt(num_layers), like the mixers' output projections.
+  The hidden width is ``features``, or ``d_ff(config)`` when None; ``down``'s initialisation is
+  scaled by 1 / sqrt(num_layers), like the mixers' output projections.
   """
 
   config: Any  # train.config.ModelConfig
   num_layers: int = 1
+  features: int | None = None  # The hidden width; None: d_ff(config).
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
+    width = d_ff(cfg) if self.features is None else self.features
     hidden = lambda name: nn.with_logical_constraint(
-        Dense(d_ff(cfg), ("embed", "mlp"), dtype=dtype, name=name)(x), ("batch", "length", "mlp"))
+        Dense(width, ("embed", "mlp"), dtype=dtype, name=name)(x), ("batch", "length", "mlp"))
     h = jax.nn.silu(hidden("gate")) * hidden("up")
     return Dense(cfg.d_model, ("mlp", "embed"), dtype=dtype,
                  kernel_init=fan_in_uniform(1.0 / math.sqrt(self.num_layers)), name="down")(h)
