@@ -19,7 +19,7 @@ def get_config() -> Config:
       data=DataConfig(dataset="stdlib_bytes", seq_len=4096),
       train=TrainConfig(workdir="runs/kda_1b", steps=20_000, batch_size=64,
                         learning_rate=1e-3, warmup_steps=1_000, weight_decay=0.1,
-                        mesh_shape=(1, -1, 1), eval_every=1_000, eval_batches=8,
+                        mesh_shape=(1, -1, 1, 1), eval_every=1_000, eval_batches=8,
                         checkpoint_every=1_000, log_every=50),
       sample=SampleConfig(prompt="import ", max_new_tokens=400, temperature=0.7, top_p=0.9),
   )

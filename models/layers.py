@@ -9,6 +9,7 @@ Logical axis names used on parameters and activations (``train.sharding`` maps t
   heads              a mixer's heads, or a head-major flattened (heads, head dim) axis (KDA)
   kv                 the per-head key or value dimension
   mlp                the MLP's hidden width
+  expert             the experts of a mixture-of-experts layer
   state, conv, proj  small per-mixer axes that are never sharded (proj: low-rank bottlenecks)
 """
 

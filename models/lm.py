@@ -4,9 +4,15 @@ Each letter of ``config.layer_pattern`` (tiled to ``config.num_layers``) names a
 
   S  Mamba-1 selective scan (models.mamba.MambaMixer)
   K  Kimi Delta Attention (models.kda.KDAMixer)
+  M  multi-head latent attention (models.mla.MLAMixer)
+  A  softmax attention, multi-head or grouped-query, with RoPE (models.attention.AttentionMixer)
+
+A pattern as long as the model gives every layer explicitly, e.g. Kimi-Linear's 27 layers
+``"KKKM" * 6 + "KKM"`` (MLA at 0-indexed layers 3, 7, ..., 23, 26; SPEC 5).
 
 Blocks are pre-norm residual: ``x += mixer(RMSNorm(x))``, then ``x += MLP(RMSNorm(x))`` when
-``config.mlp`` names one (SPEC 5); the residual stream is float32.
+``config.mlp`` names one (SPEC 5): "swiglu" everywhere, or "moe" with the first
+``config.first_k_dense`` layers dense; the residual stream is float32.
 ``logits, state = model.apply(params, tokens, state=None, segment_ids=None)``: with a decode
 state and one token per sequence the model takes one decode step; otherwise it runs the whole
 sequence (continuing from ``state`` if given) and returns the state after the last token.
@@ -20,13 +26,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models.attention import AttentionMixer
 from models.kda import KDAMixer
 from models.layers import Dense, RMSNorm
 from models.mamba import MambaMixer
+from models.mla import MLAMixer
 from models.mlp import SwiGLU
+from models.moe import MoE
 
-MIXERS = {"S": MambaMixer, "K": KDAMixer}
-MLPS = {"none": None, "swiglu": SwiGLU}
+MIXERS = {"S": MambaMixer, "K": KDAMixer, "M": MLAMixer, "A": AttentionMixer}
+MLPS = {"none": None, "swiglu": SwiGLU, "moe": MoE}
 
 
 def layer_letters(config) -> str:
@@ -41,9 +50,17 @@ def layer_letters(config) -> str:
   return (pattern * config.num_layers)[:config.num_layers]
 
 
-def _check_mlp(config) -> None:
+def layer_mlps(config) -> tuple[str, ...]:
+  """The MLP of each layer: ``config.mlp``, except that with "moe" the first
+  ``config.first_k_dense`` layers are dense ("swiglu")."""
   if config.mlp not in MLPS:
     raise ValueError(f"mlp must be one of {sorted(MLPS)}, got {config.mlp!r}")
+  if not 0 <= config.first_k_dense <= config.num_layers:
+    raise ValueError(f"first_k_dense must be in [0, num_layers={config.num_layers}], got "
+                     f"{config.first_k_dense}")
+  dense = "swiglu" if config.mlp == "moe" else config.mlp
+  return tuple(dense if i < config.first_k_dense else config.mlp
+               for i in range(config.num_layers))
 
 
 def init_decode_state(config, batch_size: int) -> tuple[Any, ...]:
@@ -51,17 +68,55 @@ def init_decode_state(config, batch_size: int) -> tuple[Any, ...]:
   return tuple(MIXERS[letter].initial_state(config, batch_size) for letter in layer_letters(config))
 
 
-def decode_state_bytes(config, batch_size: int) -> int:
-  """Bytes of the decode state for ``batch_size`` sequences, from the real structure's shapes."""
+CACHED_MIXERS = frozenset("MA")  # Their state is caches [batch, max_cache_length, ...] + position.
+
+
+def decode_state_bytes(config, batch_size: int, context_length: int | None = None) -> int:
+  """Bytes of the decode state for ``batch_size`` sequences, from the real structure's shapes.
+
+  With ``context_length``, the attention caches (M, A layers) count only the positions a
+  context of that many tokens fills, i.e. the bytes in use; recurrent states count whole.
+  """
   shapes = jax.eval_shape(lambda: init_decode_state(config, batch_size))
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+  nbytes = lambda x: x.size * x.dtype.itemsize
+  total = 0
+  for letter, state in zip(layer_letters(config), shapes):
+    if letter in CACHED_MIXERS and context_length is not None:
+      used = min(context_length, config.max_cache_length)
+      total += sum(nbytes(x) // config.max_cache_length * used if name != "position"
+                   else nbytes(x) for name, x in state.items())
+    else:
+      total += sum(nbytes(x) for x in jax.tree.leaves(state))
+  return total
+
+
+def parameter_counts(config) -> tuple[int, int]:
+  """(total, activated per token) parameter counts, from the model's abstract parameters.
+
+  Activated counts the parameters that multiply a token's activations: the total less, in each
+  MoE layer, the routed experts a token does not use ((E - k) / E of the expert weights), and
+  less the input embedding table when it is not tied to the output head (a lookup reads one
+  row).
+  """
+  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  params = jax.eval_shape(lambda t: LanguageModel(config).init(jax.random.key(0), t), tokens)
+  params = nn.meta.unbox(params)["params"]
+  total = sum(x.size for x in jax.tree.leaves(params))
+  inactive = 0 if config.tie_embeddings else params["embed"]["embedding"].size
+  unused = (config.moe_num_experts - config.moe_top_k) / config.moe_num_experts
+  for i, mlp in enumerate(layer_mlps(config)):
+    if mlp == "moe":
+      experts = params[f"layer_{i}"]["mlp"]
+      inactive += round(unused * sum(experts[name].size for name in MoE.EXPERT_WEIGHTS))
+  return total, total - inactive
 
 
 class Block(nn.Module):
-  """``x += mixer(RMSNorm(x))``, then ``x += MLP(RMSNorm(x))`` unless ``config.mlp`` is "none"."""
+  """``x += mixer(RMSNorm(x))``, then ``x += MLP(RMSNorm(x))`` unless ``mlp`` is "none"."""
 
   config: Any
   letter: str
+  mlp: str
   num_layers: int
 
   @nn.compact
@@ -72,8 +127,8 @@ class Block(nn.Module):
     y, state = MIXERS[self.letter](cfg, self.num_layers, name="mixer")(norm("norm")(x), state,
                                                                        segment_ids)
     x = constrain(x + y.astype(jnp.float32))
-    if MLPS[cfg.mlp] is not None:
-      y = MLPS[cfg.mlp](cfg, self.num_layers, name="mlp")(norm("mlp_norm")(x))
+    if MLPS[self.mlp] is not None:
+      y = MLPS[self.mlp](cfg, self.num_layers, name="mlp")(norm("mlp_norm")(x))
       x = constrain(x + y.astype(jnp.float32))
     return x, state
 
@@ -89,8 +144,7 @@ class LanguageModel(nn.Module):
   @nn.compact
   def __call__(self, tokens, state=None, segment_ids=None):
     cfg = self.config
-    letters = layer_letters(cfg)
-    _check_mlp(cfg)
+    letters, mlps = layer_letters(cfg), layer_mlps(cfg)
     if tokens.ndim != 2:
       raise ValueError(f"tokens must have shape [batch, time], got {tuple(tokens.shape)}")
     if state is not None and len(state) != len(letters):
@@ -103,8 +157,8 @@ class LanguageModel(nn.Module):
     x = embed(tokens).astype(jnp.float32)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     new_state = []
-    for i, letter in enumerate(letters):
-      x, layer_state = Block(cfg, letter, len(letters), name=f"layer_{i}")(
+    for i, (letter, mlp) in enumerate(zip(letters, mlps)):
+      x, layer_state = Block(cfg, letter, mlp, len(letters), name=f"layer_{i}")(
           x, None if state is None else state[i], segment_ids)
       new_state.append(layer_state)
     h = RMSNorm(cfg.norm_eps, dtype=jnp.dtype(cfg.dtype), name="final_norm")(x)

@@ -36,11 +36,11 @@ def test_kda_1b_has_about_a_billion_parameters():
 
 def test_overrides_are_typed():
   config = apply_overrides(load_preset("mamba_tiny"), [
-      "--train.steps=7", "--model.dtype=bfloat16", "--train.mesh_shape=2,2,2",
+      "--train.steps=7", "--model.dtype=bfloat16", "--train.mesh_shape=2,2,1,2",
       "--model.dt_rank=None", "--model.tie_embeddings=false", "--train.learning_rate=1e-4"])
   assert config.train.steps == 7
   assert config.model.dtype == "bfloat16"
-  assert config.train.mesh_shape == (2, 2, 2)
+  assert config.train.mesh_shape == (2, 2, 1, 2)
   assert config.model.dt_rank is None
   assert config.model.tie_embeddings is False
   assert config.train.learning_rate == 1e-4
@@ -50,7 +50,7 @@ def test_overrides_are_typed():
     ("--train.stepz=3", r"unknown config field 'train.stepz'.*steps"),
     ("--trian.steps=3", r"unknown config section 'trian'"),
     ("--train.steps=three", r"train.steps: expected a value of type int"),
-    ("--train.mesh_shape=2,2", r"train.mesh_shape: expected 3"),
+    ("--train.mesh_shape=2,2", r"train.mesh_shape: expected 4"),
     ("--model.tie_embeddings=maybe", r"model.tie_embeddings: expected true or false"),
     ("train.steps", r"expected --section.field=value"),
 ])

@@ -1,6 +1,7 @@
 """Sampling filters and decoding: greedy decoding with the state equals re-running the prefix."""
 
 import dataclasses
+import io
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +9,9 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from models.lm import LanguageModel
+from models.lm import LanguageModel, decode_state_bytes
 from train.config import ModelConfig, SampleConfig
-from train.generate import generate, sample_token
+from train.generate import generate, print_sample, sample_token
 
 LOGITS = jnp.log(jnp.asarray([[0.05, 0.5, 0.3, 0.1, 0.05]]))
 
@@ -42,21 +43,44 @@ def test_bad_filters_raise(filters):
     sample_token(LOGITS, jax.random.key(0), **filters)
 
 
-MODEL = LanguageModel(ModelConfig(vocab_size=256, d_model=16, num_layers=2, d_state=4))
-FORWARD = jax.jit(MODEL.apply)
+MAMBA = LanguageModel(ModelConfig(vocab_size=256, d_model=16, num_layers=2, d_state=4))
+# KDA, NoPE MLA with its latent cache, MoE after a dense first layer.
+HYBRID = LanguageModel(ModelConfig(
+    vocab_size=256, d_model=16, num_layers=3, layer_pattern="KKM", kda_num_heads=2,
+    kda_head_dim=8, kda_chunk_size=16, mla_num_heads=2, mla_kv_lora_rank=8,
+    mla_qk_nope_head_dim=8, mla_qk_rope_head_dim=4, mla_v_head_dim=8, max_cache_length=16,
+    mlp="moe", first_k_dense=1, d_ff=32, moe_num_experts=4, moe_top_k=2, moe_d_ff=8))
 
 
+FORWARD = {model: jax.jit(model.apply) for model in (MAMBA, HYBRID)}
+
+
+@pytest.mark.parametrize("model", [MAMBA, HYBRID], ids=["mamba", "kimi_linear"])
 @given(seed=st.integers(0, 1000))
-def test_greedy_generation_equals_rerunning_the_whole_prefix(seed):
-  params = MODEL.init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))["params"]
+def test_greedy_generation_equals_the_forward_over_the_whole_text(model, seed):
+  """Each greedily decoded token is the argmax of the full (causal) forward over the prompt and
+  the tokens before it."""
+  params = model.init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))["params"]
   prompt = b"def f"
   sample = SampleConfig(prompt="", max_new_tokens=6, temperature=0.0, top_k=0, top_p=1.0)
-  produced = list(generate(MODEL, params, prompt, sample))
-  tokens = list(prompt)
-  for _ in range(6):
-    logits, _ = FORWARD({"params": params}, jnp.asarray([tokens]))
-    tokens.append(int(jnp.argmax(logits[0, -1])))
-  assert produced == tokens[len(prompt):]
+  produced = list(generate(model, params, prompt, sample))
+  logits, _ = FORWARD[model]({"params": params}, jnp.asarray([list(prompt) + produced]))
+  expected = jnp.argmax(logits[0, len(prompt) - 1:-1], axis=-1)
+  assert produced == [int(t) for t in expected]
+
+
+def test_sample_reports_the_cache_in_use_and_checks_its_length():
+  """The hybrid's report gives the KDA states plus 12 latent values per token in use; a
+  generation longer than the cache stops before it starts."""
+  params = HYBRID.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  sample = SampleConfig(prompt="ab", max_new_tokens=5, temperature=0.0)
+  out = io.StringIO()
+  print_sample(HYBRID, params, sample, out)
+  in_use = decode_state_bytes(HYBRID.config, 1, 7)
+  assert in_use == decode_state_bytes(HYBRID.config, 1) - (16 - 7) * 12 * 4
+  assert f"{in_use:,} bytes in use after 7 tokens" in out.getvalue()
+  with pytest.raises(ValueError, match="max_cache_length"):
+    next(generate(HYBRID, params, b"ab", dataclasses.replace(sample, max_new_tokens=15)))
 
 
 def test_empty_prompt_is_rejected():

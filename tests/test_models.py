@@ -4,26 +4,40 @@ import dataclasses
 from typing import Any, NamedTuple
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
-from models.lm import LanguageModel, MIXERS, decode_state_bytes, init_decode_state, layer_letters
+from models.lm import (CACHED_MIXERS, LanguageModel, MIXERS, decode_state_bytes, init_decode_state,
+                       layer_letters, layer_mlps, parameter_counts)
 from models.mlp import d_ff
 from tests._numerics import assert_close
 from train.config import ModelConfig
 
 # Small enough to be fast; KDA with grouped value heads (HV = 2 H), V != K and a chunk shorter
-# than the sequences, so the chunkwise form crosses chunk boundaries.
+# than the sequences, so the chunkwise form crosses chunk boundaries; grouped-query attention
+# (4 query heads, 2 KV heads) with RoPE; MLA with query compression, rotated keys and
+# Dv != Dn, and a YaRN-extended RoPE on both.
 TINY = ModelConfig(vocab_size=64, d_model=16, num_layers=2, d_state=4, expand=2, kda_num_heads=2,
                    kda_head_dim=4, kda_num_v_heads=4, kda_v_head_dim=6, kda_chunk_size=16,
-                   d_ff=24)
+                   d_ff=24, max_cache_length=40, attn_num_heads=4, attn_num_kv_heads=2,
+                   attn_head_dim=8, rope_yarn_factor=4.0, rope_original_max_length=8,
+                   mla_num_heads=2, mla_q_lora_rank=12, mla_kv_lora_rank=10,
+                   mla_qk_nope_head_dim=6, mla_qk_rope_head_dim=4, mla_v_head_dim=5,
+                   mla_use_rope=True, moe_num_experts=4, moe_top_k=2, moe_d_ff=8)
+# The Kimi-Linear hybrid in small: KDA, KDA, NoPE MLA; dense first layer, MoE after.
+HYBRID = dataclasses.replace(TINY, num_layers=3, layer_pattern="KKM", mla_use_rope=False,
+                             mlp="moe", first_k_dense=1)
 LM_CONFIGS = {
     "mamba": TINY,
     "kda": dataclasses.replace(TINY, layer_pattern="K"),
     "mamba_kda_swiglu": dataclasses.replace(TINY, layer_pattern="SK", mlp="swiglu"),
+    "gqa_swiglu": dataclasses.replace(TINY, layer_pattern="A", mlp="swiglu"),
+    "mla_rope": dataclasses.replace(TINY, layer_pattern="M"),
+    "hybrid": HYBRID,
 }
 
 
@@ -32,6 +46,7 @@ def _tokens(key, batch, time, vocab):
 
 
 @pytest.mark.parametrize("letter", sorted(MIXERS))
+@settings(max_examples=5)  # Eager decoding is slow; the LM tests decode every mixer again.
 @given(split=st.integers(0, 11), seed=st.integers(0, 2**16))
 def test_mixer_step_by_step_equals_sequence(letter, split, seed):
   """Run a prefix as a sequence, the rest one token at a time: same outputs and state."""
@@ -53,8 +68,8 @@ def test_mixer_step_by_step_equals_sequence(letter, split, seed):
 
 @pytest.mark.parametrize("letter", sorted(MIXERS))
 def test_mixer_segments_do_not_see_each_other(letter):
-  """A packed row of three segments: each segment's output is what it gets alone, and the
-  final state is the last segment's."""
+  """A packed row of three segments: each segment's output is what it gets alone, and (for
+  the recurrent mixers) the final state is the last segment's."""
   bounds = [(0, 5), (5, 11), (11, 30)]
   mixer = MIXERS[letter](TINY)
   x = jax.random.normal(jax.random.key(0), (2, 30, TINY.d_model))
@@ -65,7 +80,8 @@ def test_mixer_segments_do_not_see_each_other(letter):
   for start, stop in bounds:
     alone, alone_final = mixer.apply(params, x[:, start:stop])
     assert_close(alone, packed[:, start:stop], 1e-5, f"segment [{start}, {stop})")
-  jax.tree.map(lambda a, b: assert_close(a, b, 1e-5, "final state"), alone_final, final)
+  if letter not in CACHED_MIXERS:  # An attention cache keeps the whole packed row.
+    jax.tree.map(lambda a, b: assert_close(a, b, 1e-5, "final state"), alone_final, final)
 
 
 class TinyLM(NamedTuple):
@@ -119,8 +135,9 @@ def test_bfloat16_compute_stays_close(lm):
   mixed, _ = bf16.apply(lm.params, lm.tokens)
   chex.assert_type(mixed, jnp.float32)
   # bf16 rounds the projections (KDA: q, k, v and both gates) to 8 bits; over two layers and
-  # the head the logits move by up to about 2.5e-2 (Mamba alone: under 1e-2).
-  assert_close(reference, mixed, 4e-2, "bf16 logits")
+  # the head the logits move by up to about 2.5e-2 (Mamba, MLA, GQA alone: about 1e-2). With
+  # MoE a rounded router score can also swap a token's expert (measured 5.7e-2).
+  assert_close(reference, mixed, 8e-2 if lm.config.mlp == "moe" else 4e-2, "bf16 logits")
 
 
 def test_mamba_decode_state_layout():
@@ -159,3 +176,79 @@ def test_swiglu_adds_its_parameters_and_mamba_blocks_have_none():
   assert count(swiglu) - count(TINY) == TINY.num_layers * (3 * 16 * 24 + 16)
   assert d_ff(dataclasses.replace(TINY, d_ff=None)) == 256  # 8/3 * 16, rounded up to 256.
   assert d_ff(ModelConfig(d_model=2048)) == 5632
+
+
+def test_kimi_linear_layer_placement():
+  """The 48B preset's pattern puts MLA exactly at 0-indexed layers 3, 7, ..., 23, 26 (SPEC 5);
+  layer 0 is dense and the rest are MoE."""
+  from train.config import load_preset
+  config = load_preset("kimi_linear_48b").model
+  letters = layer_letters(config)
+  assert [i for i, letter in enumerate(letters) if letter == "M"] == [3, 7, 11, 15, 19, 23, 26]
+  assert letters.count("K") == 20 and len(letters) == 27
+  assert layer_mlps(config) == ("swiglu",) + ("moe",) * 26
+  with pytest.raises(ValueError, match="first_k_dense"):
+    layer_mlps(dataclasses.replace(config, first_k_dense=28))
+
+
+def test_hybrid_kda_state_does_not_grow_with_the_context():
+  """After prefilling 5 or 30 tokens the KDA layers' states have the same shapes and bytes;
+  only the MLA latent cache in use grows, by C + R values per token."""
+  model = LanguageModel(HYBRID)
+  tokens = _tokens(jax.random.key(0), 1, 30, HYBRID.vocab_size)
+  params = model.init(jax.random.key(1), tokens)
+  _, short = model.apply(params, tokens[:, :5])
+  _, long = model.apply(params, tokens)
+  for letter, a, b in zip(layer_letters(HYBRID), short, long):
+    chex.assert_trees_all_equal_shapes_and_dtypes(a, b)
+    if letter == "M":
+      assert int(a["position"]) == 5 and int(b["position"]) == 30
+  kda_bytes = sum(x.nbytes for letter, state in zip(layer_letters(HYBRID), long)
+                  if letter == "K" for x in jax.tree.leaves(state))
+  latent_per_token = (HYBRID.mla_kv_lora_rank + HYBRID.mla_qk_rope_head_dim) * 4  # float32
+  for context in (5, 30):
+    assert decode_state_bytes(HYBRID, 1, context) == kda_bytes + context * latent_per_token + 4
+
+
+def test_attention_cache_layout():
+  """A: k and v caches [B, max_cache_length, KH, D]; M: the latent [B, S, C] and the shared
+  key part [B, S, R]; both with an int32 position."""
+  config = dataclasses.replace(TINY, dtype="bfloat16")
+  cache = lambda *shape: jax.ShapeDtypeStruct((3, 40) + shape, jnp.bfloat16)
+  position = jax.ShapeDtypeStruct((), jnp.int32)
+  chex.assert_trees_all_equal_shapes_and_dtypes(
+      MIXERS["A"].initial_state(config, 3), {"k": cache(2, 8), "v": cache(2, 8),
+                                             "position": position})
+  chex.assert_trees_all_equal_shapes_and_dtypes(
+      MIXERS["M"].initial_state(config, 3), {"latent": cache(10), "k_pe": cache(4),
+                                             "position": position})
+
+
+def test_attention_mixers_reject_sequences_longer_than_the_cache():
+  for letter in "AM":
+    mixer = MIXERS[letter](TINY)
+    x = jnp.zeros((1, 41, TINY.d_model))
+    with pytest.raises(ValueError, match="max_cache_length"):
+      mixer.init(jax.random.key(0), x)
+
+
+def test_gqa_with_one_kv_head_is_multi_query():
+  """attn_num_kv_heads=1 gives one k and one v projection of a single head."""
+  config = dataclasses.replace(TINY, attn_num_kv_heads=1)
+  params = nn.meta.unbox(
+      MIXERS["A"](config).init(jax.random.key(0), jnp.zeros((1, 3, 16)))["params"])
+  assert params["k_proj"]["kernel"].shape == (16, 8)
+  assert params["q_proj"]["kernel"].shape == (16, 32)
+  with pytest.raises(ValueError, match="attn_num_kv_heads"):
+    MIXERS["A"](dataclasses.replace(TINY, attn_num_kv_heads=3)).init(jax.random.key(0),
+                                                                      jnp.zeros((1, 3, 16)))
+
+
+def test_kimi_linear_48b_parameter_counts():
+  """The released model's dimensions give about 48B parameters, about 3B activated per token
+  (Kimi-Linear-48B-A3B); counted abstractly with jax.eval_shape, no memory."""
+  from train.config import load_preset
+  total, activated = parameter_counts(load_preset("kimi_linear_48b").model)
+  print(f"kimi_linear_48b: {total:,} parameters, {activated:,} activated per token")
+  assert 47e9 <= total <= 50e9
+  assert 2.7e9 <= activated <= 3.3e9

@@ -43,35 +43,55 @@ def _config(workdir, data_dir, **train_fields) -> Config:
                 sample=dataclasses.replace(Config().sample, max_new_tokens=0))
 
 
-def test_train_step_on_8_devices_equals_1_device():
-  """data 2 x fsdp 2 x tensor 2: same losses and parameters as a single device, 3 steps."""
+# The tiny Kimi-Linear hybrid: KDA, KDA, MLA; a dense first layer, then MoE with its experts
+# divided over the mesh's expert axis.
+HYBRID = dataclasses.replace(
+    MODEL, num_layers=3, layer_pattern="KKM", kda_num_heads=2, kda_head_dim=8,
+    kda_chunk_size=16, mla_num_heads=2, mla_kv_lora_rank=8, mla_qk_nope_head_dim=8,
+    mla_qk_rope_head_dim=4, mla_v_head_dim=8, max_cache_length=32, mlp="moe", first_k_dense=1,
+    d_ff=32, moe_num_experts=4, moe_top_k=2, moe_d_ff=16)
+
+
+@pytest.mark.parametrize("model, mesh_8", [
+    (MODEL, (2, 2, 1, 2)),  # data x fsdp x tensor.
+    (HYBRID, (2, 1, 2, 2)),  # data x expert x tensor.
+], ids=["mamba", "kimi_linear"])
+def test_train_step_on_8_devices_equals_1_device(model, mesh_8):
+  """8 devices give the same losses, parameters (MoE router biases included) and MoE load
+  statistics as a single device, over 3 steps."""
   assert jax.device_count() == 8
   tc = TrainConfig(steps=3, warmup_steps=1)
-  tokens = jax.random.randint(jax.random.key(0), (8, 33), 0, MODEL.vocab_size)
+  tokens = jax.random.randint(jax.random.key(0), (8, 33), 0, model.vocab_size)
   results = {}
-  for shape in [(1, 1, 1), (2, 2, 2)]:
+  for shape in [(1, 1, 1, 1), mesh_8]:
     mesh = make_mesh(shape, jax.devices()[:int(np.prod(shape))])
-    trainer = make_trainer(LanguageModel(MODEL), make_optimizer(tc), mesh, 32,
+    trainer = make_trainer(LanguageModel(model), make_optimizer(tc), mesh, 32,
                            learning_rate_schedule(tc))
     state = trainer.init(jax.random.key(1))
-    losses = []
+    history = []
     for _ in range(tc.steps):
       state, metrics = trainer.train_step(state, tokens)
-      losses.append(float(metrics["loss"]))
-    results[shape] = losses, jax.device_get(state.params)
-    kernel = state.params["layer_0"]["mixer"]["in_proj"]["kernel"]
+      history.append({k: float(v) for k, v in metrics.items()})
+    results[shape] = history, jax.device_get(state.params)
+    kernel = state.params["layer_0"]["mixer"]["in_proj" if model is MODEL else "q_proj"]["kernel"]
     assert len(kernel.sharding.device_set) == int(np.prod(shape))
-  (losses_1, params_1), (losses_8, params_8) = results[(1, 1, 1)], results[(2, 2, 2)]
-  np.testing.assert_allclose(losses_1, losses_8, rtol=1e-6)
+  (history_1, params_1), (history_8, params_8) = results[(1, 1, 1, 1)], results[mesh_8]
+  for name in history_1[0]:
+    np.testing.assert_allclose([h[name] for h in history_1], [h[name] for h in history_8],
+                               rtol=1e-5, err_msg=name)
   jax.tree.map(lambda a, b: assert_close(a, b, 1e-5, "params"), params_1, params_8)
+  if model is HYBRID:
+    assert {"moe_max_load", "moe_balance_loss"} <= set(history_1[0])
+    bias = params_1["layer_1"]["mlp"]["e_score_correction_bias"]
+    assert np.any(bias != 0), "the correction bias should have moved towards balance"
 
 
 def test_mesh_shape_errors_name_the_problem():
-  assert resolve_mesh_shape((-1, 2, 1), 8) == (4, 2, 1)
+  assert resolve_mesh_shape((-1, 2, 1, 1), 8) == (4, 2, 1, 1)
   with pytest.raises(ValueError, match="mesh_shape"):
-    resolve_mesh_shape((3, -1, 1), 8)
+    resolve_mesh_shape((3, -1, 1, 1), 8)
   with pytest.raises(ValueError, match="mesh_shape"):
-    resolve_mesh_shape((2, 2, 1), 8)
+    resolve_mesh_shape((2, 2, 1, 1), 8)
 
 
 def test_non_finite_step_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):

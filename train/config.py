@@ -30,8 +30,9 @@ class ModelConfig:
   """Architecture of the language model.
 
   ``layer_pattern`` is tiled to ``num_layers`` letters; each letter names a mixer
-  (``S`` = Mamba selective scan, ``K`` = KDA). Each block is ``x += mixer(RMSNorm(x))``, then
-  ``x += MLP(RMSNorm(x))`` unless ``mlp`` is "none". ``dtype`` is the compute dtype; parameters
+  (``S`` = Mamba selective scan, ``K`` = KDA, ``M`` = MLA, ``A`` = softmax attention). Each block
+  is ``x += mixer(RMSNorm(x))``, then ``x += MLP(RMSNorm(x))`` unless ``mlp`` is "none"
+  ("swiglu": dense; "moe": mixture of experts after the first ``first_k_dense`` layers). ``dtype`` is the compute dtype; parameters
   stay float32. ``norm_eps`` serves every RMSNorm, KDA's per-head output norm included.
   """
 
@@ -42,7 +43,7 @@ class ModelConfig:
   norm_eps: float = 1e-5
   tie_embeddings: bool = True
   dtype: str = "float32"
-  # MLP after each mixer: "none" or "swiglu" (down(silu(gate(x)) * up(x))).
+  # MLP after each mixer: "none", "swiglu" (down(silu(gate(x)) * up(x))) or "moe".
   mlp: str = "none"
   d_ff: int | None = None  # SwiGLU width; None: 8/3 d_model rounded up to a multiple of 256.
   # Shared by Mamba and KDA: the short-conv width and the dt-bias initialisation, softplus^-1(dt)
@@ -66,6 +67,43 @@ class ModelConfig:
   kda_v_head_dim: int | None = None  # None: kda_head_dim.
   kda_implementation: str | None = None  # None: the fastest one for the platform.
   kda_chunk_size: int = 64  # Tokens per chunk of the chunkwise form, a multiple of 16.
+  # Softmax attention (A: multi-head / grouped-query with RoPE) and MLA (M) share the cache
+  # length (the longest prompt + generation a decode state holds) and the attention backend.
+  max_cache_length: int = 2048
+  attention_implementation: str | None = None  # None: cuDNN on GPU where it applies, else XLA.
+  attn_num_heads: int = 4
+  attn_num_kv_heads: int | None = None  # None: attn_num_heads (multi-head); 1: multi-query.
+  attn_head_dim: int = 16
+  rope_theta: float = 10000.0
+  # YaRN context extension (SPEC 4): > 1 stretches RoPE's long wavelengths by this factor beyond
+  # rope_original_max_length and scales the logits by (0.1 ln factor + 1)^2.
+  rope_yarn_factor: float = 1.0
+  rope_original_max_length: int = 4096
+  # MLA (SPEC 4): queries from W_q x (mla_q_lora_rank None) or W_qb RMSNorm(W_qa x); keys and
+  # values from a latent of mla_kv_lora_rank plus a head-shared mla_qk_rope_head_dim part that
+  # is rotated only when mla_use_rope (Kimi-Linear: NoPE, never rotated).
+  mla_num_heads: int = 4
+  mla_q_lora_rank: int | None = None
+  mla_kv_lora_rank: int = 32
+  mla_qk_nope_head_dim: int = 16
+  mla_qk_rope_head_dim: int = 8
+  mla_v_head_dim: int = 16
+  mla_use_rope: bool = False
+  # Mixture of experts (mlp="moe", SPEC 5): layers [0, first_k_dense) use a dense SwiGLU of
+  # width d_ff; the others route each token to moe_top_k of moe_num_experts SwiGLU experts of
+  # width moe_d_ff (sigmoid router, correction bias, renormalised weights times
+  # moe_routed_scaling_factor) plus moe_num_shared_experts always-on experts.
+  first_k_dense: int = 0
+  moe_num_experts: int = 8
+  moe_top_k: int = 2
+  moe_num_shared_experts: int = 1
+  moe_d_ff: int = 64
+  moe_routed_scaling_factor: float = 1.0
+  moe_renormalize: bool = True
+  moe_dispatch: str = "dropless"  # "dropless" (sorted ragged matmuls) or "dense" (reference).
+  # Auxiliary-loss-free balancing (DeepSeek-V3): after each step the correction bias of each
+  # expert moves by this much towards equal load; 0 disables it.
+  moe_bias_update_rate: float = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +129,7 @@ class TrainConfig:
   """Optimisation, mesh, evaluation, checkpointing and logging.
 
   ``batch_size`` is global (over all hosts and devices). ``mesh_shape`` gives the sizes of the
-  ("data", "fsdp", "tensor") axes; one entry may be -1 to take the remaining devices.
+  ("data", "fsdp", "expert", "tensor") axes; one entry may be -1 to take the remaining devices.
   """
 
   workdir: str = "runs/default"
@@ -105,7 +143,7 @@ class TrainConfig:
   b2: float = 0.95
   grad_clip_norm: float = 1.0
   seed: int = 0
-  mesh_shape: tuple[int, int, int] = (-1, 1, 1)
+  mesh_shape: tuple[int, int, int, int] = (-1, 1, 1, 1)
   eval_every: int = 50
   eval_batches: int = 4
   checkpoint_every: int = 50

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.lm import LanguageModel, decode_state_bytes
+from models.lm import CACHED_MIXERS, LanguageModel, decode_state_bytes, layer_letters
 
 
 def sample_token(logits: jax.Array, key: jax.Array, temperature: float, top_k: int,
@@ -74,6 +74,12 @@ def generate(model: LanguageModel, params, prompt: bytes, sample_cfg) -> Iterato
   """Yields ``sample_cfg.max_new_tokens`` byte values continuing ``prompt``."""
   if not prompt:
     raise ValueError("prompt must hold at least one byte")
+  cached = CACHED_MIXERS & set(layer_letters(model.config))
+  if cached and len(prompt) + sample_cfg.max_new_tokens > model.config.max_cache_length:
+    raise ValueError(f"a prompt of {len(prompt)} bytes plus max_new_tokens="
+                     f"{sample_cfg.max_new_tokens} does not fit the attention cache of "
+                     f"max_cache_length={model.config.max_cache_length} tokens; raise "
+                     "--model.max_cache_length or shorten the sample")
   prefill, step = make_decoder(model, sample_cfg)
   keys = jax.random.split(jax.random.key(sample_cfg.seed), sample_cfg.max_new_tokens)
   tokens = jnp.asarray(np.frombuffer(prompt, np.uint8).astype(np.int32))[None]
@@ -99,9 +105,11 @@ def print_sample(model: LanguageModel, params, sample_cfg, out=sys.stdout) -> st
     out.flush()
   # Token 0 comes from the prefill, token 1 from the first (compiling) step; time the rest.
   steady = (len(arrivals) - 2) / (arrivals[-1] - arrivals[1]) if len(arrivals) > 2 else float("nan")
+  in_use = decode_state_bytes(model.config, 1, len(prompt) + len(produced))
   out.write(f"\n--- prefill {len(prompt)} tokens: {arrivals[0] - start:.2f} s with compilation; "
             f"decode: {steady:.1f} tokens/s after compilation; decode state "
-            f"{decode_state_bytes(model.config, 1):,} bytes\n")
+            f"{decode_state_bytes(model.config, 1):,} bytes allocated, {in_use:,} bytes in use "
+            f"after {len(prompt) + len(produced)} tokens\n")
   return produced.decode("utf-8", errors="replace")
 
 

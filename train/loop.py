@@ -112,7 +112,9 @@ def train(config: Config) -> dict:
                   f"{len(recent_losses)})  "
                   + (f"eval {eval_loss:.4f}  " if "eval_loss" in metrics else "")
                   + f"grad_norm {metrics['grad_norm']:.3f}  lr {metrics['learning_rate']:.2e}  "
-                  f"{metrics['tokens_per_second']:,.0f} tok/s")
+                  + (f"moe max load {metrics['moe_max_load']:.2f}  "
+                     if "moe_max_load" in metrics else "")
+                  + f"{metrics['tokens_per_second']:,.0f} tok/s")
         recent_losses.clear()
       if done % tc.checkpoint_every == 0 or done == tc.steps:
         checkpointer.save(done, state, train_batches)
@@ -132,7 +134,7 @@ def load_for_inference(config: Config):
   if step is None:
     raise FileNotFoundError(f"train.workdir: no finished checkpoint under "
                             f"{config.train.workdir}/checkpoints; train first")
-  mesh = make_mesh((-1, 1, 1))
+  mesh = make_mesh((-1, 1, 1, 1))
   model = LanguageModel(config.model)
   trainer = make_trainer(model, make_optimizer(config.train), mesh, config.data.seq_len)
   state = checkpointer.restore(step, trainer.abstract_state)

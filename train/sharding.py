@@ -1,8 +1,9 @@
 """The device mesh and the rules that map logical axis names onto it.
 
 Mesh axes: ``data`` (pure data parallelism), ``fsdp`` (data parallelism with parameters and
-optimizer state sharded over it) and ``tensor`` (model parallelism over the mixers' inner
-width or heads, the MLP's hidden width and the vocabulary). The same code runs on one device,
+optimizer state sharded over it), ``expert`` (the experts of mixture-of-experts layers are
+divided over it; the rest of the model treats it as data parallelism) and ``tensor`` (model
+parallelism over the mixers' inner width or heads, the MLP's hidden width and the vocabulary). The same code runs on one device,
 one host of 8, or many hosts: ``jax.devices()`` spans every process once
 ``jax.distributed.initialize()`` has run.
 """
@@ -17,17 +18,18 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # Logical axis -> mesh axes (None: replicated). Rules are data, read by flax's logical helpers.
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("length", None),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
     ("inner", "tensor"),
     ("heads", "tensor"),
     ("mlp", "tensor"),
+    ("expert", "expert"),
     ("kv", None),
     ("state", None),
     ("conv", None),
@@ -72,5 +74,5 @@ def logical_sharding(tree, mesh: jax.sharding.Mesh):
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-  """[batch, time] arrays: batch over (data, fsdp), time replicated."""
-  return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
+  """[batch, time] arrays: batch over (data, fsdp, expert), time replicated."""
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp", "expert"), None))

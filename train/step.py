@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from models.moe import load_balance_stats, update_router_bias
 from train.sharding import LOGICAL_RULES, batch_sharding, logical_sharding
 
 
@@ -27,10 +28,15 @@ class TrainState:
   opt_state: Any
 
 
-def next_token_loss(model: nn.Module, params, tokens: jax.Array) -> jax.Array:
-  """Mean cross entropy of predicting tokens[:, 1:] from tokens[:, :-1]; tokens [batch, time+1]."""
-  logits, _ = model.apply({"params": params}, tokens[:, :-1])
-  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+def next_token_loss(model: nn.Module, params, tokens: jax.Array) -> tuple[jax.Array, Any]:
+  """Mean cross entropy of predicting tokens[:, 1:] from tokens[:, :-1]; tokens [batch, time+1].
+
+  Returns (loss, the values the layers sowed: the MoE layers' expert loads).
+  """
+  (logits, _), variables = model.apply({"params": params}, tokens[:, :-1],
+                                       mutable=["intermediates"])
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+  return loss, variables.get("intermediates", {})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +46,9 @@ class Trainer:
   Attributes:
     state_sharding: NamedShardings of the TrainState pytree.
     init: (rng) -> TrainState, created directly in its shardings.
-    train_step: (TrainState, tokens [batch, time+1] int32) -> (TrainState, metrics dict).
+    train_step: (TrainState, tokens [batch, time+1] int32) -> (TrainState, metrics dict): loss,
+      grad_norm, learning_rate and, with MoE layers, moe_max_load and moe_balance_loss. After
+      the optimizer update the MoE routers' correction biases move towards equal load.
     eval_loss: (params, tokens) -> scalar loss.
     abstract_state: the TrainState's ShapeDtypeStructs with shardings (for restoring).
   """
@@ -91,16 +99,18 @@ def make_trainer(model: nn.Module, optimizer: optax.GradientTransformation, mesh
     return nn.meta.unbox(init_boxed(rng))
 
   def train_step(state: TrainState, tokens):
-    loss, grads = jax.value_and_grad(lambda p: next_token_loss(model, p, tokens))(state.params)
+    (loss, sown), grads = jax.value_and_grad(
+        lambda p: next_token_loss(model, p, tokens), has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    params = update_router_bias(params, sown, model.config.moe_bias_update_rate)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **load_balance_stats(sown)}
     if learning_rate is not None:
       metrics["learning_rate"] = learning_rate(state.step)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   def eval_loss(params, tokens):
-    return next_token_loss(model, params, tokens)
+    return next_token_loss(model, params, tokens)[0]
 
   return Trainer(
       state_sharding=state_sharding,
