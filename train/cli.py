@@ -9,7 +9,7 @@ import jax
 
 from train.config import Config, ConfigError, apply_overrides, available_presets, load_preset
 
-DEFAULT_PRESET = "mamba_tiny"
+DEFAULT_PRESET = "kimi_linear_tiny"
 
 
 def describe(config: Config) -> str:
@@ -27,7 +27,7 @@ def parse_args(argv: list[str], prog: str) -> Config:
       prog=prog, allow_abbrev=False, description=f"Presets: {', '.join(available_presets())}. Override any field with "
       "--section.field=value (e.g. --train.steps=100); --print_config lists them.")
   parser.add_argument("--config", default=DEFAULT_PRESET,
-                      help="a preset name or a path such as configs/mamba_tiny.py")
+                      help="a preset name or a path such as configs/kimi_linear_tiny.py")
   parser.add_argument("--print_config", action="store_true", help="print the config and exit")
   parser.add_argument("--distributed", action="store_true",
                       help="join the other hosts with jax.distributed.initialize() (cluster "
