@@ -8,8 +8,9 @@ cumulative log decay G (per channel, float32). Three pieces are common:
   i <= r (or i < r), computed so that no cumulative gate is exponentiated unreferenced (SPEC 3.5):
   diagonal 16 x 16 sub-blocks use the exact elementwise exponent, off-diagonal sub-blocks
   (sub-chunk a after sub-chunk b) reference the first row n of sub-chunk a,
-  (x_a * exp(G_row_a - G_row_n)) (y_b * exp(G_row_n - G_col_b))^T. With G_row >= G_col for every
-  pair that is kept (a row gate later in time than the column gate) every exponent is <= 0.
+  (x_a * exp(G_row_a - G_row_n)) (y_b * exp(G_row_n - G_col_b))^T. Cumulative log decays only
+  fall with time, so when every kept pair has its row gate taken at or after its column gate
+  (G_row <= G_col) every exponent is <= 0.
 * ``unit_lower_inverse``: (I + A)^-1 for a strictly lower-triangular A by forward substitution.
 * ``chunk_scan``: chunking, padding, the packed-row masks and the rematerialised scan.
 

@@ -1,0 +1,499 @@
+"""Tests of ``ops.rwkv7`` against SPEC.md 2.5 (RWKV-7's diagonal-plus-low-rank state update).
+
+The ground truth is ``oracle`` below: SPEC 2.5 transcribed token by token in float64 NumPy in
+the official VALUE-MAJOR convention (state [V, K], the CUDA kernel's thread-row form
+``sa_i = sum_j a_j S_ij; S_ij <- S_ij w_j + k_j v_i + sa_i b_j; y_i = sum_j S_ij r_j``), so a
+transposition error in the op's key-major code (fla's layout) cannot cancel. Properties checked:
+
+* "reference" and "xla" (the chunkwise generalised delta rule) equal the oracle in output and
+  final state (transposed), and each other in output, final state and the gradients of r, w, k,
+  v, a, b and initial_state, over drawn lengths, dtypes, scales and packed rows;
+* strong decay (down to -20 per token) stays finite and correct, gradients included;
+* a fixed case equals the oracle compiled and op by op (chex variants); other chunk sizes too;
+* KDA is the special case w = g, b = k, a = -beta exp(g) k with the key beta k: ``rwkv7``
+  equals ``ops.kda.kda``;
+* ``rwkv7_step`` token by token, from the start or after a prefill, equals the full forward;
+* packed rows (``segment_ids``) equal each segment run alone;
+* malformed arguments raise a ``ValueError`` that names the argument.
+
+Inputs are RWKV-7's (SPEC 2.3): kappa L2-normalised per head, a_icl = sigmoid(N) in (0, 1),
+a = -kappa, b = kappa a_icl (a contractive transition), w = -0.6065306597126334 sigmoid(N) (the
+layer's range); "strong": in half of the (batch, head, key channel) lanes w = -U(0, 20).
+
+Tolerances (relative RMS error, tests/_numerics.py). A float32 result, value or gradient: 1e-5
+(measured over 48 cases of the drawn kind: o 3.6e-7, final state 7.9e-7 against the oracle,
+gradients at most 8.1e-7 (dw) between the forms). A bfloat16 result: 1e-2 (measured o 1.8e-3
+against the oracle, gradients 2.4e-4 (da) between the forms). Strong decay uses 3e-5; its reason
+is given where it is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ops.kda import kda
+from ops.rwkv7 import rwkv7, rwkv7_step
+from tests import _numerics as num
+
+TOL_F32, tolerance = num.TOL_F32, num.tolerance
+IMPLEMENTATIONS = ("reference", "xla")
+DIFFERENTIABLE = ("r", "w", "k", "v", "a", "b", "initial_state")
+TIME_MAJOR = ("r", "w", "k", "v", "a", "b", "segment_ids")  # the arguments with a time axis (1)
+LOG_DECAY_BOUND = -0.6065306597126334  # -exp(-1/2): RWKV-7's w = bound * sigmoid(.)
+
+
+# --- the float64 oracle (SPEC 2.5, value-major) -----------------------------------------------
+
+def oracle(r, w, k, v, a, b, scale=1.0, initial_state=None, segment_ids=None):
+  """SPEC 2.5 in float64 NumPy, one token at a time, in the official value-major layout.
+
+  Args:
+    r, w, k, a, b: [B, T, H, K] (w the log decay); v: [B, T, H, V].
+    initial_state: optional VALUE-MAJOR [B, H, V, K].
+    segment_ids: optional [B, T]; the state restarts from zero where the id changes.
+
+  Returns:
+    (o [B, T, H, V], final state VALUE-MAJOR [B, H, V, K]), both float64.
+  """
+  r, w, k, v, a, b = (num.to_f64(x) for x in (r, w, k, v, a, b))
+  batch, time, heads, key_dim = r.shape
+  value_dim = v.shape[-1]
+  state = (np.zeros((batch, heads, value_dim, key_dim)) if initial_state is None
+           else num.to_f64(initial_state).copy())  # state[..., i, j]: value i, key j
+  o = np.zeros((batch, time, heads, value_dim))
+  ids = None if segment_ids is None else np.asarray(segment_ids)
+  for t in range(time):
+    if ids is not None and t > 0:
+      state = np.where((ids[:, t] != ids[:, t - 1])[:, None, None, None], 0.0, state)
+    row = lambda x: x[:, t, :, None, :]  # a key vector along j, broadcast over rows i
+    column = lambda x: x[:, t, :, :, None]  # a value vector along i
+    sa = np.einsum("bhij,bhj->bhi", state, a[:, t])  # uses the old state
+    state = state * np.exp(row(w)) + column(v) * row(k) + sa[..., None] * row(b)
+    o[:, t] = np.einsum("bhij,bhj->bhi", state, scale * r[:, t])  # read after the update
+  return o, state
+
+
+def key_major(state: np.ndarray) -> np.ndarray:
+  """The oracle's value-major state [.., V, K] in the op's key-major layout [.., K, V]."""
+  return np.swapaxes(state, -1, -2)
+
+
+def test_oracle_matches_closed_form():
+  """The oracle itself, K = V = 1: S_t = S_{t-1} (exp(w) + a b) + k v, o_t = scale r S_t.
+  With w = log(1/2), a = -1, b = 1/4, k = 1, v = (1, 2), S_0 = 4: S = 1 + 1 = 2, then
+  1/2 + 2 = 5/2."""
+  ones = np.ones((1, 2, 1, 1))
+  o, state = oracle(3.0 * ones, np.log(0.5) * ones, ones, np.array([1.0, 2.0]).reshape(ones.shape),
+                    -ones, 0.25 * ones, scale=0.5, initial_state=np.full((1, 1, 1, 1), 4.0))
+  np.testing.assert_allclose(o.ravel(), [1.5 * 2.0, 1.5 * 2.5])
+  np.testing.assert_allclose(state.ravel(), [2.5])
+
+
+def test_oracle_layout_is_the_transpose_of_fla():
+  """One token of the value-major oracle equals fla's key-major matrix form (SPEC 2.5)
+  ``S_t = diag(exp(w)) S + b (a^T S) + k v^T``, ``o = S_t^T r`` with K != V."""
+  rng = np.random.default_rng(0)
+  r, w, k, a, b = rng.normal(size=(5, 1, 1, 1, 3))
+  w = -np.abs(w)
+  v = rng.normal(size=(1, 1, 1, 2))
+  S = rng.normal(size=(3, 2))  # key-major
+  o, state = oracle(r, w, k, v, a, b, initial_state=S.T[None, None])
+  x = lambda z: z[0, 0, 0]
+  expected = np.diag(np.exp(x(w))) @ S + np.outer(x(b), x(a) @ S) + np.outer(x(k), x(v))
+  np.testing.assert_allclose(key_major(state)[0, 0], expected, rtol=1e-12)
+  np.testing.assert_allclose(o[0, 0, 0], expected.T @ x(r), rtol=1e-12)
+
+
+# --- problem cases ----------------------------------------------------------------------------
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+  return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One problem: shapes, the inputs' dtype, options, the gate's distribution and the seed.
+
+  Gates (log space): "rwkv7": ``-0.6065 sigmoid(N(0, 1))``; "strong": the same, but in half of
+  the (batch, head, key channel) lanes ``-U(0, 20)`` at every token (a cumulative gate down to
+  about -640 within a chunk of 64). ``segments``: "none" (no segment_ids), "one" (segment_ids
+  of one segment, all zero) or "packed" (random packed-row ids, up to 6 segments a row, so
+  several can share a chunk).
+  """
+
+  batch: int = 2
+  time: int = 70
+  heads: int = 2
+  key_dim: int = 16
+  value_dim: int = 32
+  dtype: str = "float32"
+  gate: str = "rwkv7"
+  scale: float = 1.0
+  with_initial_state: bool = True
+  segments: str = "none"
+  seed: int = 0
+
+  def gates(self, rng: np.random.Generator) -> np.ndarray:
+    shape = (self.batch, self.time, self.heads, self.key_dim)
+    w = LOG_DECAY_BOUND * _sigmoid(rng.normal(size=shape))
+    if self.gate == "strong":
+      lanes = rng.random((self.batch, 1, self.heads, self.key_dim)) < 0.5
+      w = np.where(lanes, -rng.uniform(0.0, 20.0, shape), w)
+    else:
+      assert self.gate == "rwkv7", self.gate
+    return w
+
+  def arrays(self) -> dict:
+    """The array arguments of ``rwkv7`` (initial_state and segment_ids as switched on)."""
+    rng = np.random.default_rng(self.seed)
+    shape = (self.batch, self.time, self.heads, self.key_dim)
+    kappa = rng.normal(size=shape)
+    kappa /= np.linalg.norm(kappa, axis=-1, keepdims=True)
+    a_icl = _sigmoid(rng.normal(size=shape))
+    as_dtype = lambda x: jnp.asarray(x, self.dtype)
+    arrays = dict(
+        r=num.normal(rng, shape, self.dtype), w=as_dtype(self.gates(rng)),
+        k=num.normal(rng, shape, self.dtype, scale=self.key_dim ** -0.5),
+        v=num.normal(rng, shape[:-1] + (self.value_dim,), self.dtype),
+        a=as_dtype(-kappa), b=as_dtype(kappa * a_icl),
+        initial_state=num.normal(rng, (self.batch, self.heads, self.key_dim, self.value_dim)))
+    if not self.with_initial_state:
+      del arrays["initial_state"]
+    if self.segments == "packed":
+      arrays["segment_ids"] = num.random_segment_ids(rng, self.batch, self.time, max_segments=6)
+    elif self.segments == "one":
+      arrays["segment_ids"] = jnp.zeros((self.batch, self.time), jnp.int32)
+    else:
+      assert self.segments == "none", self.segments
+    return arrays
+
+  def cotangents(self):
+    """Random cotangents for (o [v's dtype], final_state [float32])."""
+    rng = np.random.default_rng(self.seed + 1)
+    return (num.normal(rng, (self.batch, self.time, self.heads, self.value_dim), self.dtype),
+            num.normal(rng, (self.batch, self.heads, self.key_dim, self.value_dim)))
+
+
+def case_oracle(case: Case, arrays: dict):
+  """The oracle on a case's arrays, with the states moved between the two layouts: returns
+  (o, final state KEY-MAJOR [B, H, K, V])."""
+  arrays = dict(arrays)
+  if "initial_state" in arrays:
+    arrays["initial_state"] = key_major(num.to_f64(arrays["initial_state"]))
+  o, state = oracle(**arrays, scale=case.scale)
+  return o, key_major(state)
+
+
+def _check_against_oracle(case: Case, arrays: dict, o, final_state, name: str = "") -> None:
+  ref_o, ref_state = case_oracle(case, arrays)
+  assert o.dtype == jnp.dtype(case.dtype), o.dtype
+  assert final_state.dtype == jnp.float32, final_state.dtype
+  num.assert_close(ref_o, o, tolerance(o), f"o vs oracle {name}")
+  num.assert_close(ref_state, final_state, TOL_F32, f"final_state vs oracle {name}")
+
+
+# --- jitted runners (module level, so equal shapes reuse the compilation) ---------------------
+
+# The tests compile many small programs; LLVM's optimisations take about half of each
+# compilation on CPU and change nothing the tests check (as in tests/test_attention.py).
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+_STATIC = ("implementation", "scale", "chunk_size")
+
+
+def _run(arrays, *, implementation, scale=1.0, chunk_size=64):
+  """(o, final_state) of ``rwkv7``."""
+  return rwkv7(**arrays, scale=scale, return_final_state=True, implementation=implementation,
+               chunk_size=chunk_size)
+
+
+_forward = functools.partial(jit, static_argnames=_STATIC)(_run)
+
+
+@functools.partial(jit, static_argnames=_STATIC)
+def _forward_and_vjp(arrays, cotangents, **static):
+  """((o, final_state), gradients of every float array) for the cotangents of both outputs."""
+  return num.vjp_of(lambda x: _run(x, **static), arrays, cotangents, DIFFERENTIABLE)
+
+
+def _run_both(case: Case, arrays: dict) -> dict:
+  """{implementation: ((o, final_state), gradients)} for the case's cotangents."""
+  return {implementation: _forward_and_vjp(arrays, case.cotangents(),
+                                           implementation=implementation, scale=case.scale)
+          for implementation in IMPLEMENTATIONS}
+
+
+# --- the forms equal the oracle and each other, gradients included ----------------------------
+
+# Lengths below and past the chunk of 64, none a multiple of it (1 token included).
+RWKV7_SEQ_LENGTHS = (1, 7, 17, 63, 65, 100)
+
+
+@st.composite
+def cases(draw) -> Case:
+  """Drawn lengths, dtypes, scales, packed rows and seeds, with RWKV-7's gates. The shapes and
+  the argument structure stay fixed (an initial state and segment ids always given), so that
+  the drawn cases share a few compilations; the None paths are the fixed cases' below."""
+  return Case(time=draw(st.sampled_from(RWKV7_SEQ_LENGTHS)), dtype=draw(num.float_dtypes()),
+              scale=draw(st.sampled_from((1.0, 0.5))),
+              segments=draw(st.sampled_from(("one", "packed"))), seed=draw(num.seeds()))
+
+
+@given(case=cases())
+def test_forms_match_oracle_and_each_other(case):
+  arrays = case.arrays()
+  results = _run_both(case, arrays)
+  for implementation, ((o, final_state), _) in results.items():
+    _check_against_oracle(case, arrays, o, final_state, implementation)
+  num.assert_forms_agree(results.get, arrays, DIFFERENTIABLE, "xla", output="o")
+
+
+# Float32 error of the chunked form under strong decay: 3e-5 (KDA's bound, tests/test_kda.py).
+# Within a chunk the cumulative gate falls to about -640 in the strong lanes; the pair weights
+# exp(G_r - G_i) of nearby tokens are built from such numbers, whose float32 spacing (6e-5 at
+# 640) becomes a relative error of the weight. The token-by-token recurrence never forms them.
+# Measured at most 6e-6 (o, dv) over 24 seeds, against 8e-7 with RWKV-7's gates. A form that
+# exponentiated an unreferenced cumulative gate would overflow to inf or nan and fail.
+TOL_STRONG_DECAY = 3e-5
+
+
+@pytest.mark.parametrize("seed", [10, 11])
+def test_strong_decay_is_finite_and_correct(seed):
+  """Half of the lanes decay by up to exp(-20) per token: both forms stay finite and equal the
+  oracle and each other, gradients included."""
+  case = Case(time=100, gate="strong", segments="one", seed=seed)
+  arrays = case.arrays()
+  assert float(arrays["w"].min()) < -19.5  # the decay is as strong as stated
+  results = _run_both(case, arrays)
+  oracle_o, oracle_state = case_oracle(case, arrays)
+  for implementation, ((o, final_state), _) in results.items():
+    num.assert_close(oracle_o, o, TOL_STRONG_DECAY, f"o ({implementation}) vs oracle")
+    num.assert_close(oracle_state, final_state, TOL_STRONG_DECAY,
+                     f"final_state ({implementation}) vs oracle")
+  ref_grads, grads = results["reference"][1], results["xla"][1]
+  for name, grad in grads.items():
+    num.assert_close(ref_grads[name], grad, TOL_STRONG_DECAY, f"d{name}")
+
+
+def test_chunk_sizes_without_segments():
+  """No segment_ids (the None path) at other chunk sizes: full chunks of 16 or 64 tokens and a
+  part, or one partial chunk of 128."""
+  case = Case(seed=1)
+  arrays = case.arrays()
+  ref = _forward(arrays, implementation="reference")
+  _check_against_oracle(case, arrays, *ref)
+  for chunk_size in (16, 64, 128):
+    o, final_state = _forward(arrays, implementation="xla", chunk_size=chunk_size)
+    num.assert_close(ref[0], o, TOL_F32, f"o (chunk_size {chunk_size})")
+    num.assert_close(ref[1], final_state, TOL_F32, f"final_state (chunk_size {chunk_size})")
+
+
+# Packed rows without an initial state (its None path), past one chunk.
+FIXED_CASE = Case(scale=0.5, segments="packed", with_initial_state=False, seed=3)
+
+
+class OracleTest(chex.TestCase):
+  """A fixed case against the oracle, run compiled and op by op (chex variants)."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*IMPLEMENTATIONS)
+  def test_fixed_case(self, implementation):
+    run = self.variant(functools.partial(rwkv7, scale=FIXED_CASE.scale, return_final_state=True,
+                                         implementation=implementation))
+    arrays = FIXED_CASE.arrays()
+    _check_against_oracle(FIXED_CASE, arrays, *run(**arrays))
+
+
+@pytest.mark.parametrize("implementation", (None,) + IMPLEMENTATIONS)
+def test_without_final_state_returns_none(implementation):
+  """``return_final_state=False`` gives ``(o, None)``; ``implementation=None`` runs too."""
+  case = FIXED_CASE
+  arrays = case.arrays()
+  o, final_state = rwkv7(**arrays, scale=case.scale, implementation=implementation)
+  assert final_state is None
+  num.assert_close(case_oracle(case, arrays)[0], o, TOL_F32, "o")
+
+
+# --- KDA as a special case --------------------------------------------------------------------
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_kda_is_a_special_case(implementation):
+  """KDA, ``S_t = (I - beta k k^T) diag(exp g) S_{t-1} + beta k v^T``, expands to
+  ``diag(exp g) S_{t-1} + k ((-beta exp(g) k)^T S_{t-1}) + (beta k) v^T``: RWKV-7 with w = g,
+  b = k, a = -beta exp(g) k and key beta k (KDA's low-rank term reads the decayed state,
+  RWKV-7's the undecayed one, hence exp(g) in a). Same query scale, no in-kernel norm."""
+  case = Case(segments="packed", seed=5)
+  arrays = case.arrays()
+  rng = np.random.default_rng(6)
+  k = arrays["b"] / jnp.linalg.norm(arrays["b"], axis=-1, keepdims=True)  # unit keys
+  beta = num.uniform(rng, k.shape[:-1], 0.0, 1.0)
+  g = arrays["w"]
+  shared = {n: arrays[n] for n in ("v", "initial_state", "segment_ids")}
+  ref_o, ref_state = kda(q=arrays["r"], k=k, g=g, beta=beta, scale=0.5, return_final_state=True,
+                         implementation="reference", **shared)
+  write = beta[..., None] * k
+  o, final_state = rwkv7(r=arrays["r"], w=g, k=write, a=-jnp.exp(g) * write, b=k, scale=0.5,
+                         return_final_state=True, implementation=implementation, **shared)
+  num.assert_close(ref_o, o, TOL_F32, "o vs kda")
+  num.assert_close(ref_state, final_state, TOL_F32, "final_state vs kda")
+
+
+# --- decoding token by token ------------------------------------------------------------------
+
+_step = jax.jit(rwkv7_step, static_argnames=("scale",))
+
+
+@pytest.mark.parametrize("implementation, prefill, dtype", [
+    ("reference", 0, "float32"), ("xla", 0, "bfloat16"), ("reference", 65, "bfloat16"),
+    ("xla", 65, "float32")])
+def test_prefill_then_steps_equals_full(implementation, prefill, dtype):
+  """``rwkv7`` over the first ``prefill`` tokens, then ``rwkv7_step`` token by token, equals
+  the full forward (from an initial state)."""
+  case = Case(dtype=dtype, scale=0.5, seed=7)
+  arrays = case.arrays()
+  o, final_state = _forward(arrays, implementation=implementation, scale=case.scale)
+  state = arrays["initial_state"]
+  if prefill:
+    head = {n: x[:, :prefill] if n in TIME_MAJOR else x for n, x in arrays.items()}
+    o_head, state = _forward(head, implementation=implementation, scale=case.scale)
+    num.assert_close(o[:, :prefill], o_head, tolerance(o_head), "o of the prefill")
+  for t in range(prefill, case.time):
+    token = {n: x[:, t] for n, x in arrays.items() if n in TIME_MAJOR}
+    o_t, state = _step(**token, state=state, scale=case.scale)
+    assert o_t.dtype == o.dtype and state.dtype == jnp.float32
+    num.assert_close(o[:, t], o_t, tolerance(o_t), f"o[{t}]")
+  num.assert_close(final_state, state, TOL_F32, "final_state")
+
+
+def test_step_without_state_starts_from_zero():
+  case = Case(batch=1, time=1, with_initial_state=False, seed=8)
+  arrays = case.arrays()
+  ref_o, ref_state = case_oracle(case, arrays)
+  o, state = rwkv7_step(**{n: x[:, 0] for n, x in arrays.items()})
+  assert state.shape == ref_state.shape and state.dtype == jnp.float32
+  num.assert_close(ref_o[:, 0], o, TOL_F32, "o")
+  num.assert_close(ref_state, state, TOL_F32, "state")
+
+
+# --- packed sequences -------------------------------------------------------------------------
+
+# Per row: segment labels and lengths (70 tokens). A reset is any change of id, not only
+# upward; boundaries fall exactly on the chunk edge t = 64 and beside it (t = 63, t = 65).
+PACKED_ROWS = (((7, 64), (3, 1), (7, 5)), ((2, 63), (5, 2), (1, 5)))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_segments_equal_separate_runs(implementation):
+  """Packed rows equal each segment run alone (the oracle per segment): the first segment from
+  the row's initial state, the others from zero; the final state is the last segment's."""
+  ids = jnp.asarray([np.repeat(*zip(*row)) for row in PACKED_ROWS], jnp.int32)
+  case = Case(seed=9)
+  arrays = {**case.arrays(), "segment_ids": ids}
+  o, final_state = _forward(arrays, implementation=implementation)
+  for b, row_bounds in enumerate(num.segment_bounds(ids)):
+    state = arrays["initial_state"][b:b + 1]
+    for i, (start, stop) in enumerate(row_bounds):
+      piece = {n: x[b:b + 1, start:stop] for n, x in arrays.items() if n in TIME_MAJOR[:-1]}
+      if i == 0:
+        piece["initial_state"] = state
+      seg_o, state = case_oracle(case, piece)
+      num.assert_close(seg_o, o[b:b + 1, start:stop], TOL_F32, f"o row {b} segment {i}")
+    num.assert_close(state, final_state[b:b + 1], TOL_F32, f"final_state row {b}")
+
+
+# --- malformed arguments ----------------------------------------------------------------------
+
+def _valid_arguments() -> dict:
+  """Well-formed arguments: batch 2, time 5, 2 heads, K = 16, V = 32."""
+  return Case(time=5).arrays()
+
+
+def _replace(name: str, make):
+  """A change of the valid arguments that sets ``name`` to ``make(old value)``."""
+  return lambda args: {**args, name: make(args[name])}
+
+
+def _grow(axis: int):
+  """A change that lengthens ``axis`` by one (repeating its first entry)."""
+  return lambda x: jnp.concatenate([x, jnp.take(x, jnp.array([0]), axis)], axis)
+
+
+BAD_ARGUMENTS = {  # id: (change, regex the message must match)
+    "r_rank": (_replace("r", lambda x: x[0]), r"\br\b"),
+    "r_integer": (_replace("r", lambda x: x.astype(jnp.int32)), r"\br\b"),
+    "w_key_dim": (_replace("w", _grow(3)), r"\bw\b"),
+    "k_heads": (_replace("k", _grow(2)), r"\bk\b"),
+    "a_time": (_replace("a", _grow(1)), r"\ba\b"),
+    "b_batch": (_replace("b", _grow(0)), r"\bb\b"),
+    "v_time": (_replace("v", _grow(1)), r"\bv\b"),
+    "v_heads": (_replace("v", _grow(2)), r"\bv\b"),
+    "v_rank": (_replace("v", lambda x: x[0]), r"\bv\b"),
+    "w_positive": (_replace("w", lambda x: x.at[1, 2, 1, 4].set(0.25)), r"\bw\b"),
+    "initial_state_bfloat16": (_replace("initial_state", lambda x: x.astype(jnp.bfloat16)),
+                               r"\binitial_state\b"),
+    "initial_state_value_dim": (_replace("initial_state", _grow(3)), r"\binitial_state\b"),
+    "initial_state_key_dim": (_replace("initial_state", _grow(2)), r"\binitial_state\b"),
+    "initial_state_batch": (_replace("initial_state", _grow(0)), r"\binitial_state\b"),
+    "initial_state_rank": (_replace("initial_state", lambda x: x[0]), r"\binitial_state\b"),
+    "segment_ids_shape": (lambda a: {**a, "segment_ids": jnp.zeros((2, 6), jnp.int32)},
+                          r"\bsegment_ids\b"),
+    "unknown_implementation": (lambda a: {**a, "implementation": "cuda"}, r"\bimplementation\b"),
+    "chunk_size_zero": (lambda a: {**a, "chunk_size": 0}, r"\bchunk_size\b"),
+    "chunk_size_not_multiple": (lambda a: {**a, "chunk_size": 24}, r"\bchunk_size\b"),
+    "chunk_size_negative": (lambda a: {**a, "chunk_size": -16}, r"\bchunk_size\b"),
+}
+
+
+@pytest.mark.parametrize("change, pattern", BAD_ARGUMENTS.values(), ids=BAD_ARGUMENTS.keys())
+def test_bad_argument_raises(change, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    rwkv7(**change(_valid_arguments()))
+
+
+def test_unknown_implementation_names_the_choices():
+  with pytest.raises(ValueError, match=r"implementation") as info:
+    rwkv7(**_valid_arguments(), implementation="cuda")
+  for allowed in IMPLEMENTATIONS:
+    assert allowed in str(info.value), str(info.value)
+
+
+def test_positive_decay_is_not_checked_under_jit():
+  """Under jit w is abstract: no value check (and no error) there."""
+  args = _valid_arguments()
+  args["w"] = args["w"].at[0, 0, 0, 0].set(0.25)
+  o, _ = jax.jit(lambda x: rwkv7(**x, implementation="reference"))(args)
+  assert o.shape == args["v"].shape
+
+
+def _valid_step_arguments() -> dict:
+  """Well-formed ``rwkv7_step`` arguments: one token of ``_valid_arguments``."""
+  args = _valid_arguments()
+  args["state"] = args.pop("initial_state")
+  return {n: x[:, 0] if n in TIME_MAJOR else x for n, x in args.items()}
+
+
+BAD_STEP_ARGUMENTS = {
+    "state_value_dim": (_replace("state", _grow(3)), r"\bstate\b"),
+    "state_batch": (_replace("state", _grow(0)), r"\bstate\b"),
+    "state_bfloat16": (_replace("state", lambda x: x.astype(jnp.bfloat16)), r"\bstate\b"),
+    "r_rank": (_replace("r", lambda x: x[:, None]), r"\br\b"),
+    "a_key_dim": (_replace("a", _grow(2)), r"\ba\b"),
+    "v_heads": (_replace("v", _grow(1)), r"\bv\b"),
+    "w_positive": (_replace("w", lambda x: x.at[0, 1, 2].set(0.5)), r"\bw\b"),
+}
+
+
+@pytest.mark.parametrize("change, pattern", BAD_STEP_ARGUMENTS.values(),
+                         ids=BAD_STEP_ARGUMENTS.keys())
+def test_bad_step_argument_raises(change, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    rwkv7_step(**change(_valid_step_arguments()))
