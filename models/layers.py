@@ -1,5 +1,5 @@
 """Building blocks shared by the mixers: logically partitioned parameters, initialisers, Dense,
-RMSNorm.
+RMSNorm, LayerNorm.
 
 Logical axis names used on parameters and activations (``train.sharding`` maps them to the mesh):
   batch, length      activations' leading axes
@@ -99,3 +99,22 @@ class RMSNorm(nn.Module):
     x = x.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
     return (x * scale).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """(x - mean) / sqrt(var + eps) * scale + bias over the last axis, in float32, returned in
+  ``dtype`` (RWKV's block norms)."""
+
+  eps: float = 1e-5
+  axis_name: str = "embed"
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = param(self, "scale", nn.initializers.ones, (x.shape[-1],), (self.axis_name,))
+    bias = param(self, "bias", nn.initializers.zeros, (x.shape[-1],), (self.axis_name,))
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    x = (x - mean) * jax.lax.rsqrt(jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+                                   + self.eps)
+    return (x * scale + bias).astype(self.dtype)

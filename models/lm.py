@@ -6,6 +6,8 @@ Each letter of ``config.layer_pattern`` (tiled to ``config.num_layers``) names a
   K  Kimi Delta Attention (models.kda.KDAMixer)
   M  multi-head latent attention (models.mla.MLAMixer)
   A  softmax attention, multi-head or grouped-query, with RoPE (models.attention.AttentionMixer)
+  F  RWKV-6 (Finch) time mixing (models.rwkv6.RWKV6TimeMix)
+  R  RWKV-7 (Goose) time mixing (models.rwkv7.RWKV7TimeMix)
 
 A pattern as long as the model gives every layer explicitly, e.g. Kimi-Linear's 27 layers
 ``"KKKM" * 6 + "KKM"`` (MLA at 0-indexed layers 3, 7, ..., 23, 26; SPEC 5).
@@ -28,14 +30,19 @@ import jax.numpy as jnp
 
 from models.attention import AttentionMixer
 from models.kda import KDAMixer
-from models.layers import Dense, RMSNorm
+from models.layers import Dense, LayerNorm, RMSNorm
 from models.mamba import MambaMixer
 from models.mla import MLAMixer
 from models.mlp import SwiGLU
 from models.moe import MoE
+from models.rwkv6 import RWKV6ChannelMix, RWKV6TimeMix
+from models.rwkv7 import RWKV7ChannelMix, RWKV7TimeMix
 
-MIXERS = {"S": MambaMixer, "K": KDAMixer, "M": MLAMixer, "A": AttentionMixer}
-MLPS = {"none": None, "swiglu": SwiGLU, "moe": MoE}
+MIXERS = {"S": MambaMixer, "K": KDAMixer, "M": MLAMixer, "A": AttentionMixer, "F": RWKV6TimeMix,
+          "R": RWKV7TimeMix}
+MLPS = {"none": None, "swiglu": SwiGLU, "moe": MoE, "rwkv6_channel_mix": RWKV6ChannelMix,
+        "rwkv7_channel_mix": RWKV7ChannelMix}
+NORMS = {"rms": RMSNorm, "layer": LayerNorm}
 
 
 def layer_letters(config) -> str:
@@ -63,9 +70,18 @@ def layer_mlps(config) -> tuple[str, ...]:
                for i in range(config.num_layers))
 
 
-def init_decode_state(config, batch_size: int) -> tuple[Any, ...]:
-  """A zero decode state: one pytree per layer, as the model returns and consumes it."""
-  return tuple(MIXERS[letter].initial_state(config, batch_size) for letter in layer_letters(config))
+def _mlp_state(mlp: str, config, batch_size: int):
+  """The decode state of a stateful MLP (RWKV's channel mixing keeps the previous token)."""
+  module = MLPS[mlp]
+  return module.initial_state(config, batch_size) if hasattr(module, "initial_state") else None
+
+
+def init_decode_state(config, batch_size: int) -> tuple[dict[str, Any], ...]:
+  """A zero decode state, as the model returns and consumes it: one ``{"mixer": ..., "mlp":
+  ...}`` per layer ("mlp" is None unless the MLP carries a token shift)."""
+  return tuple({"mixer": MIXERS[letter].initial_state(config, batch_size),
+                "mlp": _mlp_state(mlp, config, batch_size)}
+               for letter, mlp in zip(layer_letters(config), layer_mlps(config)))
 
 
 CACHED_MIXERS = frozenset("MA")  # Their state is caches [batch, max_cache_length, ...] + position.
@@ -81,12 +97,13 @@ def decode_state_bytes(config, batch_size: int, context_length: int | None = Non
   nbytes = lambda x: x.size * x.dtype.itemsize
   total = 0
   for letter, state in zip(layer_letters(config), shapes):
+    total += sum(nbytes(x) for x in jax.tree.leaves(state["mlp"]))
     if letter in CACHED_MIXERS and context_length is not None:
       used = min(context_length, config.max_cache_length)
       total += sum(nbytes(x) // config.max_cache_length * used if name != "position"
-                   else nbytes(x) for name, x in state.items())
+                   else nbytes(x) for name, x in state["mixer"].items())
     else:
-      total += sum(nbytes(x) for x in jax.tree.leaves(state))
+      total += sum(nbytes(x) for x in jax.tree.leaves(state["mixer"]))
   return total
 
 
@@ -111,30 +128,65 @@ def parameter_counts(config) -> tuple[int, int]:
   return total, total - inactive
 
 
+def _takes(module_class, field: str) -> bool:
+  """Whether a Flax module class declares the attribute ``field``."""
+  return field in getattr(module_class, "__dataclass_fields__", {})
+
+
+def make_norm(config, name: str) -> nn.Module:
+  """The model's block norm: RMSNorm, or LayerNorm (RWKV) when ``config.norm == "layer"``."""
+  if config.norm not in NORMS:
+    raise ValueError(f"norm must be one of {sorted(NORMS)}, got {config.norm!r}")
+  return NORMS[config.norm](config.norm_eps, dtype=jnp.dtype(config.dtype), name=name)
+
+
 class Block(nn.Module):
-  """``x += mixer(RMSNorm(x))``, then ``x += MLP(RMSNorm(x))`` unless ``mlp`` is "none"."""
+  """``x += mixer(Norm(x))``, then ``x += MLP(Norm(x))`` unless ``mlp`` is "none".
+
+  Mixers and MLPs that declare ``layer_index`` get it (RWKV's depth-dependent initialisation);
+  MLPs with an ``initial_state`` carry a decode state (RWKV's channel-mixing token shift);
+  mixers with ``VALUE_RESIDUAL`` read and return the first such layer's values (RWKV-7's
+  value residual).
+  """
 
   config: Any
   letter: str
   mlp: str
   num_layers: int
+  layer_index: int
+
+  def _build(self, module_class, name: str) -> nn.Module:
+    extra = {"layer_index": self.layer_index} if _takes(module_class, "layer_index") else {}
+    return module_class(self.config, self.num_layers, name=name, **extra)
 
   @nn.compact
-  def __call__(self, x, state=None, segment_ids=None):
+  def __call__(self, x, state=None, segment_ids=None, v_first=None):
     cfg = self.config
-    norm = lambda name: RMSNorm(cfg.norm_eps, dtype=jnp.dtype(cfg.dtype), name=name)
     constrain = lambda a: nn.with_logical_constraint(a, ("batch", "length", "embed"))
-    y, state = MIXERS[self.letter](cfg, self.num_layers, name="mixer")(norm("norm")(x), state,
-                                                                       segment_ids)
+    mixer_class, mlp_class = MIXERS[self.letter], MLPS[self.mlp]
+    mixer = self._build(mixer_class, "mixer")
+    h = make_norm(cfg, "norm")(x)
+    mixer_state = None if state is None else state["mixer"]
+    if getattr(mixer_class, "VALUE_RESIDUAL", False):
+      y, mixer_state, v_first = mixer(h, mixer_state, segment_ids, v_first=v_first)
+    else:
+      y, mixer_state = mixer(h, mixer_state, segment_ids)
     x = constrain(x + y.astype(jnp.float32))
-    if MLPS[self.mlp] is not None:
-      y = MLPS[self.mlp](cfg, self.num_layers, name="mlp")(norm("mlp_norm")(x))
+    mlp_state = None
+    if mlp_class is not None:
+      mlp = self._build(mlp_class, "mlp")
+      h = make_norm(cfg, "mlp_norm")(x)
+      if hasattr(mlp_class, "initial_state"):
+        y, mlp_state = mlp(h, None if state is None else state["mlp"], segment_ids)
+      else:
+        y = mlp(h)
       x = constrain(x + y.astype(jnp.float32))
-    return x, state
+    return x, {"mixer": mixer_state, "mlp": mlp_state}, v_first
 
 
 class LanguageModel(nn.Module):
-  """Embedding, blocks from the layer pattern, final RMSNorm, output head.
+  """Embedding (then a norm when ``embedding_norm``, RWKV's ln0), blocks from the layer
+  pattern, final norm, output head.
 
   Call: tokens [batch, time] int32 -> (logits [batch, time, vocab] float32, state).
   """
@@ -155,13 +207,15 @@ class LanguageModel(nn.Module):
                                                     ("vocab", "embed")),
         dtype=jnp.dtype(cfg.dtype), name="embed")
     x = embed(tokens).astype(jnp.float32)
+    if cfg.embedding_norm:
+      x = make_norm(cfg, "embedding_norm")(x).astype(jnp.float32)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    new_state = []
+    new_state, v_first = [], None
     for i, (letter, mlp) in enumerate(zip(letters, mlps)):
-      x, layer_state = Block(cfg, letter, mlp, len(letters), name=f"layer_{i}")(
-          x, None if state is None else state[i], segment_ids)
+      x, layer_state, v_first = Block(cfg, letter, mlp, len(letters), i, name=f"layer_{i}")(
+          x, None if state is None else state[i], segment_ids, v_first)
       new_state.append(layer_state)
-    h = RMSNorm(cfg.norm_eps, dtype=jnp.dtype(cfg.dtype), name="final_norm")(x)
+    h = make_norm(cfg, "final_norm")(x)
     if cfg.tie_embeddings:
       logits = embed.attend(h)
     else:

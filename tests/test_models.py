@@ -27,7 +27,9 @@ TINY = ModelConfig(vocab_size=64, d_model=16, num_layers=2, d_state=4, expand=2,
                    attn_head_dim=8, rope_yarn_factor=4.0, rope_original_max_length=8,
                    mla_num_heads=2, mla_q_lora_rank=12, mla_kv_lora_rank=10,
                    mla_qk_nope_head_dim=6, mla_qk_rope_head_dim=4, mla_v_head_dim=5,
-                   mla_use_rope=True, moe_num_experts=4, moe_top_k=2, moe_d_ff=8)
+                   mla_use_rope=True, moe_num_experts=4, moe_top_k=2, moe_d_ff=8,
+                   rwkv_head_size=8, rwkv_ffn_dim=24, rwkv_mix_lora=4, rwkv_decay_lora=4,
+                   rwkv_a_lora=4, rwkv_value_lora=4, rwkv_gate_lora=4, rwkv_chunk_size=16)
 # The Kimi-Linear hybrid in small: KDA, KDA, NoPE MLA; dense first layer, MoE after.
 HYBRID = dataclasses.replace(TINY, num_layers=3, layer_pattern="KKM", mla_use_rope=False,
                              mlp="moe", first_k_dense=1)
@@ -38,7 +40,17 @@ LM_CONFIGS = {
     "gqa_swiglu": dataclasses.replace(TINY, layer_pattern="A", mlp="swiglu"),
     "mla_rope": dataclasses.replace(TINY, layer_pattern="M"),
     "hybrid": HYBRID,
+    "rwkv6": dataclasses.replace(TINY, layer_pattern="F", mlp="rwkv6_channel_mix", norm="layer",
+                                 embedding_norm=True, tie_embeddings=False),
+    # Two layers: the second mixes in the first's values (RWKV-7's value residual).
+    "rwkv7": dataclasses.replace(TINY, layer_pattern="R", mlp="rwkv7_channel_mix", norm="layer",
+                                 embedding_norm=True, tie_embeddings=False),
 }
+
+
+def _apply_mixer(mixer, params, x, state=None, segment_ids=None):
+  """(y, state) of any mixer; RWKV-7's also returns its values for later layers (dropped)."""
+  return mixer.apply(params, x, state, segment_ids)[:2]
 
 
 def _tokens(key, batch, time, vocab):
@@ -46,21 +58,21 @@ def _tokens(key, batch, time, vocab):
 
 
 @pytest.mark.parametrize("letter", sorted(MIXERS))
-@settings(max_examples=5)  # Eager decoding is slow; the LM tests decode every mixer again.
+@settings(max_examples=3)  # Eager decoding is slow; the LM tests decode every mixer again.
 @given(split=st.integers(0, 11), seed=st.integers(0, 2**16))
 def test_mixer_step_by_step_equals_sequence(letter, split, seed):
   """Run a prefix as a sequence, the rest one token at a time: same outputs and state."""
   mixer = MIXERS[letter](TINY)
   x = jax.random.normal(jax.random.key(seed), (2, 12, TINY.d_model))
   params = mixer.init(jax.random.key(seed + 1), x)
-  full, final = mixer.apply(params, x)
+  full, final = _apply_mixer(mixer, params, x)
   if split:
-    y, state = mixer.apply(params, x[:, :split])
+    y, state = _apply_mixer(mixer, params, x[:, :split])
     pieces = [y]
   else:
     state, pieces = MIXERS[letter].initial_state(TINY, 2), []
   for t in range(split, 12):
-    y, state = mixer.apply(params, x[:, t:t + 1], state)
+    y, state = _apply_mixer(mixer, params, x[:, t:t + 1], state)
     pieces.append(y)
   assert_close(full, jnp.concatenate(pieces, axis=1), 1e-5, "output")
   jax.tree.map(lambda a, b: assert_close(a, b, 1e-5, "state"), final, state)
@@ -76,9 +88,9 @@ def test_mixer_segments_do_not_see_each_other(letter):
   params = mixer.init(jax.random.key(1), x)
   segment_ids = jnp.asarray(np.repeat([[i for i, (a, b) in enumerate(bounds)
                                         for _ in range(a, b)]], 2, axis=0))
-  packed, final = mixer.apply(params, x, segment_ids=segment_ids)
+  packed, final = _apply_mixer(mixer, params, x, segment_ids=segment_ids)
   for start, stop in bounds:
-    alone, alone_final = mixer.apply(params, x[:, start:stop])
+    alone, alone_final = _apply_mixer(mixer, params, x[:, start:stop])
     assert_close(alone, packed[:, start:stop], 1e-5, f"segment [{start}, {stop})")
   if letter not in CACHED_MIXERS:  # An attention cache keeps the whole packed row.
     jax.tree.map(lambda a, b: assert_close(a, b, 1e-5, "final state"), alone_final, final)
@@ -150,7 +162,7 @@ def test_mamba_decode_state_layout():
 def test_kda_decode_state_layout():
   """Per KDA layer: q, k, v conv windows in the compute dtype and a [B, HV, K, V] float32 state."""
   config = dataclasses.replace(LM_CONFIGS["kda"], dtype="bfloat16")
-  state = init_decode_state(config, 3)[0]
+  state = init_decode_state(config, 3)[0]["mixer"]
   window = lambda width: jax.ShapeDtypeStruct((3, TINY.d_conv - 1, width), jnp.bfloat16)
   expected = {"conv": {"q": window(2 * 4), "k": window(2 * 4), "v": window(4 * 6)},
               "recurrent": jax.ShapeDtypeStruct((3, 4, 4, 6), jnp.float32)}
@@ -202,7 +214,7 @@ def test_hybrid_kda_state_does_not_grow_with_the_context():
   for letter, a, b in zip(layer_letters(HYBRID), short, long):
     chex.assert_trees_all_equal_shapes_and_dtypes(a, b)
     if letter == "M":
-      assert int(a["position"]) == 5 and int(b["position"]) == 30
+      assert int(a["mixer"]["position"]) == 5 and int(b["mixer"]["position"]) == 30
   kda_bytes = sum(x.nbytes for letter, state in zip(layer_letters(HYBRID), long)
                   if letter == "K" for x in jax.tree.leaves(state))
   latent_per_token = (HYBRID.mla_kv_lora_rank + HYBRID.mla_qk_rope_head_dim) * 4  # float32

@@ -52,10 +52,17 @@ HYBRID = dataclasses.replace(
     d_ff=32, moe_num_experts=4, moe_top_k=2, moe_d_ff=16)
 
 
+# RWKV-7: two layers (the value residual crosses them), LayerNorm blocks, channel mixing.
+RWKV7 = dataclasses.replace(MODEL, layer_pattern="R", mlp="rwkv7_channel_mix", norm="layer",
+                            embedding_norm=True, tie_embeddings=False, rwkv_head_size=8,
+                            rwkv_ffn_dim=64, rwkv_chunk_size=16)
+
+
 @pytest.mark.parametrize("model, mesh_8", [
     (MODEL, (2, 2, 1, 2)),  # data x fsdp x tensor.
     (HYBRID, (2, 1, 2, 2)),  # data x expert x tensor.
-], ids=["mamba", "kimi_linear"])
+    (RWKV7, (2, 2, 1, 2)),
+], ids=["mamba", "kimi_linear", "rwkv7"])
 def test_train_step_on_8_devices_equals_1_device(model, mesh_8):
   """8 devices give the same losses, parameters (MoE router biases included) and MoE load
   statistics as a single device, over 3 steps."""
@@ -73,7 +80,8 @@ def test_train_step_on_8_devices_equals_1_device(model, mesh_8):
       state, metrics = trainer.train_step(state, tokens)
       history.append({k: float(v) for k, v in metrics.items()})
     results[shape] = history, jax.device_get(state.params)
-    kernel = state.params["layer_0"]["mixer"]["in_proj" if model is MODEL else "q_proj"]["kernel"]
+    first_projection = {MODEL: "in_proj", HYBRID: "q_proj", RWKV7: "receptance"}[model]
+    kernel = state.params["layer_0"]["mixer"][first_projection]["kernel"]
     assert len(kernel.sharding.device_set) == int(np.prod(shape))
   (history_1, params_1), (history_8, params_8) = results[(1, 1, 1, 1)], results[mesh_8]
   for name in history_1[0]:

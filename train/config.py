@@ -30,7 +30,8 @@ class ModelConfig:
   """Architecture of the language model.
 
   ``layer_pattern`` is tiled to ``num_layers`` letters; each letter names a mixer
-  (``S`` = Mamba selective scan, ``K`` = KDA, ``M`` = MLA, ``A`` = softmax attention). Each block
+  (``S`` = Mamba selective scan, ``K`` = KDA, ``M`` = MLA, ``A`` = softmax attention, ``F`` =
+  RWKV-6, ``R`` = RWKV-7). Each block
   is ``x += mixer(RMSNorm(x))``, then ``x += MLP(RMSNorm(x))`` unless ``mlp`` is "none"
   ("swiglu": dense; "moe": mixture of experts after the first ``first_k_dense`` layers). ``dtype`` is the compute dtype; parameters
   stay float32. ``norm_eps`` serves every RMSNorm, KDA's per-head output norm included.
@@ -41,6 +42,8 @@ class ModelConfig:
   num_layers: int = 2
   layer_pattern: str = "S"
   norm_eps: float = 1e-5
+  norm: str = "rms"  # The block and final norms: "rms" (RMSNorm) or "layer" (LayerNorm, RWKV).
+  embedding_norm: bool = False  # A norm right after the embedding (RWKV's ln0).
   tie_embeddings: bool = True
   dtype: str = "float32"
   # MLP after each mixer: "none", "swiglu" (down(silu(gate(x)) * up(x))) or "moe".
@@ -67,6 +70,19 @@ class ModelConfig:
   kda_v_head_dim: int | None = None  # None: kda_head_dim.
   kda_implementation: str | None = None  # None: the fastest one for the platform.
   kda_chunk_size: int = 64  # Tokens per chunk of the chunkwise form, a multiple of 16.
+  # RWKV-6 (F) and RWKV-7 (R) time mixing (SPEC 2): heads of rwkv_head_size channels; LoRA
+  # ranks None take the official rules (RWKV-6: mix 32, decay 64; RWKV-7: max(32, round(f sqrt(C)
+  # / 32) 32) with f = 2.5 decay, 2.5 a, 1.7 value, 5 gate). Their channel mixing is the MLP
+  # "rwkv6_channel_mix" (width 3.5 C) or "rwkv7_channel_mix" (width 4 C) unless rwkv_ffn_dim.
+  rwkv_head_size: int = 64
+  rwkv_ffn_dim: int | None = None
+  rwkv_mix_lora: int = 32
+  rwkv_decay_lora: int | None = None
+  rwkv_a_lora: int | None = None
+  rwkv_value_lora: int | None = None
+  rwkv_gate_lora: int | None = None
+  rwkv_implementation: str | None = None  # None: the fastest one for the platform.
+  rwkv_chunk_size: int = 64  # Tokens per chunk of the chunkwise form, a multiple of 16.
   # Softmax attention (A: multi-head / grouped-query with RoPE) and MLA (M) share the cache
   # length (the longest prompt + generation a decode state holds) and the attention backend.
   max_cache_length: int = 2048
