@@ -36,7 +36,6 @@ HYBRID = dataclasses.replace(TINY, num_layers=3, layer_pattern="KKM", mla_use_ro
 LM_CONFIGS = {
     "mamba": TINY,
     "kda": dataclasses.replace(TINY, layer_pattern="K"),
-    "mamba_kda_swiglu": dataclasses.replace(TINY, layer_pattern="SK", mlp="swiglu"),
     "gqa_swiglu": dataclasses.replace(TINY, layer_pattern="A", mlp="swiglu"),
     "mla_rope": dataclasses.replace(TINY, layer_pattern="M"),
     "hybrid": HYBRID,

