@@ -77,6 +77,7 @@ def test_mixer_step_by_step_equals_sequence(letter, split, seed):
   jax.tree.map(lambda a, b: assert_close(a, b, 1e-5, "state"), final, state)
 
 
+@pytest.mark.slow  # test_segments_do_not_see_each_other checks every letter inside a model.
 @pytest.mark.parametrize("letter", sorted(MIXERS))
 def test_mixer_segments_do_not_see_each_other(letter):
   """A packed row of three segments: each segment's output is what it gets alone, and (for
@@ -111,7 +112,9 @@ def lm(request) -> TinyLM:
   return TinyLM(config, model, tokens, model.init(jax.random.key(1), tokens))
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+# The eager run repeats the jitted one op by op (slow); the mixers' own step test runs eagerly.
+@pytest.mark.parametrize("jit", [pytest.param(False, marks=pytest.mark.slow), True],
+                         ids=["eager", "jit"])
 def test_prefill_then_decode_equals_forward(lm, jit):
   apply = jax.jit(lm.model.apply) if jit else lm.model.apply
   logits, final_state = apply(lm.params, lm.tokens)

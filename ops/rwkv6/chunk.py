@@ -5,9 +5,13 @@ counterpart G~ (G~_r = G_{r-1}, the decay that has reached the state token r rea
 state S before the chunk:
 
     A[r, i] = sum_d r_rd k_id exp(G~_rd - G_id)     (i < r; r is pre-scaled)
-    b_r     = sum_d r_rd u_d k_rd                    (the bonus)
-    O  = (R * exp G~) S + A V + diag(b) V
+    O  = (R * exp G~) S + A V
     S' = diag(exp G_C) S + (K * exp(G_C - G))^T V
+
+The bonus b_t v_t, b_t = sum_d r_td u_d k_td, is token-local and is added to o outside the
+chunk scan. (Inside the body, XLA:CPU of jax 0.10.2 fuses its reduction with the dot against a
+constant state, zeros when the scan has one chunk and no initial state, into a YNNPACK fusion
+that returns garbage.)
 
 The pair products and the chunk scan are ``ops._chunked``'s (shared with KDA and RWKV-7): no
 cumulative gate is exponentiated unreferenced (SPEC 3.5), and every exponent here is a
