@@ -14,6 +14,8 @@ cumulative log decay G (per channel, float32). Three pieces are common:
 * ``unit_lower_inverse``: (I + A)^-1 for a strictly lower-triangular A by forward substitution.
 * ``chunk_scan``: chunking, padding, the packed-row masks and the rematerialised scan.
 
+``token_scan`` runs the references' one-token updates over time with the same packed-row resets.
+
 All arithmetic is float32 with the highest matmul precision.
 """
 
@@ -163,3 +165,31 @@ def chunk_scan(body: Callable, sequences: tuple, initial_state, segment_index, *
                                 (tuple(map(to_chunks, sequences)), masks))
   o = jnp.moveaxis(o, 0, 2).reshape(B, H, num_chunks * chunk_size, -1)
   return jnp.moveaxis(o, 1, 2)[:, :T], final_state
+
+
+def token_scan(update: Callable, sequences: tuple, initial_state, segment_index):
+  """Runs ``update(state, *token_slices) -> (o_t, state)`` over time (the references).
+
+  Args:
+    update: one token for every (batch, head); slices are the sequences at one time step.
+    sequences: arrays [B, T, ...].
+    initial_state: [B, H, K, V] float32.
+    segment_index: None, or [B, T] non-decreasing integers; the state restarts from zero where
+      it steps up (before that token reads it).
+
+  Returns:
+    o [B, T, ...] and the final state.
+  """
+  keep = jnp.ones(sequences[0].shape[:2], bool)
+  if segment_index is not None:
+    keep = keep.at[:, 1:].set(segment_index[:, 1:] == segment_index[:, :-1])
+
+  def step(state, xs):
+    *inputs, keep_t = xs
+    state = jnp.where(keep_t[:, None, None, None], state, 0.0)
+    return update(state, *inputs)[::-1]
+
+  time_first = lambda x: jnp.moveaxis(x, 1, 0)
+  final_state, o = jax.lax.scan(step, initial_state,
+                                tuple(map(time_first, sequences + (keep,))))
+  return time_first(o), final_state

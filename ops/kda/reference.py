@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ops._chunked import token_scan
+
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -44,18 +46,4 @@ def scan(q, k, v, g, beta, initial_state, segment_index):
   Returns:
     o [B, T, HV, V] float32 and the final state.
   """
-  if segment_index is None:
-    keep = jnp.ones(q.shape[:2], jnp.float32)
-  else:
-    keep = jnp.concatenate([jnp.ones_like(segment_index[:, :1]),
-                            segment_index[:, 1:] == segment_index[:, :-1]], axis=1)
-    keep = keep.astype(jnp.float32)
-
-  def step(state, xs):
-    *inputs, keep_t = xs
-    return update(state * keep_t[:, None, None, None], *inputs)[::-1]
-
-  time_first = lambda x: jnp.moveaxis(x, 1, 0)
-  final_state, o = jax.lax.scan(step, initial_state,
-                                tuple(map(time_first, (q, k, v, g, beta, keep))))
-  return time_first(o), final_state
+  return token_scan(update, (q, k, v, g, beta), initial_state, segment_index)

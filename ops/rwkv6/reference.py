@@ -13,6 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ops._chunked import token_scan
+
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -46,15 +48,5 @@ def scan(r, k, v, w, u, initial_state, segment_index):
   Returns:
     o [B, T, H, V] float32 and the final state.
   """
-  keep = jnp.ones(r.shape[:2], bool)
-  if segment_index is not None:
-    keep = keep.at[:, 1:].set(segment_index[:, 1:] == segment_index[:, :-1])
-
-  def step(state, xs):
-    *inputs, keep_t = xs
-    state = jnp.where(keep_t[:, None, None, None], state, 0.0)
-    return update(state, *inputs, u)[::-1]
-
-  time_first = lambda x: jnp.moveaxis(x, 1, 0)
-  final_state, o = jax.lax.scan(step, initial_state, tuple(map(time_first, (r, k, v, w, keep))))
-  return time_first(o), final_state
+  return token_scan(lambda state, *token: update(state, *token, u), (r, k, v, w),
+                    initial_state, segment_index)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ops._chunked import token_scan
+
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -46,18 +48,4 @@ def scan(r, w, k, v, a, b, initial_state, segment_index):
   Returns:
     o [B, T, H, V] float32 and the final state.
   """
-  if segment_index is None:
-    keep = jnp.ones(r.shape[:2], jnp.float32)
-  else:
-    keep = jnp.concatenate([jnp.ones_like(segment_index[:, :1]),
-                            segment_index[:, 1:] == segment_index[:, :-1]], axis=1)
-    keep = keep.astype(jnp.float32)
-
-  def step(state, xs):
-    *inputs, keep_t = xs
-    return update(state * keep_t[:, None, None, None], *inputs)[::-1]
-
-  time_first = lambda x: jnp.moveaxis(x, 1, 0)
-  final_state, o = jax.lax.scan(step, initial_state,
-                                tuple(map(time_first, (r, w, k, v, a, b, keep))))
-  return time_first(o), final_state
+  return token_scan(update, (r, w, k, v, a, b), initial_state, segment_index)
