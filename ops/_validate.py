@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import warnings
+from typing import Mapping, Sequence
 
 import jax
 
@@ -23,7 +24,8 @@ def check_shape(name: str, x, expected: Sequence[int | None], meaning: str) -> N
     raise ValueError(f"{name} must have shape {meaning} = {want}, got {shape}")
 
 
-def resolve_implementation(name: str | None, available: Sequence[str], default_by_platform=None) -> str:
+def resolve_implementation(name: str | None, available: Sequence[str], default_by_platform=None,
+                           unsupported: Mapping[str, str | None] | None = None) -> str:
   """Returns the implementation to run.
 
   Args:
@@ -31,10 +33,23 @@ def resolve_implementation(name: str | None, available: Sequence[str], default_b
     available: the implementations the op has, in the order of preference for ``None``.
     default_by_platform: optional {platform: implementation} for ``None``; otherwise the
       first of ``available``.
+    unsupported: optional {implementation: reason} for this call's shapes and options (a reason
+      of None means supported). A named implementation that cannot run raises ValueError with
+      the reason; ``None`` falls back from the platform's default to the first of ``available``
+      with a warning that gives the reason.
   """
+  reasons = {k: v for k, v in (unsupported or {}).items() if v is not None}
   if name is None:
     platform = jax.default_backend()
-    return (default_by_platform or {}).get(platform, available[0])
+    choice = (default_by_platform or {}).get(platform, available[0])
+    if choice in reasons:
+      fallback = next(i for i in available if i not in reasons)
+      warnings.warn(f"implementation {choice!r} (the default on {platform}) does not support "
+                    f"this call: {reasons[choice]}; using {fallback!r}", stacklevel=3)
+      choice = fallback
+    return choice
   if name not in available:
     raise ValueError(f"implementation must be one of {tuple(available)} or None, got {name!r}")
+  if name in reasons:
+    raise ValueError(f"implementation {name!r} does not support this call: {reasons[name]}")
   return name
