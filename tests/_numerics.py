@@ -67,21 +67,23 @@ def vjp_of(forward, arrays: dict, cotangents, differentiable) -> tuple:
 
 
 def assert_forms_agree(run, arrays: dict, differentiable, candidate: str,
-                       baseline: str = "reference", output: str = "out") -> None:
+                       baseline: str = "reference", output: str = "out",
+                       float32_tolerance: float = TOL_F32) -> None:
   """Two implementations give the same output, final state and gradients.
 
   ``run(implementation) -> ((output, final_state), gradients)`` for fixed inputs and cotangents;
-  the output and gradients are held to their dtype's tolerance, the float32 state to TOL_F32,
-  and each gradient must keep its input's dtype.
+  bfloat16 results are held to TOL_BF16 and float32 ones (the state among them) to
+  ``float32_tolerance``; each gradient must keep its input's dtype.
   """
+  tol = lambda x: TOL_BF16 if x.dtype == jnp.bfloat16 else float32_tolerance
   (ref_out, ref_state), ref_grads = run(baseline)
   (out, final_state), grads = run(candidate)
-  assert_close(ref_out, out, tolerance(out), output)
-  assert_close(ref_state, final_state, TOL_F32, "final_state")
+  assert_close(ref_out, out, tol(out), output)
+  assert_close(ref_state, final_state, float32_tolerance, "final_state")
   assert grads.keys() == ref_grads.keys() == {k for k in arrays if k in differentiable}
   for name, grad in grads.items():
     assert grad.dtype == arrays[name].dtype, (name, grad.dtype)
-    assert_close(ref_grads[name], grad, tolerance(grad), f"d{name}")
+    assert_close(ref_grads[name], grad, tol(grad), f"d{name}")
 
 
 # --- hypothesis strategies --------------------------------------------------------------------

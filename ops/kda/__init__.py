@@ -12,9 +12,12 @@ Per value head, with state S in R^{K x V}, ``alpha_t = exp(g_t)`` and scale s:
 
     S_t = (I - beta_t k_t k_t^T) diag(alpha_t) S_{t-1} + beta_t k_t v_t^T,   o_t = S_t^T (s q_t)
 
-Implementations: ``"reference"`` (token-by-token ``lax.scan``) and ``"xla"`` (chunkwise WY /
-UT-transform form, ``ops.kda.chunk``); ``None`` picks ``"xla"``. Arithmetic is float32 whatever
-the input dtype; ``o`` takes v's dtype.
+Implementations: ``"reference"`` (token-by-token ``lax.scan``), ``"xla"`` (chunkwise WY /
+UT-transform form, ``ops.kda.chunk``), ``"pallas_gpu"`` and ``"pallas_tpu"`` (the same chunkwise
+algorithm as Pallas Triton and Mosaic TPU kernels, ``ops.kda.pallas_gpu`` and
+``ops.kda.pallas_tpu``; interpret mode off their hardware). ``None`` picks the platform's kernels
+on a GPU or TPU and ``"xla"`` elsewhere. Arithmetic is float32 whatever the input dtype (the kernels'
+matrix products use TF32 passes on the GPU, see ``ops.kda.pallas_gpu``); ``o`` takes v's dtype.
 """
 
 from __future__ import annotations
@@ -24,9 +27,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from ops._validate import check_shape, resolve_implementation
-from ops.kda import chunk, reference
+from ops.kda import (chunk, pallas_gpu, pallas_gpu_step, pallas_tpu, pallas_tpu_step,
+                     reference)
 
-IMPLEMENTATIONS = ("xla", "reference")
+IMPLEMENTATIONS = ("xla", "reference", "pallas_gpu", "pallas_tpu")
+STEP_IMPLEMENTATIONS = ("reference", "pallas_gpu", "pallas_tpu")
+STEP_UPDATES = {"reference": reference.update, "pallas_gpu": pallas_gpu_step.update,
+                "pallas_tpu": pallas_tpu_step.update}
+DEFAULT_BY_PLATFORM = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}
+KERNELS = {"pallas_gpu": pallas_gpu, "pallas_tpu": pallas_tpu}
 L2_NORM_EPS = 1e-6
 
 
@@ -67,14 +76,25 @@ def _check(q, k, v, g, beta, state, state_name: str, layout: list[str]):
   return H, HV, K, V
 
 
-def _prepare(q, k, v, g, beta, H, HV, K, scale, use_qk_l2norm_in_kernel):
-  """float32 inputs with q scaled and q, k repeated to the value heads (head axis -2)."""
-  q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+def _prepare(q, k, v, g, beta, H, HV, K, scale, use_qk_l2norm_in_kernel, *, for_kernel=False):
+  """q, k repeated to the value heads (head axis -2) and L2-normalised if asked.
+
+  By default every input comes back float32 with q scaled. ``for_kernel`` keeps each input's
+  dtype (the normalisation still runs in float32) and leaves q unscaled: the Pallas kernels
+  read the narrow inputs and apply the scale themselves.
+  """
+  dtypes = [x.dtype if for_kernel else jnp.float32 for x in (q, k, v, g, beta)]
+  q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
   if use_qk_l2norm_in_kernel:
-    q, k = _l2_normalize(q), _l2_normalize(k)
-  q = q * (K ** -0.5 if scale is None else scale)
-  q, k = (jnp.repeat(x, HV // H, axis=-2) for x in (q, k))
-  return q, k, v.astype(jnp.float32), g.astype(jnp.float32), beta.astype(jnp.float32)
+    q32, k32 = _l2_normalize(q32), _l2_normalize(k32)
+  if not for_kernel:
+    q32 = q32 * _scale(scale, K)
+  q, k = (jnp.repeat(x, HV // H, axis=-2) for x in (q32, k32))
+  return tuple(x.astype(d) for x, d in zip((q, k, v, g, beta), dtypes))
+
+
+def _scale(scale, K):
+  return K ** -0.5 if scale is None else scale
 
 
 def _segment_index(segment_ids):
@@ -120,18 +140,21 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, return_final_state=
     cu_seqlens: optional concrete [N + 1] offsets of N sequences packed in one row (B = 1);
       each sequence runs alone from its own initial state and returns its own final state.
     use_qk_l2norm_in_kernel: L2-normalise q and k over K first (x / sqrt(sum x^2 + 1e-6)).
-    implementation: None, "reference" or "xla".
-    chunk_size: tokens per chunk of "xla", a positive multiple of 16.
+    implementation: None, "reference", "xla", "pallas_gpu" or "pallas_tpu".
+    chunk_size: tokens per chunk of "xla" (a positive multiple of 16) and of the Pallas kernels
+      (a power of two >= 16).
 
   Returns:
     (o [B, T, HV, V] in v's dtype, final state [N, HV, K, V] float32 or None).
   """
-  implementation = resolve_implementation(implementation, IMPLEMENTATIONS)
-  H, HV, K, V = _check(q, k, v, g, beta, initial_state, "initial_state", ["B", "T"])
-  B, T = q.shape[:2]
   if chunk_size < 1 or chunk_size % chunk.SUB_CHUNK:
     raise ValueError(f"chunk_size must be a positive multiple of {chunk.SUB_CHUNK}, got "
                      f"{chunk_size}")
+  implementation = resolve_implementation(
+      implementation, IMPLEMENTATIONS, DEFAULT_BY_PLATFORM,
+      unsupported={name: kernels.unsupported(chunk_size) for name, kernels in KERNELS.items()})
+  H, HV, K, V = _check(q, k, v, g, beta, initial_state, "initial_state", ["B", "T"])
+  B, T = q.shape[:2]
   if segment_ids is not None and cu_seqlens is not None:
     raise ValueError("give segment_ids or cu_seqlens, not both")
   if cu_seqlens is not None:
@@ -155,9 +178,15 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, return_final_state=
   if segment_ids is not None:
     check_shape("segment_ids", segment_ids, (B, T), "[B, T]")
 
-  inputs = _prepare(q, k, v, g, beta, H, HV, K, scale, use_qk_l2norm_in_kernel)
   h0 = (jnp.zeros((B, HV, K, V), jnp.float32) if initial_state is None else initial_state)
   index = None if segment_ids is None else _segment_index(segment_ids)
+  if implementation in KERNELS:
+    inputs = _prepare(q, k, v, g, beta, H, HV, K, scale, use_qk_l2norm_in_kernel,
+                      for_kernel=True)
+    o, final_state = KERNELS[implementation].scan(*inputs, h0, index, scale=_scale(scale, K),
+                                                  chunk_size=chunk_size)
+    return o, final_state if return_final_state else None
+  inputs = _prepare(q, k, v, g, beta, H, HV, K, scale, use_qk_l2norm_in_kernel)
   if implementation == "reference":
     o, final_state = reference.scan(*inputs, h0, index)
   else:
@@ -172,12 +201,17 @@ def gated_delta_rule(q, k, v, g, beta, **kwargs):
   return kda(q, k, v, jnp.broadcast_to(g[..., None], g.shape + (q.shape[-1],)), beta, **kwargs)
 
 
-def kda_step(q, k, v, g, beta, state=None, *, scale=None, use_qk_l2norm_in_kernel=False):
+def kda_step(q, k, v, g, beta, state=None, *, scale=None, use_qk_l2norm_in_kernel=False,
+             implementation=None):
   """One token of ``kda`` (the decode path).
 
   Args:
     q, k: [B, H, K]; v: [B, HV, V]; g: [B, HV, K]; beta: [B, HV].
     state: [B, HV, K, V] float32; zeros when None.
+    implementation: None, "reference" (``ops.kda.reference.update``), "pallas_gpu" or
+      "pallas_tpu" (one fused kernel, ``ops.kda.pallas_gpu_step`` / ``pallas_tpu_step``;
+      interpret mode off their hardware). None picks the platform's kernel on a GPU or TPU and
+      "reference" elsewhere.
 
   Returns:
     (o [B, HV, V] in v's dtype, new state [B, HV, K, V] float32).
@@ -187,8 +221,10 @@ def kda_step(q, k, v, g, beta, state=None, *, scale=None, use_qk_l2norm_in_kerne
     state = jnp.zeros((q.shape[0], HV, K, V), jnp.float32)
   elif state.shape[0] != q.shape[0]:
     raise ValueError(f"state must have shape [B={q.shape[0]}, HV, K, V], got {tuple(state.shape)}")
+  implementation = resolve_implementation(implementation, STEP_IMPLEMENTATIONS,
+                                          DEFAULT_BY_PLATFORM)
   inputs = _prepare(q, k, v, g, beta, H, HV, K, scale, use_qk_l2norm_in_kernel)
-  o, state = reference.update(state, *inputs)
+  o, state = STEP_UPDATES[implementation](state, *inputs)
   return o.astype(v.dtype), state
 
 

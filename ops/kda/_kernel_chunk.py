@@ -1,0 +1,263 @@
+"""The chunkwise KDA mathematics shared by the Pallas GPU and TPU kernels (SPEC 3.3-3.6).
+
+Every function here works on values already loaded from one chunk of one (batch, value head):
+q, k, g [C, K] float32 (q scaled), v [C, V], beta [C, 1], and the packed-row masks. The two
+backends differ only in a few primitives, passed in as a ``Primitives``: the matrix product's
+operand dtype and precision, the cumulative sums over rows and the reference gates of each level
+(Triton has ``cumsum`` and 3-D reshapes; Mosaic takes both as exact matrix products), and how
+the same-segment mask is formed.
+
+Stable pair products without a per-token loop (SPEC 3.5). The products
+sum_d x_rd y_id exp(G_rd - G_id) (i < r) are split by the highest bit in which r and i differ:
+at level s (s = 1, 2, ..., C/2) row r lies in an odd block of s rows and column i in the block
+just before it. With m the last row of i's block (i <= m < r),
+exp(G_r - G_i) = exp(G_r - G_m) exp(G_m - G_i): both exponents are <= 0 because the cumulative
+log decay only falls, so nothing overflows, and each level is one C x K x C matrix product of
+gated rows and gated columns, masked to the level's pairs. The unit lower-triangular inverse uses
+the same levels: T_2s = T_s - T_s (A masked to level s) T_s is the 2 x 2 block inverse
+[[L11^-1, 0], [-L22^-1 L21 L11^-1, L22^-1]] at every scale: two products a level, no power
+series.
+
+Per chunk, with S the state before it (all float32):
+
+  intra_forward     W = carried T (beta k Gamma), U = T (beta v), Q Gamma (carried rows),
+                    K exp(G_C - G) (last-segment rows), A_qk, the state decay exp(G_C)
+  state_forward     V~ = U - W S, O = (Q Gamma) S + A_qk V~, S' = decay S + Kg^T V~
+  state_backward    dS -> dU, dW, dQg, dKg, dA_qk, d decay and the dS before the chunk
+  intra_backward    those cotangents -> dq, dk, dv, dg, dbeta
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+
+
+class Primitives(NamedTuple):
+  """What a backend supplies.
+
+  dot(a, b, *, trans_a, trans_b, inverse) -> float32 a @ b of 2-D tiles (``inverse`` marks the
+    triangular inverse's [C, C] products, which may want more precision).
+  cumsum(x, reverse) -> inclusive cumulative sum over rows of [C, K] (reverse: from the end).
+  level_references(G, g, s) -> (G before each row's block of s rows, G at the end of each row's
+    block), both [C, K].
+  same_segment(segment) -> [C, C] float 0/1, rows r and i in the same segment, from the
+    segment index column [C, 1].
+  """
+
+  dot: Callable
+  cumsum: Callable
+  level_references: Callable
+  same_segment: Callable
+
+
+def iota(shape, axis):
+  return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+
+
+def levels(C: int) -> list[int]:
+  return [1 << j for j in range(C.bit_length() - 1)]
+
+
+def level_mask(C: int, s: int):
+  """Pairs (r, i) whose highest differing bit is s: r in an odd block of s rows, i in the block
+  before it (shifts and masks only: s is a power of two)."""
+  shift = s.bit_length() - 1
+  rows, cols = iota((C, C), 0) >> shift, iota((C, C), 1) >> shift
+  return ((rows == cols + 1) & ((rows & 1) == 1)).astype(F32)
+
+
+def last_row(x):
+  """The last row of a tile as [1, N]."""
+  return jnp.sum(jnp.where(iota(x.shape, 0) == x.shape[0] - 1, x, 0.0), axis=0, keepdims=True)
+
+
+def eye(C: int):
+  return (iota((C, C), 0) == iota((C, C), 1)).astype(F32)
+
+
+class Chunk:
+  """One chunk's gates, masks and the matrices both intra kernels need.
+
+  Args:
+    q, k, g: [C, K] float32, q scaled; g the log decay (<= 0).
+    beta: [C, 1] float32.
+    segment: [C, 1] float32 segment index of each token (non-decreasing).
+    carried: [C, 1] float32 0/1, the token continues the segment running before the chunk.
+    last: [C, 1] float32 0/1, the token belongs to the chunk's last segment.
+    prims: the backend's ``Primitives``.
+    with_queries: also form the q-k pair products (the forward needs them, the backward not).
+  """
+
+  def __init__(self, q, k, g, beta, segment, carried, last, prims: Primitives, *,
+               with_queries: bool):
+    C = q.shape[0]
+    self.C, self.prims = C, prims
+    self.q, self.k, self.g, self.beta = q, k, g, beta
+    self.carried, self.last = carried, last
+    self.carried_last = last_row(carried)  # [1, 1]
+    self.G = prims.cumsum(g, reverse=False)
+    rows, cols = iota((C, C), 0), iota((C, C), 1)
+    same = prims.same_segment(segment)
+    self.lower = jnp.where(rows >= cols, same, 0.0)
+    self.strict = jnp.where(rows > cols, same, 0.0)
+    if with_queries:
+      self.P_qk, self.P_kk = self.products([(q, k), (k, k)])
+    else:
+      (self.P_kk,) = self.products([(k, k)])
+    self.A_kk = beta * self.P_kk * self.strict
+    self.T = self.inverse(self.A_kk)
+
+  def levels(self):
+    """(row factor, column factor, pair mask) per level, formed when the loop reaches it so that
+    one level's factors are live at a time."""
+    for s in levels(self.C):
+      before, end = self.prims.level_references(self.G, self.g, s)
+      yield jnp.exp(self.G - before), jnp.exp(end - self.G), level_mask(self.C, s)
+
+  def products(self, pairs):
+    """sum_d x_rd y_id exp(G_rd - G_id) for i < r, for each (x, y) in ``pairs``."""
+    totals = [0.0] * len(pairs)
+    for row, col, mask in self.levels():
+      totals = [total + mask * self.prims.dot(x * row, y * col, trans_b=True)
+                for total, (x, y) in zip(totals, pairs)]
+    return totals
+
+  def inverse(self, A):
+    """(I + A)^-1 for the strictly lower-triangular A, one 2 x 2 block step per level."""
+    dot = self.prims.dot
+    T = eye(self.C)
+    for s in levels(self.C):
+      T = T - dot(dot(T, A * level_mask(self.C, s), inverse=True), T, inverse=True)
+    return T
+
+
+def packed_row_masks(segment_index, batch: int, time: int, C: int):
+  """(segment, carried, last), each [B, T_pad, 1] float32 with T_pad = time rounded up to C.
+
+  ``segment`` is the segment index of each token (zeros without packing), ``carried`` marks the
+  tokens that continue the segment running before their chunk (the first token's own segment for
+  chunk 0), ``last`` the tokens of their chunk's last segment. Padded tokens extend the last
+  segment.
+  """
+  padded = -(-time // C) * C
+  if segment_index is None:
+    index = jnp.zeros((batch, padded), jnp.int32)
+  else:
+    index = jnp.pad(segment_index.astype(jnp.int32), [(0, 0), (0, padded - time)], mode="edge")
+  chunks = index.reshape(batch, padded // C, C)
+  before = jnp.concatenate([chunks[:, :1, :1], chunks[:, :-1, -1:]], axis=1)
+  as_column = lambda x: x.astype(F32).reshape(batch, padded, 1)
+  return as_column(index), as_column(chunks == before), as_column(chunks == chunks[:, :, -1:])
+
+
+class ChunkMatrices(NamedTuple):
+  """What the state pass reads per chunk (float32 values)."""
+
+  W: jax.Array  # [C, K]
+  U: jax.Array  # [C, V]
+  Qg: jax.Array  # [C, K]
+  Kg: jax.Array  # [C, K]
+  A: jax.Array  # [C, C]
+  decay: jax.Array  # [1, K]
+
+
+def intra_forward(c: Chunk, v) -> ChunkMatrices:
+  gamma = jnp.exp(c.G)
+  G_last = last_row(c.G)
+  diagonal = jnp.where(iota((c.C, c.C), 0) == iota((c.C, c.C), 1),
+                       jnp.sum(c.q * c.k, axis=1, keepdims=True), 0.0)
+  return ChunkMatrices(
+      W=c.carried * c.prims.dot(c.T, c.beta * c.k * gamma),
+      U=c.prims.dot(c.T, c.beta * v),
+      Qg=c.carried * c.q * gamma,
+      Kg=c.last * c.k * jnp.exp(G_last - c.G),
+      A=(c.P_qk + diagonal) * c.lower,
+      decay=c.carried_last * jnp.exp(G_last))
+
+
+def state_forward(S, m: ChunkMatrices, dot):
+  """(o [C, V], the state after the chunk) from the state S [K, V] before it."""
+  pseudo_values = m.U - dot(m.W, S)
+  o = dot(m.Qg, S) + dot(m.A, pseudo_values)
+  return o, jnp.transpose(m.decay) * S + dot(m.Kg, pseudo_values, trans_a=True)
+
+
+def state_backward(S, dS, m: ChunkMatrices, dO, dot):
+  """Cotangents of one chunk of ``state_forward`` from dO [C, V] and dS [K, V] (after it).
+
+  Returns ``(ChunkMatrices of cotangents, dS before the chunk)``; the [C, K] and [C, C] entries
+  are sums over this value block only (the caller adds the other value blocks).
+  """
+  pseudo_values = m.U - dot(m.W, S)
+  d_pseudo = dot(m.A, dO, trans_a=True) + dot(m.Kg, dS)
+  grads = ChunkMatrices(
+      W=-dot(d_pseudo, S, trans_b=True), U=d_pseudo, Qg=dot(dO, S, trans_b=True),
+      Kg=dot(pseudo_values, dS, trans_b=True), A=dot(dO, pseudo_values, trans_b=True),
+      decay=jnp.transpose(jnp.sum(dS * S, axis=1, keepdims=True)))
+  dS_before = (jnp.transpose(m.decay) * dS + dot(m.Qg, dO, trans_a=True)
+               - dot(m.W, d_pseudo, trans_a=True))
+  return grads, dS_before
+
+
+def intra_backward(c: Chunk, v, d: ChunkMatrices):
+  """(dq, dk, dv, dg, dbeta [C, 1]) of one chunk from the cotangents of its ``ChunkMatrices``;
+  dq is for the scaled q."""
+  dot = c.prims.dot
+  C = c.C
+  q, k, beta = c.q, c.k, c.beta
+  gamma = jnp.exp(c.G)
+  G_last = last_row(c.G)
+  to_end = jnp.exp(G_last - c.G)
+
+  # W = carried T (beta k Gamma), U = T (beta v).
+  dW = c.carried * d.W
+  X_w, X_u = beta * k * gamma, beta * v
+  dT = dot(dW, X_w, trans_b=True) + dot(d.U, X_u, trans_b=True)
+  dX_w, dX_u = dot(c.T, dW, trans_a=True), dot(c.T, d.U, trans_a=True)
+  # T = (I + A_kk)^-1: dA_kk = -T^T dT T^T on A_kk's support; A_kk = beta P_kk.
+  dA_kk = -dot(dot(c.T, dT, trans_a=True, inverse=True), c.T, trans_b=True,
+               inverse=True) * c.strict
+  dbeta = jnp.sum(dA_kk * c.P_kk, axis=1, keepdims=True)
+  dP_kk = beta * dA_kk
+  dA_qk = d.A * c.lower
+
+  dq, dk, dG = 0.0, 0.0, 0.0
+  for row, col, mask in c.levels():
+    for dP, x, y, is_query in ((dA_qk, q, k, True), (dP_kk, k, k, False)):
+      X_l, Y_l, dP_l = x * row, y * col, dP * mask
+      dX_l, dY_l = dot(dP_l, Y_l), dot(dP_l, X_l, trans_a=True)
+      dG = dG + X_l * dX_l - Y_l * dY_l
+      if is_query:
+        dq = dq + dX_l * row
+      else:
+        dk = dk + dX_l * row
+      dk = dk + dY_l * col
+  diagonal = jnp.sum(jnp.where(iota((C, C), 0) == iota((C, C), 1), dA_qk, 0.0), axis=1,
+                     keepdims=True)
+  dq = dq + diagonal * k
+  dk = dk + diagonal * q
+
+  dbeta = (dbeta + jnp.sum(dX_w * k * gamma, axis=1, keepdims=True)
+           + jnp.sum(dX_u * v, axis=1, keepdims=True))
+  dk = dk + dX_w * beta * gamma
+  dG = dG + dX_w * X_w
+  dv = dX_u * beta
+  # Q Gamma (carried rows), K exp(G_C - G) (last-segment rows), exp(G_C) (the state decay).
+  dQg = d.Qg * c.carried
+  dq = dq + dQg * gamma
+  dG = dG + dQg * q * gamma
+  dKg = d.Kg * c.last
+  dk = dk + dKg * to_end
+  through_end = dKg * k * to_end
+  dG = dG - through_end
+  dG_last = (jnp.sum(through_end, axis=0, keepdims=True)
+             + d.decay * c.carried_last * jnp.exp(G_last))
+  dG = dG + jnp.where(iota((C, 1), 0) == C - 1, dG_last, 0.0)
+  # G = cumsum(g): dg_r = sum_{j >= r} dG_j.
+  dg = c.prims.cumsum(dG, reverse=True)
+  return dq, dk, dv, dg, dbeta
