@@ -5,7 +5,11 @@ independent of the op's code. Properties checked:
 
 * "reference" equals the oracle over drawn cases, and every form does on fixed cases, compiled
   and op by op (output and final state);
-* "xla" equals "reference" in output, final state and the gradient of every float input;
+* "xla", "pallas_gpu" and "pallas_tpu" equal "reference" in output, final state and the gradient
+  of every float input (one test class, ``AgreementBase``, subclassed per implementation); the
+  Pallas kernels run in their interpreters on CPU, and the TPU kernels also lower for a TPU;
+* ``implementation=None`` on TPU picks "pallas_tpu", or warns and falls back for a shape it
+  does not support, which naming it refuses;
 * a packed batch with ``segment_ids`` equals running each segment on its own;
 * ``selective_scan_step`` token by token equals the full forward;
 * malformed arguments raise a ``ValueError`` that names the argument.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import chex
 import jax
@@ -29,14 +34,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ops.selective_scan import selective_scan, selective_scan_step
+from ops.selective_scan import pallas_gpu, pallas_tpu, selective_scan, selective_scan_step
 from tests import _numerics as num
 
 TOL_F32, tolerance = num.TOL_F32, num.tolerance
-IMPLEMENTATIONS = ("reference", "xla")
+IMPLEMENTATIONS = ("reference", "xla", "pallas_gpu", "pallas_tpu")
+# Fixed oracle cases the kernels also run (interpret mode is slow; their drawn cases are in the
+# agreement classes): "pallas_tpu" cannot run the grouped case (channels per group below 128).
+KERNEL_ORACLE_CASES = {"pallas_gpu": ("grouped_all_options",),
+                       "pallas_tpu": ("single_token", "bfloat16_past_chunk")}
 DIFFERENTIABLE = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 TIME_MAJOR = ("u", "delta", "B", "C", "z")  # the arguments with a time axis (axis 1)
 
@@ -124,12 +133,18 @@ class Case:
 
 
 @st.composite
-def cases(draw) -> Case:
-  """Cases of drawn shapes (lengths off the chunk multiples included), dtype and options."""
+def cases(draw, max_batch: int = 3, max_time: int | None = None, grouped: bool = True) -> Case:
+  """Cases of drawn shapes (lengths off the chunk multiples included), dtype and options.
+
+  ``max_time`` keeps the lengths at most that; ``grouped=False`` draws one group at most
+  (B and C without or with a group axis of 1).
+  """
   channels = draw(st.integers(1, 16))
+  lengths = [n for n in num.SEQ_LENGTHS if max_time is None or n <= max_time]
   return Case(
-      batch=draw(st.integers(1, 3)), time=draw(num.seq_lengths()), channels=channels,
-      state=draw(st.integers(1, 16)), groups=draw(st.just(0) | num.divisors(channels)),
+      batch=draw(st.integers(1, max_batch)), time=draw(st.sampled_from(lengths)),
+      channels=channels, state=draw(st.integers(1, 16)),
+      groups=draw(st.just(0) | (num.divisors(channels) if grouped else st.just(1))),
       dtype=draw(num.float_dtypes()), delta_softplus=draw(st.booleans()),
       with_D=draw(st.booleans()), with_z=draw(st.booleans()),
       with_delta_bias=draw(st.booleans()), with_initial_state=draw(st.booleans()),
@@ -192,7 +207,8 @@ class OracleTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters(
-      *[dict(case_name=c, implementation=i) for c in ORACLE_CASES for i in IMPLEMENTATIONS],
+      *[dict(case_name=c, implementation=i) for c in ORACLE_CASES for i in IMPLEMENTATIONS
+        if i not in KERNEL_ORACLE_CASES or c in KERNEL_ORACLE_CASES[i]],
       dict(case_name="grouped_all_options", implementation=None))
   def test_fixed_case(self, case_name, implementation):
     case = ORACLE_CASES[case_name]
@@ -202,7 +218,8 @@ class OracleTest(chex.TestCase):
     _check_against_oracle(case, lambda arrays: run(**arrays))
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+# "pallas_tpu" shares "pallas_gpu"'s path through ``selective_scan`` (and is slow to compile).
+@pytest.mark.parametrize("implementation", [i for i in IMPLEMENTATIONS if i != "pallas_tpu"])
 def test_without_final_state_returns_out_only(implementation):
   """``return_final_state=False`` returns the output array alone."""
   arrays = Case(time=3).arrays()
@@ -213,25 +230,127 @@ def test_without_final_state_returns_out_only(implementation):
   np.testing.assert_array_equal(expected, out)
 
 
-# --- "xla" equals "reference", gradients included -----------------------------------------------
+# --- every other form equals "reference", gradients included ------------------------------------
 
-def _check_xla_matches_reference(case: Case) -> None:
-  """Output, final state and the gradient of every float input agree between the two forms."""
+class AgreementBase:
+  """Output, final state and the gradient of every float input agree with "reference".
+
+  Each non-reference implementation's test class subclasses this and sets ``implementation``.
+  """
+
+  __test__ = False  # collected only through the subclasses
+  implementation: str
+
+  def _check(self, case: Case) -> None:
+    arrays, cotangents = case.arrays(), _random_cotangents(case)
+    run = lambda implementation: _forward_and_vjp(
+        arrays, cotangents, implementation=implementation, delta_softplus=case.delta_softplus)
+    num.assert_forms_agree(run, arrays, DIFFERENTIABLE, self.implementation)
+
+  @given(case=cases())
+  def test_matches_reference(self, case):
+    self._check(case)
+
+  # A fixed case with every optional input, so that each gradient is checked in every run.
+  all_inputs_case = Case(batch=2, time=65, channels=8, state=16, groups=2, with_segment_ids=True,
+                         seed=1)
+
+  def test_matches_reference_all_inputs(self):
+    self._check(self.all_inputs_case)
+
+
+class TestXlaAgreement(AgreementBase):
+  __test__ = True
+  implementation = "xla"
+
+
+class TestPallasGpuAgreement(AgreementBase):
+  """The kernels run in the Pallas interpreter on CPU (compiled by Triton on GPU)."""
+
+  __test__ = True
+  implementation = "pallas_gpu"
+
+  def test_tuning_settings_agree(self):
+    """Several channel blocks per group (dB, dC summed over blocks) and chunks of 4 tokens."""
+    case = Case(batch=2, time=11, channels=8, state=4, groups=2, with_segment_ids=True, seed=2)
+    _check_kernel_settings(pallas_gpu, case, block_d=2, chunk=4)
+
+
+def _kernel_call(module, case: Case, **options):
+  """``arrays -> (out, final_state)`` calling a kernel module's ``selective_scan`` directly."""
+
+  def call(x):
+    ids = x.get("segment_ids")
+    keep = None if ids is None else jnp.concatenate(
+        [jnp.ones_like(ids[:, :1]), ids[:, 1:] == ids[:, :-1]], 1).astype(jnp.float32)
+    B, C = (x[k] if case.groups else x[k][:, :, None] for k in ("B", "C"))
+    return module.selective_scan(
+        x["u"], x["delta"], x["A"], B, C, x.get("D"), x.get("z"), x.get("delta_bias"),
+        case.delta_softplus, keep, x.get("initial_state"), **options)
+
+  return call
+
+
+def _check_kernel_settings(module, case: Case, **options) -> None:
+  """The kernels called with non-default settings agree with "reference", gradients included."""
   arrays, cotangents = case.arrays(), _random_cotangents(case)
-  run = lambda implementation: _forward_and_vjp(
-      arrays, cotangents, implementation=implementation, delta_softplus=case.delta_softplus)
-  num.assert_forms_agree(run, arrays, DIFFERENTIABLE, "xla")
+  kernel = _kernel_call(module, case, **options)
+  run = lambda implementation: (
+      num.vjp_of(kernel, arrays, cotangents, DIFFERENTIABLE) if implementation == "kernel"
+      else _forward_and_vjp(arrays, cotangents, implementation=implementation,
+                            delta_softplus=case.delta_softplus))
+  num.assert_forms_agree(run, arrays, DIFFERENTIABLE, "kernel")
 
 
-@given(case=cases())
-def test_xla_matches_reference(case):
-  _check_xla_matches_reference(case)
+class TestPallasTpuAgreement(AgreementBase):
+  """The kernels run in TPU interpret mode on CPU (slow: the shapes are kept small).
+
+  "pallas_tpu" takes one group of any number of channels, or groups of a multiple of 128
+  channels; the drawn cases are of one group, the fixed one of two groups of 128 channels.
+  """
+
+  __test__ = True
+  implementation = "pallas_tpu"
+  # Two channel blocks, one per group; 65 tokens: two chunks of 32 and a padded one.
+  all_inputs_case = Case(batch=1, time=65, channels=256, state=16, groups=2,
+                         with_segment_ids=True, seed=1)
+
+  # Each example compiles for ~6 s in TPU interpret mode: 3/5 of the profile's examples.
+  @settings(max_examples=max(1, settings().max_examples * 3 // 5))
+  @given(case=cases(max_batch=2, max_time=65, grouped=False))
+  def test_matches_reference(self, case):
+    """Drawn cases, calling the kernels with chunks of 16 tokens: they compile in TPU interpret
+    mode in half the time of the default 32 (the fixed case runs the default)."""
+    _check_kernel_settings(pallas_tpu, case, chunk=16)
+
+  def test_padded_channels_and_chunk_16(self):
+    """One group of 130 channels (padded to two blocks of 128), bfloat16, chunks of 16 tokens."""
+    case = Case(batch=1, time=20, channels=130, state=3, groups=0, dtype="bfloat16",
+                with_segment_ids=True, seed=3)
+    _check_kernel_settings(pallas_tpu, case, chunk=16)
 
 
-def test_xla_matches_reference_all_inputs():
-  """A fixed case with every optional input, so that each gradient is checked in every run."""
-  _check_xla_matches_reference(
-      Case(batch=2, time=65, channels=8, state=16, groups=2, with_segment_ids=True, seed=1))
+@pytest.mark.parametrize("dtype, channels, groups", [("bfloat16", 256, 2), ("float32", 4, 0)])
+def test_pallas_tpu_lowers_for_tpu(dtype, channels, groups):
+  """Forward and backward kernels lower through Mosaic for a TPU (exported on CPU, not run).
+
+  Lowering catches primitives Mosaic has no rule for; it does not run Mosaic's layout passes,
+  which only a TPU's compiler does.
+  """
+  case = Case(batch=1, time=40, channels=channels, state=16, groups=groups, dtype=dtype,
+              with_segment_ids=True)
+  arrays = case.arrays()
+  forward = _kernel_call(pallas_tpu, case, interpret=False)
+
+  def loss(x):
+    out, final_state = forward({**arrays, **x})
+    return out.astype(jnp.float32).sum() + final_state.sum()
+
+  differentiable = {k: v for k, v in arrays.items() if k in DIFFERENTIABLE}
+  for fn, args in ((forward, arrays), (jax.grad(loss), differentiable)):
+    exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(args)
+    assert exported.platforms == ("tpu",)
+    assert "tpu_custom_call" in exported.mlir_module()
 
 
 def _grad_temp_bytes(implementation: str, time: int, channels=64, state=64) -> int:
@@ -263,7 +382,7 @@ def test_xla_backward_memory_does_not_hold_every_state():
 PACKED_ROWS = (((7, 64), (3, 1), (9, 5)), ((2, 5), (5, 64), (1, 1)), ((4, 1), (0, 5), (4, 64)))
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", [i for i in IMPLEMENTATIONS if i != "pallas_tpu"])
 def test_segments_equal_separate_runs(implementation):
   """Packed rows equal each segment run alone: the first from initial_state, the rest from zero."""
   ids = jnp.asarray([np.repeat(*zip(*row)) for row in PACKED_ROWS], jnp.int32)
@@ -288,7 +407,7 @@ _step = jax.jit(selective_scan_step, static_argnames=("delta_softplus",))
 
 @pytest.mark.parametrize("implementation, dtype, groups", [
     ("reference", "float32", 3), ("xla", "float32", 0), ("reference", "bfloat16", 0),
-    ("xla", "bfloat16", 3)])
+    ("xla", "bfloat16", 3), ("pallas_gpu", "bfloat16", 3), ("pallas_tpu", "float32", 0)])
 def test_step_equals_forward(implementation, dtype, groups):
   """``selective_scan_step`` over the tokens equals the full forward (from an initial state)."""
   case = Case(time=9, channels=6, state=4, groups=groups, dtype=dtype)
@@ -359,6 +478,61 @@ def test_unknown_implementation_raises():
     selective_scan(**_valid_arguments(), implementation="cuda")
   for allowed in IMPLEMENTATIONS:
     assert allowed in str(info.value), str(info.value)
+
+
+@pytest.fixture
+def on_tpu(monkeypatch):
+  """``jax.default_backend()`` says "tpu"; "pallas_tpu" still runs in TPU interpret mode, and the
+  calls of its kernels are recorded (the list returned)."""
+  calls = []
+  kernels = pallas_tpu.selective_scan
+
+  def interpreted(*args, **kwargs):
+    calls.append(args)
+    return kernels(*args, **kwargs, interpret=True)
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  monkeypatch.setattr(pallas_tpu, "selective_scan", interpreted)
+  return calls
+
+
+def test_default_on_tpu_is_pallas_tpu(on_tpu):
+  arrays = Case(time=5, channels=4, state=3).arrays()
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    out = selective_scan(**arrays, delta_softplus=True)
+  assert len(on_tpu) == 1
+  expected = selective_scan(**arrays, delta_softplus=True, implementation="reference")
+  num.assert_close(expected, out, TOL_F32)
+
+
+def test_default_on_tpu_falls_back_for_unsupported_shape(on_tpu):
+  """Two groups of 2 channels: "pallas_tpu" needs 128 channels per group; "xla" runs instead."""
+  arrays = _valid_arguments()
+  with pytest.warns(UserWarning, match=r"'pallas_tpu'.*channels per group \(2\)"):
+    out = selective_scan(**arrays, delta_softplus=True)
+  assert not on_tpu
+  expected = selective_scan(**arrays, delta_softplus=True, implementation="reference")
+  num.assert_close(expected, out, TOL_F32)
+
+
+def test_pallas_tpu_refuses_unsupported_shape():
+  with pytest.raises(ValueError, match=r"'pallas_tpu'.*channels per group \(2\).*128"):
+    selective_scan(**_valid_arguments(), implementation="pallas_tpu")
+
+
+@pytest.mark.parametrize("channels, groups, state, supported", [
+    (4, 1, 16, True), (300, 1, 16, True), (256, 2, 16, True), (8, 2, 16, False),
+    (384, 2, 16, False), (128, 1, 1024, False)])
+def test_pallas_tpu_unsupported(channels, groups, state, supported):
+  """Groups of a multiple of 128 channels, or one group of any number; VMEM within budget."""
+  assert (pallas_tpu.unsupported(channels, groups, state) is None) == supported
+
+
+@pytest.mark.parametrize("implementation", ["reference", "pallas_gpu"])
+def test_chunk_size_outside_xla_raises(implementation):
+  with pytest.raises(ValueError, match=r"chunk_size"):
+    selective_scan(**_valid_arguments(), implementation=implementation, chunk_size=16)
 
 
 def _valid_step_arguments() -> dict:

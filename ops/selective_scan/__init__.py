@@ -4,9 +4,14 @@ Public functions:
   selective_scan(u, delta, A, B, C, ...)    the whole sequence; training and prefill.
   selective_scan_step(state, u, delta, ...) one token; the decode path.
 
-Implementations: ``"reference"`` (token-by-token ``lax.scan``, float32) and ``"xla"`` (chunked
-associative scan with the state carried across chunks). ``None`` picks ``"xla"``, except on CPU
-where the token-by-token scan measured faster (docs/selective_scan.md).
+Implementations: ``"reference"`` (token-by-token ``lax.scan``, float32), ``"xla"`` (chunked
+associative scan with the state carried across chunks), ``"pallas_gpu"`` (one fused Pallas
+Triton kernel for the forward and one for the backward; on CPU it runs in the Pallas
+interpreter) and ``"pallas_tpu"`` (the same as Pallas TPU (Mosaic) kernels; off TPU they run in
+TPU interpret mode; B and C in groups need a multiple of 128 channels per group).
+``None`` picks ``"pallas_gpu"`` on GPU, ``"pallas_tpu"`` on TPU (``"xla"``, with a warning, for
+a shape it does not support), ``"reference"`` on CPU, where the token-by-token scan measured
+faster (docs/selective_scan.md), and ``"xla"`` elsewhere.
 All arithmetic is float32 whatever the input dtype; outputs take ``u``'s dtype and states are
 float32.
 """
@@ -17,10 +22,10 @@ import jax
 import jax.numpy as jnp
 
 from ops._validate import check_shape, resolve_implementation
-from ops.selective_scan import chunk, reference
+from ops.selective_scan import chunk, pallas_gpu, pallas_tpu, reference
 
-IMPLEMENTATIONS = ("xla", "reference")
-DEFAULT_BY_PLATFORM = {"cpu": "reference"}
+IMPLEMENTATIONS = ("xla", "reference", "pallas_gpu", "pallas_tpu")
+DEFAULT_BY_PLATFORM = {"cpu": "reference", "gpu": "pallas_gpu", "tpu": "pallas_tpu"}
 
 
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias, state, *, with_time: bool, state_name: str):
@@ -86,7 +91,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     delta_softplus: apply softplus to delta (after the bias).
     initial_state: optional [batch, channels, state] float32; zeros when None.
     return_final_state: also return the state after the last token.
-    implementation: None, "reference" or "xla".
+    implementation: None, "reference", "xla", "pallas_gpu" or "pallas_tpu".
     segment_ids: optional [batch, time] integers of a packed batch; the state restarts from
       zero wherever the id changes, so no token sees another segment.
     chunk_size: tokens per chunk of the "xla" form (default ``chunk.DEFAULT_CHUNK_SIZE``).
@@ -95,26 +100,40 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     out [batch, time, channels] in u's dtype, and with ``return_final_state`` the final state
     [batch, channels, state] float32.
   """
-  implementation = resolve_implementation(implementation, IMPLEMENTATIONS, DEFAULT_BY_PLATFORM)
   channels, state_size, groups = _check_inputs(
       u, delta, A, B, C, D, z, delta_bias, initial_state, with_time=True,
       state_name="initial_state")
   batch, time = u.shape[:2]
   if segment_ids is not None:
     check_shape("segment_ids", segment_ids, (batch, time), "[batch, time]")
+  implementation = resolve_implementation(
+      implementation, IMPLEMENTATIONS, DEFAULT_BY_PLATFORM,
+      unsupported={"pallas_tpu": pallas_tpu.unsupported(channels, groups, state_size,
+                                                        itemsize=u.dtype.itemsize)})
   if chunk_size is not None and (implementation != "xla" or chunk_size < 1):
     raise ValueError(f"chunk_size applies to implementation 'xla' only and must be >= 1, got "
                      f"chunk_size={chunk_size} with implementation={implementation!r}")
+
+  keep = None
+  if segment_ids is not None:
+    starts = segment_ids[:, 1:] != segment_ids[:, :-1]
+    keep = jnp.ones((batch, time), jnp.float32).at[:, 1:].set(jnp.where(starts, 0.0, 1.0))
+
+  if implementation in ("pallas_gpu", "pallas_tpu"):
+    kernels = pallas_gpu if implementation == "pallas_gpu" else pallas_tpu
+    out, final_state = kernels.selective_scan(
+        u, delta, A, B.reshape(batch, time, groups, state_size),
+        C.reshape(batch, time, groups, state_size), D, z, delta_bias, delta_softplus, keep,
+        initial_state)
+    return (out, final_state) if return_final_state else out
 
   grouped = (batch, time, groups, channels // groups)
   delta_f = _discretisation_step(delta, delta_bias, delta_softplus).reshape(grouped)
   u_g = u.astype(jnp.float32).reshape(grouped)
   B_g, C_g = (x.astype(jnp.float32).reshape(batch, time, groups, state_size) for x in (B, C))
   A_g = A.astype(jnp.float32).reshape(groups, channels // groups, state_size)
-  keep = jnp.ones((batch, time), jnp.float32)
-  if segment_ids is not None:
-    starts = segment_ids[:, 1:] != segment_ids[:, :-1]
-    keep = keep.at[:, 1:].set(jnp.where(starts, 0.0, 1.0))
+  if keep is None:
+    keep = jnp.ones((batch, time), jnp.float32)
   if initial_state is None:
     h0 = jnp.zeros((batch, groups, channels // groups, state_size), jnp.float32)
   else:

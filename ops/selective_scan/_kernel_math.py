@@ -1,0 +1,152 @@
+"""Per-token math shared by the Pallas kernels ("pallas_gpu", "pallas_tpu") of the selective scan.
+
+Both kernels hold one channel block's state in float32 and walk its tokens in order; they differ
+in the state's layout. The GPU kernel's state is [block_d, state] and its per-token vectors are
+1-D ([block_d] per channel, [state] for B and C); the TPU kernel's state is [state, block_d]
+(channels on lanes) and its per-token values are already 2-D and broadcastable ([1, block_d]
+rows, [state, 1] columns). ``Layout`` hides the difference, so the scan step, the readout and
+the adjoint step are written once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+
+
+def softplus(x):
+  return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+def sigmoid(x):
+  return 1.0 / (1.0 + jnp.exp(-x))
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where the state axis is in a state-shaped array, and whether token values need expanding.
+
+  ``state_axis``: the state's axis in [.., ..] state-shaped arrays (the other is the channels').
+  ``expand``: token values are 1-D (a channel vector [block_d] or a state vector [state]) and
+  are expanded to broadcast; otherwise they are 2-D already and reductions keep their axis.
+  """
+
+  state_axis: int
+  expand: bool
+
+  def chan(self, x):
+    """A channel vector, broadcastable against the state."""
+    return jnp.expand_dims(x, self.state_axis) if self.expand else x
+
+  def state(self, x):
+    """A state vector (B or C), broadcastable against the state."""
+    return jnp.expand_dims(x, 1 - self.state_axis) if self.expand else x
+
+  def sum_state(self, x):
+    """Sums a state-shaped array over the state: a channel vector."""
+    return jnp.sum(x, axis=self.state_axis, keepdims=not self.expand)
+
+  def sum_channels(self, x):
+    """Sums a state-shaped array over the channels: a state vector."""
+    return jnp.sum(x, axis=1 - self.state_axis, keepdims=not self.expand)
+
+
+GPU_LAYOUT = Layout(state_axis=1, expand=True)  # state [block_d, state]
+TPU_LAYOUT = Layout(state_axis=0, expand=False)  # state [state, block_d]
+
+
+class Token(NamedTuple):
+  """One token's float32 inputs of a channel block; optional entries are None when absent."""
+
+  u: jax.Array  # channel vector
+  raw: jax.Array  # channel vector: delta + delta_bias, before the softplus
+  dt: jax.Array  # channel vector: the step (activated, zero for padding tokens)
+  B: jax.Array  # state vector
+  C: jax.Array  # state vector
+  z: jax.Array | None  # channel vector
+  keep: jax.Array | None  # broadcastable scalar: 0 where the state restarts before this token
+
+
+def step_size(raw, delta_softplus: bool, valid):
+  """The step from delta + delta_bias; ``valid`` (0 for padding tokens, or None) masks it."""
+  dt = softplus(raw) if delta_softplus else raw
+  return dt if valid is None else dt * valid
+
+
+def advance(h, tok: Token, A, lay: Layout):
+  """(state after the token, its decay exp(dt A)) from the state before it."""
+  if tok.keep is not None:
+    h = h * tok.keep
+  decay = jnp.exp(lay.chan(tok.dt) * A)
+  return decay * h + lay.chan(tok.dt * tok.u) * lay.state(tok.B), decay
+
+
+def readout(h, tok: Token, D, lay: Layout):
+  """C h + D u: the output before the gate."""
+  y = lay.sum_state(h * lay.state(tok.C))
+  return y if D is None else y + D * tok.u
+
+
+def gate(y, tok: Token):
+  """The output: y gated by SiLU(z) (y itself without z)."""
+  return y if tok.z is None else y * tok.z * sigmoid(tok.z)
+
+
+class TokenGrads(NamedTuple):
+  """One token's gradients; None where the input is absent."""
+
+  du: jax.Array  # channel vector
+  draw: jax.Array  # channel vector: d loss / d (delta + delta_bias), i.e. ddelta and d bias
+  dz: jax.Array | None  # channel vector
+  dB: jax.Array  # state vector (this channel block's part)
+  dC: jax.Array  # state vector (this channel block's part)
+  dA: jax.Array  # state-shaped
+  dD: jax.Array | None  # channel vector
+
+
+def adjoint(g, tok: Token, h, h_before, decay, dout, A, D, lay: Layout, delta_softplus: bool,
+            valid):
+  """One token of the backward recurrence.
+
+  Args:
+    g: d loss / d (state after the token), from the later tokens only.
+    tok: the token's inputs.
+    h, h_before: the states after and before the token (h_before before the ``keep`` reset).
+    decay: the token's exp(dt A).
+    dout: d loss / d out for the token (a channel vector, float32).
+    A, D: the parameters (D None when absent).
+    lay: the state layout.
+    delta_softplus: whether dt is softplus(raw).
+    valid: 0 for padding tokens (a broadcastable float), or None.
+
+  Returns:
+    (d loss / d (state before the token), the token's gradients).
+  """
+  h_prev = h_before if tok.keep is None else h_before * tok.keep
+  ds, dz = dout, None
+  if tok.z is not None:
+    sig = sigmoid(tok.z)
+    dz = ds * readout(h, tok, D, lay) * sig * (1.0 + tok.z * (1.0 - sig))
+    ds = ds * tok.z * sig
+  g = g + lay.chan(ds) * lay.state(tok.C)  # d loss / d (state after the token)
+  dC = lay.sum_channels(lay.chan(ds) * h)
+  dB = lay.sum_channels(g * lay.chan(tok.dt * tok.u))
+  g_decay = g * h_prev * decay  # d loss / d log(decay)
+  dA = lay.chan(tok.dt) * g_decay
+  gB = lay.sum_state(g * lay.state(tok.B))
+  ddt = lay.sum_state(g_decay * A) + tok.u * gB
+  if valid is not None:
+    ddt = ddt * valid
+  draw = ddt * sigmoid(tok.raw) if delta_softplus else ddt
+  du = tok.dt * gB
+  dD = None
+  if D is not None:
+    du = du + ds * D
+    dD = ds * tok.u
+  g = g * decay if tok.keep is None else g * decay * tok.keep
+  return g, TokenGrads(du=du, draw=draw, dz=dz, dB=dB, dC=dC, dA=dA, dD=dD)
