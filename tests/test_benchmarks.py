@@ -61,3 +61,42 @@ def test_size_parsing():
   assert kda_bench.Size.parse("B4,T8192,H16,K128,V128") == kda_bench.Size(4, 8192, 16, 128, 128)
   with pytest.raises(argparse.ArgumentTypeError, match=r"B<batch>,T<time>,H<heads>"):
     kda_bench.Size.parse("B4,T8192")
+
+
+def _numbers(value):
+  """Every int or float inside a JSON value (bools excluded)."""
+  if isinstance(value, dict):
+    for item in value.values():
+      yield from _numbers(item)
+  elif isinstance(value, list):
+    for item in value:
+      yield from _numbers(item)
+  elif isinstance(value, (int, float)) and not isinstance(value, bool):
+    yield value
+
+
+def test_kernels_script_smoke(tmp_path, capsys):
+  """benchmarks.kernels on CPU, tiny sizes, reference and xla only: every op gives timed rows,
+  the absent peers give "n/a" rows, and every number in the JSON is finite and positive."""
+  from benchmarks import kernels as kernels_bench
+  path = tmp_path / "kernels.json"
+  records = kernels_bench.main(["--smoke", "--scan-dtypes", "float32", "--json", str(path)])
+  data = json.loads(path.read_text())
+  assert data["records"] == json.loads(json.dumps(records))
+  assert data["platform"] == jax.devices()[0].platform
+  timed = [r for r in records if r["median_ms"] is not None]
+  assert {r["op"] for r in timed} == {"kda", "attention", "decode", "scan"}
+  for record in records:
+    if record["implementation"] in ("reference", "xla"):
+      assert record["status"] == "ok" and record["median_ms"] is not None, record
+    else:  # the PyTorch peers
+      assert record["status"].startswith("n/a") or record["median_ms"] is not None, record
+    for key, value in record.items():
+      for number in _numbers(value):
+        limit = 0 if key == "temp_bytes" else None  # scratch may be empty
+        assert math.isfinite(number) and (number >= 0 if limit == 0 else number > 0), (key, record)
+  scan = {(r["implementation"], r["pass"]): r for r in records if r["op"] == "scan"}
+  assert scan[("xla", "fwd")]["ratio"] == 1.0
+  assert "ratio_attention" in next(r for r in timed if r["op"] == "kda")
+  out = " ".join(capsys.readouterr().out.split())
+  assert "kda B1 T64 H2 D16 bfloat16 reference fwd" in out

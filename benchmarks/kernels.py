@@ -1,0 +1,695 @@
+"""Kernel benchmark: this library's KDA and selective-scan forms beside fla and cuDNN attention.
+
+What is timed, on whatever device JAX sees (meant for an NVIDIA H200), in one table and one JSON:
+
+  kda        ``ops.kda.kda`` forms "reference", "xla" and "pallas_gpu"; fla ``chunk_kda`` and
+             ``fused_recurrent_kda`` (PyTorch/Triton, forward only: fla gives it no backward).
+             B4 H16 K=V=128, T in {2048, 8192, 32768}; fwd and fwd+bwd.
+             Inputs (as benchmarks/kda.py, fla's tests): q, k, v ~ U(0, 1) and
+             beta = sigmoid(N(0, 1)) in bfloat16, g = logsigmoid(N(0, 1)) float32, an N(0, 1)
+             float32 initial state, ``use_qk_l2norm_in_kernel=True``, final state returned.
+             The backward takes the gradients wrt q, k, v, g, beta and the initial state of
+             ``<o, do> + <final_state, dht>`` with random cotangents (do bf16-representable).
+  attention  causal ``jax.nn.dot_product_attention(q, k, v, is_causal=True,
+             implementation="cudnn")`` at the same B, T, H and D=128, bfloat16 N(0, 1) inputs
+             ("xla" on CPU, where cuDNN is absent; ``--attention`` picks).
+  decode     ``ops.kda.kda_step(..., implementation=...)`` ("reference", "pallas_gpu"; kda_step
+             has no "xla" form) vs fla ``fused_recurrent_kda`` on one token (q, k, v [B, 1, H, D],
+             float32 state [B, H, K, V]); B in {4, 64}, H16 K=V=128. Where kda_step takes no
+             ``implementation`` keyword yet, "reference" is its plain call and "pallas_gpu" is n/a.
+  scan       ``ops.selective_scan.selective_scan`` forms "reference", "xla", "pallas_gpu" with
+             D, z, delta_bias and delta_softplus=True (inputs as benchmarks/selective_scan.py);
+             B2 L4096 D2048 N16 and B8 L8192 D2048 N16; float32 and bfloat16 inputs; fwd and
+             fwd+bwd (gradients of ``<out, dout>`` wrt every input). No peer runs here;
+             ANCHORS.md has mamba_ssm's CUDA kernel for orientation.
+
+How: every JAX case is compiled once (``jax.jit(...).lower(...).compile()``), called once (that
+output feeds the check below), warmed up ``--warmup`` more times and timed over ``--iters`` calls
+with ``block_until_ready`` (host wall clock); every PyTorch case is warmed up the same way, then
+timed call by call between two ``torch.cuda.Event``s (``benchmarks/peers.py``). The table gives
+the median. Inputs are fresh ``jax.random`` draws (never zeros); fla gets the very same arrays
+through DLPack. ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` is set before JAX starts, so JAX and
+PyTorch share the card.
+
+Checks: before a "pallas_gpu" case is timed it is run at the full size on the same inputs as the
+"xla" form ("reference" for the decode step) and every output (forward) or every gradient
+(fwd+bwd) is compared as ``rms(expected - got) / rms(expected)``. The errors go to the JSON
+("check"), the largest to the table; one above ``--tol`` (default 2e-2 for bfloat16 inputs, 5e-3
+for float32) prints "!!! CHECK FAILED" and the case is not timed. fla's outputs are compared the
+same way and recorded (a mismatch is flagged but fla is still timed).
+
+``--skip-slow`` (default on GPU) leaves out the token-by-token "reference" form above B*T = 8192
+tokens (KDA: T2048 only; scan: B2 L4096 only); the table keeps a row saying so.
+
+Counts behind TFLOP/s and GB/s (nominal: the same count for every form of one case):
+  KDA, per head, forward (SPEC 3.8, chunk C = 64, d = K = V): 6*T*d^2 + 10*T*C*d + T*C^2/3;
+    times B*H; fwd+bwd = 3x forward (the backward taken as 2x).
+    bytes, forward: inputs read once (q, k, v, beta in their dtype; g and the initial state
+    float32) + outputs written once (o, final state); fwd+bwd: inputs + cotangents (the
+    outputs' size) read, gradients (the inputs' size) written.
+  attention, causal: forward 2*B*H*T^2*D (half of 4*B*H*T^2*D); fwd+bwd 3.5x that.
+    bytes: q, k, v read + o written; fwd+bwd: q, k, v, do read + dq, dk, dv written.
+  decode: 7*B*H*K*V (decay, k^T S, rank-1 update, S^T q); bytes: q, k, v, g, beta, the state
+    read, the new state and o written.
+  scan: 7*B*L*D*N forward (exp(delta*A), the update's two multiplies and add, C*h and its
+    sum); fwd+bwd 3x. bytes: u, delta, z, B, C, A, D, delta_bias read + out written; fwd+bwd
+    inputs + dout read, gradients written.
+
+Ratios: "vs base" is this row's median / the baseline's median for the same size and pass
+(KDA: fla chunk_kda; decode: fla fused_recurrent_kda; scan: the "xla" form at the same dtype);
+"vs attn" (KDA rows) is the median / the causal attention median at the same B, T, H and pass.
+Below 1 means faster.
+
+  # the H200: fla and einops from .whl/ (git-ignored: carry it to the machine), then the run
+  pip install --no-deps --target /tmp/site .whl/fla_core-0.6.0-py3-none-any.whl \
+      .whl/einops-0.8.2-py3-none-any.whl
+  PYTHONPATH=/tmp/site python -m benchmarks.kernels --json kernels.json
+  # or a few ops per command, to stay inside a 10-minute limit (fla autotunes on its first call
+  # of each shape; the xla forms compile for tens of seconds at T=32768):
+  PYTHONPATH=/tmp/site python -m benchmarks.kernels --ops kda,attention --json kda.json
+  PYTHONPATH=/tmp/site python -m benchmarks.kernels --ops decode,scan --json scan.json
+  # CPU: tiny sizes, no peers; pallas_gpu (interpret mode, slow) only when named:
+  python -m benchmarks.kernels --smoke
+  python -m benchmarks.kernels --sizes tiny --implementations reference xla pallas_gpu
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with PyTorch
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import dataclasses  # noqa: E402
+import inspect  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from typing import Callable, Sequence  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from benchmarks import harness, peers  # noqa: E402
+from benchmarks import selective_scan as scan_bench  # noqa: E402
+from ops.kda import kda, kda_step  # noqa: E402
+from ops.selective_scan import selective_scan  # noqa: E402
+
+OPS = ("kda", "attention", "decode", "scan")
+FORMS = ("reference", "xla", "pallas_gpu")
+FAST_FORMS = ("reference", "xla")
+ATTENTION_FORMS = ("cudnn", "xla")
+KDA_CHUNK = 64  # SPEC 3.8's C and ops.kda.kda's default chunk_size
+SLOW_TOKENS = 8192  # --skip-slow drops "reference" above this many tokens (B*T)
+TOLERANCE = {"bfloat16": 2e-2, "float32": 5e-3}
+FLA_CHUNK, FLA_RECURRENT = "fla.chunk_kda", "fla.fused_recurrent_kda"
+
+
+# ----------------------------------------------------------------------------------------- sizes
+
+@dataclasses.dataclass(frozen=True)
+class SeqSize(harness.Size):
+  """KDA and attention: batch, time, heads, head dim (K = V = D)."""
+
+  LETTERS = (("B", "batch"), ("T", "time"), ("H", "heads"), ("D", "dim"))
+  batch: int
+  time: int
+  heads: int
+  dim: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSize(harness.Size):
+  """The KDA decode step: batch, heads, head dim (K = V = D)."""
+
+  LETTERS = (("B", "batch"), ("H", "heads"), ("D", "dim"))
+  batch: int
+  heads: int
+  dim: int
+
+
+ScanSize = scan_bench.Size
+
+SIZES = {
+    "full": dict(kda=("B4,T2048,H16,D128", "B4,T8192,H16,D128", "B4,T32768,H16,D128"),
+                 decode=("B4,H16,D128", "B64,H16,D128"),
+                 scan=("B2,L4096,D2048,N16", "B8,L8192,D2048,N16")),
+    "tiny": dict(kda=("B1,T64,H2,D16",), decode=("B2,H2,D16",), scan=("B1,L64,D16,N4",)),
+}
+
+
+# -------------------------------------------------------------------------------- FLOPs, bytes
+
+def _itemsize(dtype) -> int:
+  return jnp.dtype(dtype).itemsize
+
+
+def kda_counts(s: SeqSize, dtype, backward: bool) -> tuple[float, float]:
+  """(FLOPs, bytes) of KDA; see the module docstring."""
+  B, T, H, d, C = s.batch, s.time, s.heads, s.dim, KDA_CHUNK
+  flops = B * H * (6 * T * d * d + 10 * T * C * d + T * C * C / 3)
+  n, state = B * T * H * d, B * H * d * d * 4
+  inputs = 3 * n * _itemsize(dtype) + n * 4 + B * T * H * _itemsize(dtype) + state
+  outputs = n * _itemsize(dtype) + state
+  return (3 * flops, 2 * inputs + outputs) if backward else (flops, inputs + outputs)
+
+
+def attention_counts(s: SeqSize, dtype, backward: bool) -> tuple[float, float]:
+  flops = 2 * s.batch * s.heads * s.time ** 2 * s.dim
+  tensor = s.batch * s.time * s.heads * s.dim * _itemsize(dtype)
+  return (3.5 * flops, 7 * tensor) if backward else (flops, 4 * tensor)
+
+
+def decode_counts(s: DecodeSize, dtype) -> tuple[float, float]:
+  B, H, d = s.batch, s.heads, s.dim
+  vectors = 4 * B * H * d * _itemsize(dtype) + B * H * d * 4 + B * H * _itemsize(dtype)
+  return 7 * B * H * d * d, vectors + 2 * B * H * d * d * 4
+
+
+def scan_counts(s: ScanSize, dtype, backward: bool) -> tuple[float, float]:
+  B, L, D, N, G = s.batch, s.time, s.channels, s.state, max(s.groups, 1)
+  flops = 7 * B * L * D * N
+  size = _itemsize(dtype)
+  inputs = 3 * B * L * D * size + 2 * B * L * G * N * size + D * N * 4 + 2 * D * 4
+  outputs = B * L * D * size
+  return (3 * flops, 2 * inputs + outputs) if backward else (flops, inputs + outputs)
+
+
+# ---------------------------------------------------------------------------------------- inputs
+
+def _round(x, dtype):
+  """float32 values that ``dtype`` represents exactly (cotangents both frameworks agree on)."""
+  return x.astype(dtype).astype(jnp.float32)
+
+
+def kda_inputs(s: SeqSize, dtype, seed: int = 0) -> tuple[dict, tuple]:
+  """(inputs of ``kda``, cotangents (do, dht)): the recipe of benchmarks/kda.py."""
+  keys = jax.random.split(jax.random.key(seed), 8)
+  B, T, H, d = s.batch, s.time, s.heads, s.dim
+  uniform = lambda key: jax.random.uniform(key, (B, T, H, d), jnp.float32).astype(dtype)
+  inputs = dict(
+      q=uniform(keys[0]), k=uniform(keys[1]), v=uniform(keys[2]),
+      g=jax.nn.log_sigmoid(jax.random.normal(keys[3], (B, T, H, d), jnp.float32)),
+      beta=jax.nn.sigmoid(jax.random.normal(keys[4], (B, T, H), jnp.float32)).astype(dtype),
+      initial_state=jax.random.normal(keys[5], (B, H, d, d), jnp.float32))
+  cotangents = (_round(jax.random.normal(keys[6], (B, T, H, d), jnp.float32), dtype),
+                jax.random.normal(keys[7], (B, H, d, d), jnp.float32))
+  return inputs, cotangents
+
+
+def attention_inputs(s: SeqSize, dtype, seed: int = 0) -> tuple[dict, jax.Array]:
+  keys = jax.random.split(jax.random.key(seed), 4)
+  shape = (s.batch, s.time, s.heads, s.dim)
+  normal = lambda key: jax.random.normal(key, shape, jnp.float32).astype(dtype)
+  return dict(q=normal(keys[0]), k=normal(keys[1]), v=normal(keys[2])), _round(
+      jax.random.normal(keys[3], shape, jnp.float32), dtype)
+
+
+def decode_inputs(s: DecodeSize, dtype, seed: int = 0) -> dict:
+  """One token of ``kda_step`` by the KDA recipe, and an N(0, 1) float32 state."""
+  keys = jax.random.split(jax.random.key(seed), 6)
+  B, H, d = s.batch, s.heads, s.dim
+  uniform = lambda key: jax.random.uniform(key, (B, H, d), jnp.float32).astype(dtype)
+  return dict(q=uniform(keys[0]), k=uniform(keys[1]), v=uniform(keys[2]),
+              g=jax.nn.log_sigmoid(jax.random.normal(keys[3], (B, H, d), jnp.float32)),
+              beta=jax.nn.sigmoid(jax.random.normal(keys[4], (B, H), jnp.float32)).astype(dtype),
+              state=jax.random.normal(keys[5], (B, H, d, d), jnp.float32))
+
+
+def scan_inputs(s: ScanSize, dtype, seed: int = 0) -> tuple[dict, jax.Array]:
+  """(inputs of ``selective_scan``, dout): the recipe of benchmarks/selective_scan.py."""
+  keys = jax.random.split(jax.random.key(seed), 8)
+  B, L, D, N = s.batch, s.time, s.channels, s.state
+  bc_shape = (B, L, s.groups, N) if s.groups else (B, L, N)
+  normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32).astype(dtype)
+  dt = jnp.exp(jax.random.uniform(keys[6], (D,), jnp.float32, jnp.log(1e-3), jnp.log(1e-1)))
+  inputs = dict(
+      u=normal(keys[0], (B, L, D)), delta=normal(keys[1], (B, L, D)) * 0.1,
+      A=-jnp.tile(jnp.arange(1, N + 1, dtype=jnp.float32), (D, 1)),
+      B=normal(keys[2], bc_shape), C=normal(keys[3], bc_shape), D=jnp.ones((D,), jnp.float32),
+      z=normal(keys[4], (B, L, D)), delta_bias=dt + jnp.log(-jnp.expm1(-dt)))
+  return inputs, _round(jax.random.normal(keys[5], (B, L, D), jnp.float32), dtype)
+
+
+# ------------------------------------------------------------------------------ the functions
+
+def kda_fn(form: str, backward: bool) -> Callable:
+  def forward(inputs, cotangents=None):
+    del cotangents
+    return kda(**inputs, return_final_state=True, use_qk_l2norm_in_kernel=True,
+               implementation=form)
+  return harness.with_backward(forward) if backward else forward
+
+
+def attention_fn(form: str, backward: bool) -> Callable:
+  def forward(inputs, cotangent=None):
+    del cotangent
+    return jax.nn.dot_product_attention(inputs["q"], inputs["k"], inputs["v"], is_causal=True,
+                                        implementation=form)
+  return harness.with_backward(forward) if backward else forward
+
+
+class NotAvailable(Exception):
+  """A form that this checkout does not have: an "n/a" row."""
+
+
+def step_takes_implementation() -> bool:
+  return "implementation" in inspect.signature(kda_step).parameters
+
+
+def decode_fn(form: str, backward: bool = False) -> Callable:
+  del backward
+  if not step_takes_implementation() and form != "reference":
+    raise NotAvailable("kda_step takes no implementation= yet")
+  options = dict(implementation=form) if step_takes_implementation() else {}
+
+  def step(inputs, cotangents=None):
+    del cotangents
+    return kda_step(**inputs, use_qk_l2norm_in_kernel=True, **options)
+  return step
+
+
+def scan_fn(form: str, backward: bool) -> Callable:
+  def forward(inputs, cotangent=None):
+    del cotangent
+    return selective_scan(**inputs, delta_softplus=True, implementation=form)
+  return harness.with_backward(forward) if backward else forward
+
+
+# ------------------------------------------------------------------------------ JAX mechanics
+
+def _leaves(tree, names: Sequence[str] | None = None, prefix: str = "") -> dict:
+  """Output leaves by name: ``names`` for a tuple, dict keys otherwise (with ``prefix``)."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  if names is not None and len(names) == len(flat):
+    return {prefix + n: x for n, (_, x) in zip(names, flat)}
+  return {prefix + jax.tree_util.keystr(p).strip("[]'\"").replace("']['", "."): x
+          for p, x in flat}
+
+
+@jax.jit
+def _rel_rms(expected, got):
+  expected = expected.astype(jnp.float32)
+  diff = expected - got.astype(jnp.float32)
+  num, den = jnp.sqrt(jnp.mean(diff * diff)), jnp.sqrt(jnp.mean(expected * expected))
+  return jnp.where(den > 0, num / den, num)
+
+
+def compare(expected: dict, got: dict) -> dict:
+  """{name: rms(expected - got) / rms(expected)} over the names both have."""
+  return {name: float(_rel_rms(expected[name], got[name])) for name in expected if name in got}
+
+
+def run_once(fn: Callable, args: tuple):
+  """Compiles ``fn`` for ``args`` and calls it once: (compiled, compile seconds, output)."""
+  compiled, compile_s = harness.compile_fn(fn, args)
+  return compiled, compile_s, jax.block_until_ready(compiled(*args))
+
+
+def time_compiled(compiled, args: tuple, warmup: int, iters: int) -> dict:
+  """Median and min milliseconds of ``compiled(*args)`` after ``warmup`` calls."""
+  for _ in range(warmup):
+    jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  return dict(median_ms=1e3 * statistics.median(times), min_ms=1e3 * min(times))
+
+
+def _short(error: BaseException, limit: int = 90) -> str:
+  text = " ".join(f"{type(error).__name__}: {error}".split())
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# ----------------------------------------------------------------------------------- the table
+
+def _num(value, fmt: str = ".3g") -> str:
+  return "-" if value is None else format(value, fmt)
+
+
+TABLE = harness.Table((
+    harness.Column("op", 9, lambda r: r["op"]),
+    harness.Column("size", 22, lambda r: r["size"]),
+    harness.Column("dtype", 8, lambda r: r["dtype"]),
+    harness.Column("implementation", 23, lambda r: r["implementation"]),
+    harness.Column("pass", 7, lambda r: r["pass"]),
+    harness.Column("median ms", 10, lambda r: _num(r["median_ms"], ".3f")),
+    harness.Column("vs base", 7, lambda r: _num(r.get("ratio"), ".2f")),
+    harness.Column("vs attn", 7, lambda r: _num(r.get("ratio_attention"), ".2f")),
+    harness.Column("TFLOP/s", 8, lambda r: _num(r.get("tflops"))),
+    harness.Column("GB/s", 8, lambda r: _num(r.get("gbps"))),
+    harness.Column("check", 8, lambda r: _num(r.get("check_max"), ".1e")),
+    harness.Column("", 0, lambda r: "" if r["status"] == "ok" else " " + r["status"]),
+))
+
+
+class Bench:
+  """Holds the run's options and records; ``emit`` finishes, prints and saves a record."""
+
+  def __init__(self, args: argparse.Namespace):
+    self.args = args
+    self.records: list[dict] = []
+    self.failures: list[dict] = []
+    self.meta = dict(mode="kernels", warmup=args.warmup, iters=args.iters,
+                     skip_slow=args.skip_slow, slow_tokens=SLOW_TOKENS,
+                     tolerance=args.tol if args.tol is not None else TOLERANCE,
+                     kda_chunk=KDA_CHUNK, **peers.versions())
+
+  def record(self, op: str, size, dtype, implementation: str, pass_name: str,
+             counts: tuple[float, float], **shape) -> dict:
+    flops, nbytes = counts
+    return {"op": op, "size": str(size), "dtype": jnp.dtype(dtype).name,
+            "implementation": implementation, "pass": pass_name, **shape, "flops": flops,
+            "bytes": nbytes, "status": "ok", "median_ms": None}
+
+  def emit(self, record: dict) -> None:
+    if record["median_ms"] is not None:
+      seconds = record["median_ms"] / 1e3
+      record["tflops"] = record["flops"] / seconds / 1e12
+      record["gbps"] = record["bytes"] / seconds / 1e9
+    elif record["status"] == "ok":
+      record["status"] = "not timed"
+    self.records.append(record)
+    print(TABLE.row(record), flush=True)
+    harness.write_json(self.args.json, self.records, **self.meta)
+
+  def tolerance(self, dtype) -> float:
+    return self.args.tol if self.args.tol is not None else TOLERANCE[jnp.dtype(dtype).name]
+
+  def slow(self, form: str, tokens: int) -> str | None:
+    if form == "reference" and self.args.skip_slow and tokens > SLOW_TOKENS:
+      return f"skipped: --skip-slow (reference above B*T = {SLOW_TOKENS} tokens)"
+    return None
+
+  def jax_forms(self, make_record: Callable, make_fn: Callable, args: tuple, dtype,
+                passes: Sequence[str], tokens: int, check_form: str,
+                names: dict[str, Sequence[str] | None]) -> dict:
+    """Times every ``--implementations`` form (``make_fn(form, backward)``) on ``args``, checking
+    "pallas_gpu" against ``check_form`` first; returns ``check_form``'s outputs by pass (named
+    leaves), for checking the peers."""
+    expected: dict[str, dict] = {}
+    forms = [f for f in FORMS  # in this order, so "xla" is run (and kept) before "pallas_gpu"
+             if f in self.args.implementations and (f != "xla" or check_form == "xla")]
+
+    def named(out, pass_name):
+      return _leaves(out, names.get(pass_name), prefix="d" if pass_name == "fwd+bwd" else "")
+
+    for form in forms:
+      for pass_name in passes:
+        rec = make_record(form, pass_name)
+        reason = self.slow(form, tokens)
+        if reason:
+          rec["status"] = reason
+          self.emit(rec)
+          continue
+        try:
+          compiled, compile_s, out = run_once(make_fn(form, pass_name == "fwd+bwd"), args)
+        except Exception as error:  # noqa: BLE001 - a missing form or a failed compile: a row
+          rec["status"] = f"n/a ({_short(error)})"
+          rec["error"] = f"{type(error).__name__}: {error}"
+          self.emit(rec)
+          continue
+        rec["compile_s"] = compile_s
+        rec["temp_bytes"] = harness.memory_bytes(compiled)["temp_bytes"]
+        if form == check_form:
+          expected[pass_name] = named(out, pass_name)
+        elif form == "pallas_gpu":
+          if pass_name not in expected:
+            try:
+              reference_out = run_once(make_fn(check_form, pass_name == "fwd+bwd"), args)[2]
+              expected[pass_name] = named(reference_out, pass_name)
+            except Exception as error:  # noqa: BLE001
+              rec["status"] = f"check impossible ({_short(error)}); not timed"
+              self.failures.append(rec)
+              self.emit(rec)
+              continue
+          if not self.check(rec, expected[pass_name], named(out, pass_name), check_form, dtype):
+            del out, compiled
+            self.emit(rec)
+            continue
+        del out
+        rec.update(time_compiled(compiled, args, self.args.warmup, self.args.iters))
+        self.emit(rec)
+    return expected
+
+  def check(self, rec: dict, expected: dict, got: dict, against: str, dtype,
+            gate: bool = True) -> bool:
+    """Records the relative RMS errors of ``got``; False (loudly) when one exceeds the tolerance."""
+    errors = compare(expected, got)
+    tol = self.tolerance(dtype)
+    rec.update(check=errors, check_against=against, check_tol=tol,
+               check_max=max(errors.values(), default=None))
+    bad = {n: e for n, e in errors.items() if not e <= tol}  # NaN fails too
+    if not errors or bad:
+      words = ", ".join(f"{n} {e:.2e}" for n, e in bad.items()) or "no outputs to compare"
+      if gate:
+        rec["status"] = f"CHECK FAILED vs {against} ({words} > {tol:g}): not timed"
+        print(f"!!! CHECK FAILED: {rec['op']} {rec['size']} {rec['implementation']} "
+              f"{rec['pass']}: {words} (tolerance {tol:g})", flush=True)
+      else:
+        rec["status"] = f"ok, but differs from {against}: {words} > {tol:g}"
+      self.failures.append(rec)
+      return False
+    return True
+
+  def peer(self, rec: dict, build: Callable, expected: dict | None, names_prefix: str,
+           dtype) -> None:
+    """Runs a PyTorch case: ``build() -> (fn, names)``; checks (not gating) and times it."""
+    reason = peers.unavailable()
+    if reason:
+      rec["status"] = f"n/a ({reason})"
+      self.emit(rec)
+      return
+    try:
+      fn, names = build()
+      out = fn()
+      if expected:
+        got = {names_prefix + n: x for n, x in zip(names, out)}
+        errors = {n: peers.rel_rms(expected[n], got[n]) for n in expected if n in got}
+        tol = self.tolerance(dtype)
+        rec.update(check=errors, check_against="xla" if rec["op"] != "decode" else "reference",
+                   check_tol=tol, check_max=max(errors.values(), default=None))
+        bad = {n: e for n, e in errors.items() if not e <= tol}
+        if bad:
+          rec["status"] = ("ok, but differs from " + rec["check_against"] + ": "
+                           + ", ".join(f"{n} {e:.2e}" for n, e in bad.items()))
+          self.failures.append(rec)
+      del out
+      rec.update(peers.time_cuda(fn, self.args.warmup, self.args.iters))
+    except Exception as error:  # noqa: BLE001 - a peer failing is a row, not the end of the run
+      rec["status"] = f"error ({_short(error)})"
+      rec["error"] = f"{type(error).__name__}: {error}"
+    finally:
+      if not peers.unavailable():
+        peers.release()
+    self.emit(rec)
+
+
+# ----------------------------------------------------------------------------------- the ops
+
+KDA_NAMES = {"fwd": ("o", "final_state"), "fwd+bwd": None}
+
+
+def run_kda(bench: Bench, sizes: Sequence[SeqSize]) -> None:
+  dtype = jnp.bfloat16
+  for size in sizes:
+    inputs, cotangents = kda_inputs(size, dtype)
+    shape = dict(batch=size.batch, time=size.time, heads=size.heads, dim=size.dim)
+    make_record = lambda impl, p: bench.record("kda", size, dtype, impl, p,
+                                               kda_counts(size, dtype, p == "fwd+bwd"), **shape)
+    expected = bench.jax_forms(make_record, kda_fn, (inputs, cotangents), dtype,
+                               harness.PASSES, size.batch * size.time, "xla", KDA_NAMES)
+    for pass_name in harness.PASSES:
+      backward = pass_name == "fwd+bwd"
+      bench.peer(make_record(FLA_CHUNK, pass_name),
+                 lambda: peers.kda_chunk(inputs, cotangents, backward),
+                 expected.get(pass_name), "d" if backward else "", dtype)
+    bench.peer(make_record(FLA_RECURRENT, "fwd"), lambda: peers.kda_fused_recurrent(inputs),
+               expected.get("fwd"), "", dtype)
+    rec = make_record(FLA_RECURRENT, "fwd+bwd")
+    rec["status"] = "n/a (fla's fused_recurrent_kda has no backward)"
+    bench.emit(rec)
+    del inputs, cotangents, expected
+
+
+def run_attention(bench: Bench, sizes: Sequence[SeqSize]) -> None:
+  dtype = jnp.bfloat16
+  for size in sizes:
+    inputs, cotangent = attention_inputs(size, dtype)
+    shape = dict(batch=size.batch, time=size.time, heads=size.heads, dim=size.dim)
+    for form in bench.args.attention:
+      for pass_name in harness.PASSES:
+        backward = pass_name == "fwd+bwd"
+        rec = bench.record("attention", size, dtype, form, pass_name,
+                           attention_counts(size, dtype, backward), **shape)
+        try:
+          compiled, compile_s, out = run_once(attention_fn(form, backward), (inputs, cotangent))
+          del out
+          rec.update(compile_s=compile_s, temp_bytes=harness.memory_bytes(compiled)["temp_bytes"])
+          rec.update(time_compiled(compiled, (inputs, cotangent), bench.args.warmup,
+                                   bench.args.iters))
+        except Exception as error:  # noqa: BLE001 - e.g. no cuDNN on this platform
+          rec["status"] = f"n/a ({_short(error)})"
+          rec["error"] = f"{type(error).__name__}: {error}"
+        bench.emit(rec)
+    del inputs, cotangent
+
+
+def run_decode(bench: Bench, sizes: Sequence[DecodeSize]) -> None:
+  dtype = jnp.bfloat16
+  for size in sizes:
+    inputs = decode_inputs(size, dtype)
+    shape = dict(batch=size.batch, heads=size.heads, dim=size.dim)
+    make_record = lambda impl, p: bench.record("decode", size, dtype, impl, p,
+                                               decode_counts(size, dtype), **shape)
+    expected = bench.jax_forms(make_record, decode_fn, (inputs,), dtype, ("step",), 0,
+                               "reference", {"step": ("o", "state")})
+    bench.peer(make_record(FLA_RECURRENT, "step"),
+               lambda: peers.kda_fused_recurrent(inputs, add_time_axis=True),
+               expected.get("step"), "", dtype)
+    del inputs, expected
+
+
+def run_scan(bench: Bench, sizes: Sequence[ScanSize]) -> None:
+  for size in sizes:
+    for dtype in map(jnp.dtype, bench.args.scan_dtypes):
+      inputs, cotangent = scan_inputs(size, dtype)
+      make_record = lambda impl, p: bench.record(
+          "scan", size, dtype, impl, p, scan_counts(size, dtype, p == "fwd+bwd"))
+      bench.jax_forms(make_record, scan_fn, (inputs, cotangent), dtype, harness.PASSES,
+                      size.batch * size.time, "xla", {"fwd": ("out",), "fwd+bwd": None})
+      del inputs, cotangent
+
+
+# ----------------------------------------------------------------------------------- ratios
+
+def _timed(records, **match):
+  return [r for r in records if r["median_ms"] is not None
+          and all(r.get(k) == v for k, v in match.items())]
+
+
+def add_ratios(records: list[dict]) -> None:
+  """Sets "ratio" (vs the op's baseline) and, on KDA rows, "ratio_attention"."""
+  for r in _timed(records):
+    same = dict(op=r["op"], size=r["size"], dtype=r["dtype"], **{"pass": r["pass"]})
+    base = {"kda": FLA_CHUNK, "decode": FLA_RECURRENT, "scan": "xla"}.get(r["op"])
+    found = _timed(records, **same, implementation=base) if base else []
+    if found:
+      r["ratio"], r["ratio_base"] = r["median_ms"] / found[0]["median_ms"], base
+    if r["op"] == "kda":
+      attention = sorted(_timed(records, op="attention", batch=r["batch"], time=r["time"],
+                                heads=r["heads"], **{"pass": r["pass"]}),
+                         key=lambda a: ATTENTION_FORMS.index(a["implementation"]))
+      if attention:
+        r["ratio_attention"] = r["median_ms"] / attention[0]["median_ms"]
+        r["ratio_attention_base"] = attention[0]["implementation"]
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--ops", default=",".join(OPS),
+                      help=f"comma-separated subset of {','.join(OPS)}")
+  parser.add_argument("--sizes", choices=tuple(SIZES), default=None,
+                      help="size set: full (default on GPU) or tiny (default elsewhere)")
+  parser.add_argument("--kda-sizes", nargs="+", type=SeqSize.parse,
+                      help="KDA and attention sizes like B4,T8192,H16,D128 (overrides --sizes)")
+  parser.add_argument("--decode-sizes", nargs="+", type=DecodeSize.parse,
+                      help="decode sizes like B64,H16,D128")
+  parser.add_argument("--scan-sizes", nargs="+", type=ScanSize.parse,
+                      help="scan sizes like B2,L4096,D2048,N16")
+  parser.add_argument("--scan-dtypes", nargs="+", choices=("float32", "bfloat16"),
+                      default=["float32", "bfloat16"], help="dtypes of the scan's activations")
+  parser.add_argument("--implementations", nargs="+", choices=FORMS, default=None,
+                      help="JAX forms (default: all on GPU; reference xla elsewhere, since "
+                      "pallas_gpu runs in interpret mode there)")
+  parser.add_argument("--attention", nargs="+", choices=ATTENTION_FORMS, default=None,
+                      help="attention implementations (default: cudnn on GPU, xla elsewhere)")
+  parser.add_argument("--skip-slow", action=argparse.BooleanOptionalAction, default=None,
+                      help=f"leave out reference above B*T = {SLOW_TOKENS} (default: on GPU)")
+  parser.add_argument("--tol", type=float, default=None,
+                      help="relative RMS error a checked case must stay under (default 2e-2 "
+                      "for bfloat16 inputs, 5e-3 for float32)")
+  parser.add_argument("--warmup", type=int, default=None, help="default 3 (GPU), 1 (elsewhere)")
+  parser.add_argument("--iters", type=int, default=None, help="default 20 (GPU), 3 (elsewhere)")
+  parser.add_argument("--smoke", action="store_true",
+                      help="tiny sizes, reference and xla only, one call each: a quick check "
+                      "that the script runs")
+  parser.add_argument("--json", metavar="PATH", help="write the records as JSON (after each row)")
+  parser.add_argument("--table", metavar="PATH",
+                      help="measure nothing: print the table, ratios included, of the records "
+                           "in a JSON that a run wrote (one cut short included)")
+  args = parser.parse_args(argv)
+
+  gpu = jax.default_backend() == "gpu"
+  args.ops = [op.strip() for op in args.ops.split(",") if op.strip()]
+  if unknown := set(args.ops) - set(OPS):
+    parser.error(f"--ops: unknown {sorted(unknown)}; choose from {','.join(OPS)}")
+  sizes = SIZES[args.sizes or ("tiny" if args.smoke or not gpu else "full")]
+  args.kda_sizes = args.kda_sizes or [SeqSize.parse(s) for s in sizes["kda"]]
+  args.decode_sizes = args.decode_sizes or [DecodeSize.parse(s) for s in sizes["decode"]]
+  args.scan_sizes = args.scan_sizes or [ScanSize.parse(s) for s in sizes["scan"]]
+  if args.implementations is None:
+    args.implementations = list(FORMS if gpu and not args.smoke else FAST_FORMS)
+  if args.attention is None:
+    args.attention = ["cudnn" if gpu else "xla"]
+  if args.skip_slow is None:
+    args.skip_slow = gpu
+  if args.warmup is None:
+    args.warmup = 0 if args.smoke else 3 if gpu else 1
+  if args.iters is None:
+    args.iters = 1 if args.smoke else 20 if gpu else 3
+  return args
+
+
+def print_table(records: list[dict]) -> None:
+  """The table of ``records`` with their ratios (added in place)."""
+  add_ratios(records)
+  print(TABLE.header())
+  for record in records:
+    print(TABLE.row(record))
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+  args = parse_args(argv)
+  if args.table:
+    with open(args.table) as f:
+      saved = json.load(f)
+    print(f"# {args.table}: {saved.get('device_kind', '?')}, jax {saved.get('jax_version', '?')}, "
+          f"median of {saved.get('iters')} calls after {saved.get('warmup')} warm-up")
+    print_table(saved["records"])
+    return saved["records"]
+  bench = Bench(args)
+  device = jax.devices()[0]
+  peer_state = peers.unavailable() or ", ".join(f"{k} {v}" for k, v in peers.versions().items())
+  print(f"# kernels on {device.platform} ({device.device_kind}), jax {jax.__version__}; "
+        f"peers: {peer_state}")
+  print(f"# JAX: median of {args.iters} calls after {args.warmup} warm-up (block_until_ready); "
+        f"PyTorch: the same with CUDA events. forms: {' '.join(args.implementations)}; "
+        f"skip-slow {'on' if args.skip_slow else 'off'}")
+  print("# vs base: median / baseline's (kda: fla.chunk_kda, decode: fla.fused_recurrent_kda, "
+        "scan: xla); vs attn: / causal attention's; check: max relative RMS error vs xla "
+        "(decode: reference)")
+  print(TABLE.header(), flush=True)
+  runners = dict(kda=(run_kda, args.kda_sizes), attention=(run_attention, args.kda_sizes),
+                 decode=(run_decode, args.decode_sizes), scan=(run_scan, args.scan_sizes))
+  for op in OPS:
+    if op in args.ops:
+      runner, sizes = runners[op]
+      runner(bench, sizes)
+  print("\n# all rows, with ratios")
+  print_table(bench.records)
+  if bench.failures:
+    print(f"\n!!! {len(bench.failures)} check(s) failed or differ:")
+    for record in bench.failures:
+      print(f"!!!   {record['op']} {record['size']} {record['dtype']} "
+            f"{record['implementation']} {record['pass']}: {record['status']}")
+  harness.write_json(args.json, bench.records, **bench.meta)
+  return bench.records
+
+
+if __name__ == "__main__":
+  main()
