@@ -28,13 +28,15 @@ Precision: float32 inputs run every product at HIGHEST (float32 via multi-pass b
 bfloat16 inputs give the C x K products bfloat16 operands (float32 accumulation) and keep HIGHEST
 for the triangular inverse. In interpret mode everything is exact float32.
 
-VMEM per grid step (C = 64, K = V = 128, bfloat16 inputs, blocks double-buffered by the
-pipeline): inputs q, k, v [64, 128] bf16 16 KiB each, g [64, 128] f32 32 KiB, beta and the masks
-[64, 1] (padded to [64, 128] lanes: 32 KiB each, four of them), o [64, 128] 16 KiB, the state
-output [128, 128] f32 64 KiB: about 0.4 MiB double-buffered, plus the state scratch (64 KiB) and
-the live chunk values (G, the level factors, T, W, U: ten or so [64, 128] / [64, 64] float32
-tiles, under 0.4 MiB). The backward adds dO and five gradient blocks: about 1 MiB in all. Far
-inside the 16 MiB (v5e) / 32 MiB (v5p) scoped VMEM default, so C = 128 would also fit.
+VMEM per grid step (C = 64, K = V = 128, bfloat16 inputs). Forward blocks: q, k, v [64, 128]
+bf16 (16 KiB each), g [64, 128] f32 (32 KiB), beta and the three packed-row masks as [64, 1]
+columns (lane-padded to [64, 128]: 16 KiB bf16, 32 KiB f32 each), h0, the final state and the
+state written for the backward [128, 128] f32 (64 KiB each), o [64, 128] bf16 (16 KiB): 400 KiB,
+800 KiB double-buffered, plus the 64 KiB state scratch and the live chunk values (G, one level's
+factors, T, W, U, A: about ten [64, 128] / [64, 64] f32 tiles, ~0.3 MiB): about 1.2 MiB. The
+backward adds the saved state, dO and dh0 and writes dq, dk, dv, dg, dbeta: about 500 KiB of
+blocks, 1 MiB double-buffered, ~1.4 MiB in all. Far inside the 16 MiB (v5e) / 32 MiB (v5p)
+scoped VMEM default, so C = 128 would also fit.
 
 MXU per chunk (one head): 6 levels x 2 pair products (64 x 128 x 64), 6 x 2 inverse products
 (64^3), W and U, then the state products W S, Q Gamma S, Kg^T V~ (64 x 128 x 128) and A V~:
