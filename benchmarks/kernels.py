@@ -2,7 +2,8 @@
 
 What is timed, on whatever device JAX sees (meant for an NVIDIA H200), in one table and one JSON:
 
-  kda        ``ops.kda.kda`` forms "reference", "xla" and "pallas_gpu"; fla ``chunk_kda`` and
+  kda        ``ops.kda.kda`` forms "reference", "xla" and the platform's Pallas kernels
+             ("pallas_gpu" on a GPU, "pallas_tpu" on a TPU); fla ``chunk_kda`` and
              ``fused_recurrent_kda`` (PyTorch/Triton, forward only: fla gives it no backward).
              B4 H16 K=V=128, T in {2048, 8192, 32768}; fwd and fwd+bwd.
              Inputs (as benchmarks/kda.py, fla's tests): q, k, v ~ U(0, 1) and
@@ -13,15 +14,16 @@ What is timed, on whatever device JAX sees (meant for an NVIDIA H200), in one ta
   attention  causal ``jax.nn.dot_product_attention(q, k, v, is_causal=True,
              implementation="cudnn")`` at the same B, T, H and D=128, bfloat16 N(0, 1) inputs
              ("xla" on CPU, where cuDNN is absent; ``--attention`` picks).
-  decode     ``ops.kda.kda_step(..., implementation=...)`` ("reference", "pallas_gpu"; kda_step
-             has no "xla" form) vs fla ``fused_recurrent_kda`` on one token (q, k, v [B, 1, H, D],
-             float32 state [B, H, K, V]); B in {4, 64}, H16 K=V=128. Where kda_step takes no
-             ``implementation`` keyword yet, "reference" is its plain call and "pallas_gpu" is n/a.
-  scan       ``ops.selective_scan.selective_scan`` forms "reference", "xla", "pallas_gpu" with
+  decode     ``ops.kda.kda_step(..., implementation=...)`` ("reference" and the platform's
+             kernel; kda_step has no "xla" form) vs fla ``fused_recurrent_kda`` on one token
+             (q, k, v [B, 1, H, D], float32 state [B, H, K, V]); B in {4, 64}, H16 K=V=128.
+  scan       ``ops.selective_scan.selective_scan`` forms "reference", "xla", the kernels with
              D, z, delta_bias and delta_softplus=True (inputs as benchmarks/selective_scan.py);
              B2 L4096 D2048 N16 and B8 L8192 D2048 N16; float32 and bfloat16 inputs; fwd and
              fwd+bwd (gradients of ``<out, dout>`` wrt every input). No peer runs here;
              ANCHORS.md has mamba_ssm's CUDA kernel for orientation.
+  kda-parts  (only when named in --ops) each of ``ops.kda.pallas_gpu``'s four kernels timed alone
+             on its real inputs (``pallas_gpu.stages``), with its own FLOP count.
 
 How: every JAX case is compiled once (``jax.jit(...).lower(...).compile()``), called once (that
 output feeds the check below), warmed up ``--warmup`` more times and timed over ``--iters`` calls
@@ -31,7 +33,7 @@ the median. Inputs are fresh ``jax.random`` draws (never zeros); fla gets the ve
 through DLPack. ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` is set before JAX starts, so JAX and
 PyTorch share the card.
 
-Checks: before a "pallas_gpu" case is timed it is run at the full size on the same inputs as the
+Checks: before a kernel ("pallas_gpu", "pallas_tpu") case is timed it is run at the full size on the same inputs as the
 "xla" form ("reference" for the decode step) and every output (forward) or every gradient
 (fwd+bwd) is compared as ``rms(expected - got) / rms(expected)``. The errors go to the JSON
 ("check"), the largest to the table; one above ``--tol`` (default 2e-2 for bfloat16 inputs, 5e-3
@@ -82,7 +84,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU
 import argparse  # noqa: E402
 import json  # noqa: E402
 import dataclasses  # noqa: E402
-import inspect  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from typing import Callable, Sequence  # noqa: E402
@@ -92,12 +93,14 @@ import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import harness, peers  # noqa: E402
 from benchmarks import selective_scan as scan_bench  # noqa: E402
-from ops.kda import kda, kda_step  # noqa: E402
+from ops.kda import _prepare, kda, kda_step, pallas_gpu  # noqa: E402
 from ops.selective_scan import selective_scan  # noqa: E402
 
-OPS = ("kda", "attention", "decode", "scan")
-FORMS = ("reference", "xla", "pallas_gpu")
+OPS = ("kda", "attention", "decode", "scan", "kda-parts")
+DEFAULT_OPS = OPS[:4]  # "kda-parts" (each GPU kernel of KDA timed alone) only when asked
+FORMS = ("reference", "xla", "pallas_gpu", "pallas_tpu")
 FAST_FORMS = ("reference", "xla")
+KERNEL_FORMS = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}  # the platform's own kernels
 ATTENTION_FORMS = ("cudnn", "xla")
 KDA_CHUNK = 64  # SPEC 3.8's C and ops.kda.kda's default chunk_size
 SLOW_TOKENS = 8192  # --skip-slow drops "reference" above this many tokens (B*T)
@@ -152,6 +155,21 @@ def kda_counts(s: SeqSize, dtype, backward: bool) -> tuple[float, float]:
   inputs = 3 * n * _itemsize(dtype) + n * 4 + B * T * H * _itemsize(dtype) + state
   outputs = n * _itemsize(dtype) + state
   return (3 * flops, 2 * inputs + outputs) if backward else (flops, inputs + outputs)
+
+
+def kda_stage_flops(stage: str, s: SeqSize, C: int = KDA_CHUNK) -> float:
+  """Matrix-product FLOPs of one of ``ops.kda.pallas_gpu``'s four kernels (docs/kernels.md):
+  with L = log2(C) levels, a level's pair product is 2 C^2 d and an inverse step 2 C^3."""
+  d, L = s.dim, C.bit_length() - 1
+  product, inverse_step, state_product = 2 * C * C * d, 2 * C ** 3, 2 * C * d * d
+  per_chunk = {
+      "intra_forward": 2 * L * product + 2 * L * inverse_step + 2 * product,
+      "state_forward": 3 * state_product + product,
+      "state_backward": 7 * state_product + 2 * product,
+      "intra_backward": L * product + 2 * L * inverse_step + 4 * product + 2 * inverse_step
+                        + 4 * L * product,
+  }[stage]
+  return per_chunk * s.batch * s.heads * (s.time // C)
 
 
 def attention_counts(s: SeqSize, dtype, backward: bool) -> tuple[float, float]:
@@ -249,23 +267,12 @@ def attention_fn(form: str, backward: bool) -> Callable:
   return harness.with_backward(forward) if backward else forward
 
 
-class NotAvailable(Exception):
-  """A form that this checkout does not have: an "n/a" row."""
-
-
-def step_takes_implementation() -> bool:
-  return "implementation" in inspect.signature(kda_step).parameters
-
-
 def decode_fn(form: str, backward: bool = False) -> Callable:
   del backward
-  if not step_takes_implementation() and form != "reference":
-    raise NotAvailable("kda_step takes no implementation= yet")
-  options = dict(implementation=form) if step_takes_implementation() else {}
 
   def step(inputs, cotangents=None):
     del cotangents
-    return kda_step(**inputs, use_qk_l2norm_in_kernel=True, **options)
+    return kda_step(**inputs, use_qk_l2norm_in_kernel=True, implementation=form)
   return step
 
 
@@ -387,10 +394,10 @@ class Bench:
                 passes: Sequence[str], tokens: int, check_form: str,
                 names: dict[str, Sequence[str] | None]) -> dict:
     """Times every ``--implementations`` form (``make_fn(form, backward)``) on ``args``, checking
-    "pallas_gpu" against ``check_form`` first; returns ``check_form``'s outputs by pass (named
+    the kernels against ``check_form`` first; returns ``check_form``'s outputs by pass (named
     leaves), for checking the peers."""
     expected: dict[str, dict] = {}
-    forms = [f for f in FORMS  # in this order, so "xla" is run (and kept) before "pallas_gpu"
+    forms = [f for f in FORMS  # in this order, so "xla" is run (and kept) before the kernels
              if f in self.args.implementations and (f != "xla" or check_form == "xla")]
 
     def named(out, pass_name):
@@ -415,7 +422,7 @@ class Bench:
         rec["temp_bytes"] = harness.memory_bytes(compiled)["temp_bytes"]
         if form == check_form:
           expected[pass_name] = named(out, pass_name)
-        elif form == "pallas_gpu":
+        elif form in KERNEL_FORMS.values():
           if pass_name not in expected:
             try:
               reference_out = run_once(make_fn(check_form, pass_name == "fwd+bwd"), args)[2]
@@ -563,6 +570,27 @@ def run_scan(bench: Bench, sizes: Sequence[ScanSize]) -> None:
       del inputs, cotangent
 
 
+def run_kda_parts(bench: Bench, sizes: Sequence[SeqSize]) -> None:
+  """Each of the GPU KDA kernels timed alone (``ops.kda.pallas_gpu.stages``), bf16 inputs; bytes
+  are the stage's arguments and outputs."""
+  dtype = jnp.bfloat16
+  for size in sizes:
+    inputs, _ = kda_inputs(size, dtype)
+    shape = dict(batch=size.batch, time=size.time, heads=size.heads, dim=size.dim)
+    prepared = _prepare(inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["beta"],
+                        size.heads, size.heads, size.dim, None, True, for_kernel=True)
+    for name, fn, args in pallas_gpu.stages(*prepared, inputs["initial_state"],
+                                            scale=size.dim ** -0.5):
+      out = jax.block_until_ready(fn(*args))
+      nbytes = sum(x.nbytes for x in jax.tree.leaves((args, out)))
+      rec = bench.record("kda-parts", size, dtype, f"pallas_gpu {name}",
+                         "bwd" if "backward" in name else "fwd",
+                         (kda_stage_flops(name, size), nbytes), **shape)
+      rec.update(time_compiled(fn, args, bench.args.warmup, bench.args.iters))
+      bench.emit(rec)
+    del inputs, prepared
+
+
 # ----------------------------------------------------------------------------------- ratios
 
 def _timed(records, **match):
@@ -591,8 +619,9 @@ def add_ratios(records: list[dict]) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--ops", default=",".join(OPS),
-                      help=f"comma-separated subset of {','.join(OPS)}")
+  parser.add_argument("--ops", default=",".join(DEFAULT_OPS),
+                      help=f"comma-separated subset of {','.join(OPS)} (default "
+                      f"{','.join(DEFAULT_OPS)})")
   parser.add_argument("--sizes", choices=tuple(SIZES), default=None,
                       help="size set: full (default on GPU) or tiny (default elsewhere)")
   parser.add_argument("--kda-sizes", nargs="+", type=SeqSize.parse,
@@ -604,8 +633,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--scan-dtypes", nargs="+", choices=("float32", "bfloat16"),
                       default=["float32", "bfloat16"], help="dtypes of the scan's activations")
   parser.add_argument("--implementations", nargs="+", choices=FORMS, default=None,
-                      help="JAX forms (default: all on GPU; reference xla elsewhere, since "
-                      "pallas_gpu runs in interpret mode there)")
+                      help="JAX forms (default: reference, xla and the platform's kernels on a "
+                      "GPU or TPU; reference and xla elsewhere, where the kernels would run in "
+                      "interpret mode)")
   parser.add_argument("--attention", nargs="+", choices=ATTENTION_FORMS, default=None,
                       help="attention implementations (default: cudnn on GPU, xla elsewhere)")
   parser.add_argument("--skip-slow", action=argparse.BooleanOptionalAction, default=None,
@@ -633,7 +663,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   args.decode_sizes = args.decode_sizes or [DecodeSize.parse(s) for s in sizes["decode"]]
   args.scan_sizes = args.scan_sizes or [ScanSize.parse(s) for s in sizes["scan"]]
   if args.implementations is None:
-    args.implementations = list(FORMS if gpu and not args.smoke else FAST_FORMS)
+    kernels = KERNEL_FORMS.get(jax.default_backend())
+    args.implementations = list(FAST_FORMS) + ([kernels] if kernels and not args.smoke else [])
   if args.attention is None:
     args.attention = ["cudnn" if gpu else "xla"]
   if args.skip_slow is None:
@@ -676,6 +707,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   print(TABLE.header(), flush=True)
   runners = dict(kda=(run_kda, args.kda_sizes), attention=(run_attention, args.kda_sizes),
                  decode=(run_decode, args.decode_sizes), scan=(run_scan, args.scan_sizes))
+  runners["kda-parts"] = (run_kda_parts, args.kda_sizes)
   for op in OPS:
     if op in args.ops:
       runner, sizes = runners[op]

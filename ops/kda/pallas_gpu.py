@@ -376,19 +376,51 @@ def scan(q, k, v, g, beta, initial_state, segment_index, *, scale: float, chunk_
   Returns:
     o [B, T, HV, V] in v's dtype and the final state [B, HV, K, V] float32.
   """
+  interpret = default_interpret() if interpret is None else interpret
+  inputs, h0 = _kernel_inputs(q, k, v, g, beta, initial_state, segment_index, chunk_size)
+  o, final = _kda(float(scale), chunk_size, interpret, *inputs, h0)
+  T, K, V = q.shape[1], k.shape[-1], v.shape[-1]
+  return o[:, :T, :, :V], final[:, :, :K, :V]
+
+
+def _kernel_inputs(q, k, v, g, beta, initial_state, segment_index, chunk_size):
+  """The kernels' inputs (q, k, g, v, beta, segment, carried, last) and h0: time padded to
+  whole chunks, K and V to powers of two (zeros leave the state unchanged)."""
   if reason := unsupported(chunk_size):
     raise ValueError(reason)
-  interpret = default_interpret() if interpret is None else interpret
   B, T, HV, K = k.shape
   V = v.shape[-1]
-  C = chunk_size
-  Tp = -(-T // C) * C
+  Tp = -(-T // chunk_size) * chunk_size
   Kp, Vp = _next_power_of_two(K), _next_power_of_two(V)
   pad = lambda x, last: jnp.pad(x, [(0, 0), (0, Tp - T), (0, 0), (0, last - x.shape[-1])])
   q, k, g = (pad(x, Kp) for x in (q, k, g))
   v = pad(v, Vp)
   beta = jnp.pad(beta, [(0, 0), (0, Tp - T), (0, 0)])
   h0 = jnp.pad(initial_state, [(0, 0), (0, 0), (0, Kp - K), (0, Vp - V)])
-  masks = chunk_math.packed_row_masks(segment_index, B, T, C)
-  o, final = _kda(float(scale), C, interpret, q, k, g, v, beta, *masks, h0)
-  return o[:, :T, :, :V], final[:, :, :K, :V]
+  masks = chunk_math.packed_row_masks(segment_index, B, T, chunk_size)
+  return (q, k, g, v, beta, *masks), h0
+
+
+def stages(q, k, v, g, beta, initial_state, *, scale: float, chunk_size: int = 64,
+           interpret: bool | None = None):
+  """The four kernels of one forward and backward as separate jitted calls, for timing each.
+
+  Takes ``scan``'s arguments (no packing) and returns ``[(name, function, args)]`` in the order
+  they run: intra_forward, state_forward, state_backward, intra_backward. Each stage's arguments
+  are the earlier stages' real outputs (the output cotangent is o itself, nonzero data).
+  """
+  interpret = default_interpret() if interpret is None else interpret
+  inputs, h0 = _kernel_inputs(q, k, v, g, beta, initial_state, None, chunk_size)
+  config = _config(v, interpret, chunk_size)
+  intra_forward = jax.jit(lambda *x: _intra_forward(x, scale=scale, **config))
+  state_forward = jax.jit(lambda m, h: _state_forward(m, h, v.dtype, keep_states=True,
+                                                      **config))
+  state_backward = jax.jit(lambda m, s, dO, df: _state_backward(m, s, dO, df, **config))
+  intra_backward = jax.jit(lambda x, d: _intra_backward(x, d, scale=scale, **config))
+  matrices = intra_forward(*inputs)
+  o, final, states = state_forward(matrices, h0)
+  matrix_cotangents, _ = state_backward(matrices, states, o, final)
+  return [("intra_forward", intra_forward, inputs),
+          ("state_forward", state_forward, (matrices, h0)),
+          ("state_backward", state_backward, (matrices, states, o, final)),
+          ("intra_backward", intra_backward, (inputs, matrix_cotangents))]
