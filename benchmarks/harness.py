@@ -77,10 +77,12 @@ def with_backward(forward: Callable) -> Callable:
 
 # ------------------------------------------------------------------------ compiling and timing
 
-def compile_fn(fn: Callable, args: Sequence) -> tuple[Any, float]:
-  """``jax.jit(fn)`` lowered and compiled for ``args``; returns (compiled, seconds taken)."""
+def compile_fn(fn: Callable, args: Sequence, donate_argnums: Sequence[int] = ()
+               ) -> tuple[Any, float]:
+  """``jax.jit(fn)`` lowered and compiled for ``args``; returns (compiled, seconds taken).
+  ``donate_argnums``: arguments whose buffers the call may reuse for its outputs."""
   start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
+  compiled = jax.jit(fn, donate_argnums=tuple(donate_argnums)).lower(*args).compile()
   return compiled, time.perf_counter() - start
 
 

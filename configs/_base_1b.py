@@ -1,7 +1,9 @@
 """What the 1B comparison presets share: width 2048, 20 layers, dense SwiGLU MLPs, vocab 50,280,
 sequences of 4096, bf16 compute. They differ only in their mixers (kimi_linear_1b, mla_1b,
 gqa_1b), with d_ff chosen per preset so that the totals stay within 0.3% of each other (1.131B to
-1.133B parameters).
+1.134B parameters). mamba_1b (39 Mamba layers, no MLP) and rwkv7_1b (18 RWKV-7 layers with
+their channel mixing) change the layer count and MLP too, to the same total, for
+``python -m benchmarks.compare``.
 
 The MLP is dense, not MoE, so that the comparison isolates the mixers; kimi_linear_48b and
 kimi_linear_tiny carry the mixture of experts.

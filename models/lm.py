@@ -22,6 +22,7 @@ sequence (continuing from ``state`` if given) and returns the state after the la
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -87,24 +88,55 @@ def init_decode_state(config, batch_size: int) -> tuple[dict[str, Any], ...]:
 CACHED_MIXERS = frozenset("MA")  # Their state is caches [batch, max_cache_length, ...] + position.
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeStateSize:
+  """The decode state's bytes for a batch, split by how they grow with the context.
+
+  ``per_token_bytes``: the attention caches (M, A layers) per cached token, whole batch;
+  ``fixed_bytes``: everything else (recurrent states, conv windows, token shifts, cache
+  positions), constant in the context; ``cache_length``: the tokens the caches hold
+  (``max_cache_length``) when the model has caches, else 0.
+  """
+
+  fixed_bytes: int
+  per_token_bytes: int
+  cache_length: int
+
+  def total(self, context_length: int | None = None) -> int:
+    """Bytes allocated (``context_length`` None) or in use after ``context_length`` tokens."""
+    used = self.cache_length if context_length is None else min(context_length,
+                                                                self.cache_length)
+    return self.fixed_bytes + self.per_token_bytes * used
+
+
+def decode_state_size(config, batch_size: int) -> DecodeStateSize:
+  """Sizes ``init_decode_state(config, batch_size)`` abstractly (``jax.eval_shape``: nothing is
+  allocated, so any cache length and batch can be sized), leaf by leaf from its shapes and
+  dtypes. The cache leaves of M and A layers have ``max_cache_length`` as their second axis;
+  their bytes divided by it are the per-token bytes."""
+  shapes = jax.eval_shape(lambda: init_decode_state(config, batch_size))
+  nbytes = lambda x: x.size * x.dtype.itemsize
+  fixed = per_token = 0
+  for letter, state in zip(layer_letters(config), shapes):
+    fixed += sum(nbytes(x) for x in jax.tree.leaves(state["mlp"]))
+    for name, x in state["mixer"].items():
+      if letter in CACHED_MIXERS and name != "position":
+        assert x.shape[1] == config.max_cache_length, (letter, name, x.shape)
+        per_token += nbytes(x) // config.max_cache_length
+      else:
+        fixed += sum(nbytes(leaf) for leaf in jax.tree.leaves(x))
+  cached = bool(CACHED_MIXERS & set(layer_letters(config)))
+  return DecodeStateSize(fixed, per_token, config.max_cache_length if cached else 0)
+
+
 def decode_state_bytes(config, batch_size: int, context_length: int | None = None) -> int:
-  """Bytes of the decode state for ``batch_size`` sequences, from the real structure's shapes.
+  """Bytes of the decode state for ``batch_size`` sequences, from the real structure's shapes
+  (``decode_state_size``).
 
   With ``context_length``, the attention caches (M, A layers) count only the positions a
   context of that many tokens fills, i.e. the bytes in use; recurrent states count whole.
   """
-  shapes = jax.eval_shape(lambda: init_decode_state(config, batch_size))
-  nbytes = lambda x: x.size * x.dtype.itemsize
-  total = 0
-  for letter, state in zip(layer_letters(config), shapes):
-    total += sum(nbytes(x) for x in jax.tree.leaves(state["mlp"]))
-    if letter in CACHED_MIXERS and context_length is not None:
-      used = min(context_length, config.max_cache_length)
-      total += sum(nbytes(x) // config.max_cache_length * used if name != "position"
-                   else nbytes(x) for name, x in state["mixer"].items())
-    else:
-      total += sum(nbytes(x) for x in jax.tree.leaves(state["mixer"]))
-  return total
+  return decode_state_size(config, batch_size).total(context_length)
 
 
 def parameter_counts(config) -> tuple[int, int]:
@@ -188,13 +220,16 @@ class LanguageModel(nn.Module):
   """Embedding (then a norm when ``embedding_norm``, RWKV's ln0), blocks from the layer
   pattern, final norm, output head.
 
-  Call: tokens [batch, time] int32 -> (logits [batch, time, vocab] float32, state).
+  Call: tokens [batch, time] int32 -> (logits [batch, time, vocab] float32, state). With
+  ``last_only=True`` the head runs on the last position alone and the logits are
+  [batch, 1, vocab]: what a prefill needs, without the [batch, time, vocab] float32 logits of a
+  long prompt.
   """
 
   config: Any  # train.config.ModelConfig
 
   @nn.compact
-  def __call__(self, tokens, state=None, segment_ids=None):
+  def __call__(self, tokens, state=None, segment_ids=None, last_only: bool = False):
     cfg = self.config
     letters, mlps = layer_letters(cfg), layer_mlps(cfg)
     if tokens.ndim != 2:
@@ -215,6 +250,8 @@ class LanguageModel(nn.Module):
       x, layer_state, v_first = Block(cfg, letter, mlp, len(letters), i, name=f"layer_{i}")(
           x, None if state is None else state[i], segment_ids, v_first)
       new_state.append(layer_state)
+    if last_only:
+      x = x[:, -1:]
     h = make_norm(cfg, "final_norm")(x)
     if cfg.tie_embeddings:
       logits = embed.attend(h)

@@ -51,7 +51,8 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature: float, top_k: i
 def make_decoder(model: LanguageModel, sample_cfg) -> tuple[Callable, Callable]:
   """Jitted (prefill, step) functions.
 
-  prefill(params, tokens [batch, time], key) -> (next token [batch], state)
+  prefill(params, tokens [batch, time], key) -> (next token [batch], state); the head runs on
+    the last position only
   step(params, token [batch], state, key) -> (next token [batch], state)
   """
   draw = lambda logits, key: sample_token(logits, key, sample_cfg.temperature, sample_cfg.top_k,
@@ -59,7 +60,7 @@ def make_decoder(model: LanguageModel, sample_cfg) -> tuple[Callable, Callable]:
 
   @jax.jit
   def prefill(params, tokens, key):
-    logits, state = model.apply({"params": params}, tokens)
+    logits, state = model.apply({"params": params}, tokens, last_only=True)
     return draw(logits[:, -1], key), state
 
   @jax.jit
