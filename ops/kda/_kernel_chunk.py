@@ -55,6 +55,14 @@ class Primitives(NamedTuple):
   same_segment: Callable
 
 
+def chunk_size_problem(chunk_size: int, implementation: str) -> str | None:
+  """The kernels' one limit on a call: the chunk is a power of two >= 16 (the level split halves
+  it down to single rows; 16 rows fill the sublanes of a bfloat16 tile)."""
+  if chunk_size < 16 or chunk_size & (chunk_size - 1):
+    return f"chunk_size must be a power of two >= 16 for {implementation}, got {chunk_size}"
+  return None
+
+
 def iota(shape, axis):
   return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
 

@@ -52,6 +52,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ops.kda import _kernel_chunk as chunk_math
+from ops.kda._step_common import next_power_of_2
 
 F32 = jnp.float32
 VALUE_BLOCK = 64
@@ -65,10 +66,8 @@ def default_interpret() -> bool:
 
 
 def unsupported(chunk_size: int) -> str | None:
-  """Why these kernels cannot run a call, or None: the chunk must be a power of two >= 16."""
-  if chunk_size < 16 or chunk_size & (chunk_size - 1):
-    return f"chunk_size must be a power of two >= 16 for pallas_gpu, got {chunk_size}"
-  return None
+  """Why these kernels cannot run a call, or None."""
+  return chunk_math.chunk_size_problem(chunk_size, "pallas_gpu")
 
 
 # ------------------------------------------------------------------------------ in-kernel pieces
@@ -353,10 +352,6 @@ def _kda_bwd(scale, C, interpret, residuals, cotangents):
 _kda.defvjp(_kda_fwd, _kda_bwd)
 
 
-def _next_power_of_two(n: int) -> int:
-  return 1 << max(n - 1, 0).bit_length()
-
-
 def scan(q, k, v, g, beta, initial_state, segment_index, *, scale: float, chunk_size: int = 64,
          interpret: bool | None = None):
   """KDA over sequences with the Pallas kernels.
@@ -391,7 +386,7 @@ def _kernel_inputs(q, k, v, g, beta, initial_state, segment_index, chunk_size):
   B, T, HV, K = k.shape
   V = v.shape[-1]
   Tp = -(-T // chunk_size) * chunk_size
-  Kp, Vp = _next_power_of_two(K), _next_power_of_two(V)
+  Kp, Vp = next_power_of_2(K), next_power_of_2(V)
   pad = lambda x, last: jnp.pad(x, [(0, 0), (0, Tp - T), (0, 0), (0, last - x.shape[-1])])
   q, k, g = (pad(x, Kp) for x in (q, k, g))
   v = pad(v, Vp)

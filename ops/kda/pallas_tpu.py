@@ -73,10 +73,8 @@ def default_interpret() -> bool:
 
 
 def unsupported(chunk_size: int) -> str | None:
-  """Why these kernels cannot run a call, or None: the chunk is a sublane-aligned power of two."""
-  if chunk_size < 16 or chunk_size & (chunk_size - 1):
-    return f"chunk_size must be a power of two >= 16 for pallas_tpu, got {chunk_size}"
-  return None
+  """Why these kernels cannot run a call, or None (a power of two >= 16 is sublane-aligned)."""
+  return chunk_math.chunk_size_problem(chunk_size, "pallas_tpu")
 
 
 def _primitives(dtype, interpret: bool) -> chunk_math.Primitives:
