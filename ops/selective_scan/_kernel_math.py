@@ -11,7 +11,8 @@ the adjoint step are written once.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -150,3 +151,24 @@ def adjoint(g, tok: Token, h, h_before, decay, dout, A, D, lay: Layout, delta_so
     dD = ds * tok.u
   g = g * decay if tok.keep is None else g * decay * tok.keep
   return g, TokenGrads(du=du, draw=draw, dz=dz, dB=dB, dC=dC, dA=dA, dD=dD)
+
+
+def recomputing_vjp(forward: Callable, backward: Callable) -> Callable:
+  """The kernels' ``custom_vjp``: ``scan(cfg, *arrays) -> (out, final_state)``.
+
+  ``forward(cfg, *arrays, save_states)`` returns a dict with "out", "final_state" and, when
+  ``save_states``, "chunk_states" (the state entering each chunk); ``backward(cfg, residuals,
+  cotangents)`` gets ``(*arrays, chunk_states)`` and recomputes the rest.
+  """
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+  def scan(cfg, *arrays):
+    outs = forward(cfg, *arrays, save_states=False)
+    return outs["out"], outs["final_state"]
+
+  def scan_fwd(cfg, *arrays):
+    outs = forward(cfg, *arrays, save_states=True)
+    return (outs["out"], outs["final_state"]), (*arrays, outs["chunk_states"])
+
+  scan.defvjp(scan_fwd, backward)
+  return scan

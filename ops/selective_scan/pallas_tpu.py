@@ -325,18 +325,6 @@ def _forward(cfg: _Config, u, delta, A, B, C, D, z, delta_bias, keep, h0, *, sav
   return _call(_forward_kernel, ins, out_shapes, scratch, cfg, reverse=False)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _scan(cfg, u, delta, A, B, C, D, z, delta_bias, keep, h0):
-  outs = _forward(cfg, u, delta, A, B, C, D, z, delta_bias, keep, h0, save_states=False)
-  return outs["out"], outs["final_state"]
-
-
-def _scan_fwd(cfg, u, delta, A, B, C, D, z, delta_bias, keep, h0):
-  outs = _forward(cfg, u, delta, A, B, C, D, z, delta_bias, keep, h0, save_states=True)
-  residuals = (u, delta, A, B, C, D, z, delta_bias, keep, h0, outs["chunk_states"])
-  return (outs["out"], outs["final_state"]), residuals
-
-
 def _scan_bwd(cfg, residuals, cotangents):
   u, delta, A, B, C, D, z, delta_bias, keep, h0, chunk_states = residuals
   dout, dfinal = cotangents
@@ -372,7 +360,7 @@ def _scan_bwd(cfg, residuals, cotangents):
           None if h0 is None else g["dh0"])
 
 
-_scan.defvjp(_scan_fwd, _scan_bwd)
+_scan = km.recomputing_vjp(_forward, _scan_bwd)
 
 
 # --- the entry point -----------------------------------------------------------------------------
