@@ -49,13 +49,16 @@ decode state bytes come from the same calculator as ``python -m benchmarks.memor
 A measurement that does not fit is skipped, and so is the same measurement at the longer contexts
 of that model; the table says so. Writes ``compare.json``, ``compare.md`` (the table) and
 ``throughput.png`` / ``memory.png`` (matplotlib; one line per model, log-log against context)
-under ``--out``; a progress bar runs meanwhile.
+under ``--out``; a progress bar runs meanwhile. The JSON and the table are rewritten after every
+context, so an interrupted run keeps what it measured; ``--merge A/compare.json B/compare.json``
+joins runs made separately on one device (say one model per call) into one table and plots.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import pathlib
@@ -484,6 +487,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="raise on a failure that is not out-of-memory instead of skipping")
   parser.add_argument("--no_plots", action="store_true")
   parser.add_argument("--out", default="runs/compare", help="output directory")
+  parser.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                      help="measure nothing: one table and plots under --out from these runs' "
+                           "compare.json files (one device)")
   args = parser.parse_args(argv)
   try:
     args.contexts = sorted({parse_tokens(c) for c in _comma_list(args.contexts)})
@@ -497,6 +503,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict:
   args = parse_args(argv)
+  if args.merge:
+    return merge(args.merge, pathlib.Path(args.out), plots=not args.no_plots)
   device = jax.devices()[0]
   limit = device_memory(device, args.memory_gib)
   cap = args.max_decode_batch or (8 if device.platform == "cpu" else 4096)
@@ -568,22 +576,47 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if stats and stats.get("peak_bytes_in_use"):
           record["device_peak_bytes_in_use_so_far"] = int(stats["peak_bytes_in_use"])
         records.append(record)
+        write_outputs(records, meta, out, plots=False, quiet=True)  # Partial results survive.
       del params, serving
 
-  harness.write_json(str(out / "compare.json"), records,
-                     **{k: v for k, v in meta.items() if k not in ("platform", "device_kind",
-                                                                    "jax_version")})
+  return dict(meta, records=write_outputs(records, meta, out, plots=not args.no_plots))
+
+
+def write_outputs(records: list[dict], meta: dict, out: pathlib.Path, *, plots: bool,
+                  quiet: bool = False) -> list[dict]:
+  """Writes compare.json and compare.md (and the plots) under ``out``; returns ``records``."""
+  with open(out / "compare.json", "w") as f:
+    json.dump(dict(meta, records=records), f, indent=1)
   table = markdown(records, meta)
   (out / "compare.md").write_text(table)
+  if quiet:
+    return records
   print(table, flush=True)
-  if not args.no_plots:
+  if plots:
     try:
-      paths = plot(records, out, f"{device.device_kind} ({device.platform})")
+      paths = plot(records, out, f"{meta['device_kind']} ({meta['platform']})")
       print("plots: " + ", ".join(str(p) for p in paths))
     except ImportError:
       print("plots skipped: matplotlib is not installed (pip install matplotlib)")
   print(f"wrote {out / 'compare.json'} and {out / 'compare.md'}")
-  return dict(meta, records=records)
+  return records
+
+
+def merge(paths: Sequence[str], out: pathlib.Path, plots: bool) -> dict:
+  """One table and one set of plots from several runs' compare.json (same device): the records
+  in the order given, each run's settings kept under ``runs``."""
+  runs = [json.loads(pathlib.Path(path).read_text()) for path in paths]
+  kinds = {run["device_kind"] for run in runs}
+  if len(kinds) != 1:
+    raise SystemExit(f"--merge: the runs come from different devices: {sorted(kinds)}")
+  settings = [{k: v for k, v in run.items() if k != "records"} for run in runs]
+  meta = dict(settings[0], runs=settings)
+  if len({(s["warmup"], s["iters"]) for s in settings}) > 1:
+    meta["iters"] = "/".join(str(s["iters"]) for s in settings)
+    meta["warmup"] = "/".join(str(s["warmup"]) for s in settings)
+  out.mkdir(parents=True, exist_ok=True)
+  records = [record for run in runs for record in run["records"]]
+  return dict(meta, records=write_outputs(records, meta, out, plots=plots))
 
 
 if __name__ == "__main__":

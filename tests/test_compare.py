@@ -67,6 +67,17 @@ def test_compare_smoke(tmp_path, fast_compiles):
   assert "1. " in table and "max_train_context" in table
   assert result["records"] == records
 
+  # --merge: two runs' JSON (here the halves of this one) give one table and the plots again.
+  halves = []
+  for i, model in enumerate(("kimi_linear_tiny", "mamba_tiny")):
+    half = dict(data, records=[r for r in records if r["model"].startswith(model)])
+    halves.append(tmp_path / f"run{i}.json")
+    halves[-1].write_text(json.dumps(half))
+  merged = compare.main(["--merge", *map(str, halves), "--out", str(tmp_path / "merged")])
+  assert merged["records"] == records and len(merged["runs"]) == 2
+  assert (tmp_path / "merged" / "compare.md").read_text() == table
+  assert (tmp_path / "merged" / "throughput.png").stat().st_size > 0
+
 
 def test_decode_batch_search_and_flops():
   """The batch doubles while parameters + state fit 90% of the memory, up to the cap; the
