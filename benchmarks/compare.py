@@ -51,7 +51,8 @@ of that model; the table says so. Writes ``compare.json``, ``compare.md`` (the t
 ``throughput.png`` / ``memory.png`` (matplotlib; one line per model, log-log against context)
 under ``--out``; a progress bar runs meanwhile. The JSON and the table are rewritten after every
 context, so an interrupted run keeps what it measured; ``--merge A/compare.json B/compare.json``
-joins runs made separately on one device (say one model per call) into one table and plots.
+joins runs made separately on one device (say one model per call, or ``--measurements train``
+at other settings) into one table and plots.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ MEASUREMENTS = (("prefill", "prefill"), ("decode_batch_1", "decode, batch 1"),
                 ("decode_max_batch", "decode, largest batch"), ("train", "train step"))
 GREEDY = SampleConfig(temperature=0.0)
 MEMORY_FRACTION = 0.9  # of the device's memory, for the decode batch search
+NOT_MEASURED = "not measured (--measurements)"
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Resource exhausted", "out of memory", "Out of memory")
 
 
@@ -469,6 +471,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="comma-separated models: preset[:field=value...]")
   parser.add_argument("--contexts", default=DEFAULT_CONTEXTS,
                       help="comma-separated context lengths: 1024, 1K, 1M (binary multiples)")
+  parser.add_argument("--measurements", default=",".join(name for name, _ in MEASUREMENTS),
+                      help="comma-separated subset of: "
+                           + ", ".join(name for name, _ in MEASUREMENTS))
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--iters", type=int, default=5)
   parser.add_argument("--max_call_s", type=float, default=60.0,
@@ -496,6 +501,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   except argparse.ArgumentTypeError as err:
     parser.error(f"--contexts: {err}")
   args.presets = _comma_list(args.presets)
+  args.measurements = _comma_list(args.measurements)
+  known = [name for name, _ in MEASUREMENTS]
+  if unknown := sorted(set(args.measurements) - set(known)):
+    parser.error(f"--measurements: unknown {unknown}; expected some of {known}")
   if not args.presets or not args.contexts or args.iters < 1 or args.warmup < 0:
     parser.error("expected at least one preset and context, --iters >= 1, --warmup >= 0")
   return args
@@ -547,7 +556,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                       decode_state_bytes=decode_state_bytes(config, 1, context))
         for name, label in MEASUREMENTS:
           bar.set_description(f"{spec} {tokens_text(context)}: {label}")
-          if name in stopped:
+          if name not in args.measurements:
+            result = {"skipped": NOT_MEASURED}
+          elif name in stopped:
             result = {"skipped": f"did not fit at {tokens_text(stopped[name])}"}
           elif name == "train" and args.max_train_context and context > args.max_train_context:
             result = {"skipped": f"above --max_train_context={tokens_text(args.max_train_context)}"}
@@ -603,8 +614,9 @@ def write_outputs(records: list[dict], meta: dict, out: pathlib.Path, *, plots: 
 
 
 def merge(paths: Sequence[str], out: pathlib.Path, plots: bool) -> dict:
-  """One table and one set of plots from several runs' compare.json (same device): the records
-  in the order given, each run's settings kept under ``runs``."""
+  """One table and one set of plots from several runs' compare.json (same device), each run's
+  settings kept under ``runs``. Records of one model and context are joined: a later run's
+  measurement replaces an earlier one, except where the later run did not measure it."""
   runs = [json.loads(pathlib.Path(path).read_text()) for path in paths]
   kinds = {run["device_kind"] for run in runs}
   if len(kinds) != 1:
@@ -615,7 +627,19 @@ def merge(paths: Sequence[str], out: pathlib.Path, plots: bool) -> dict:
     meta["iters"] = "/".join(str(s["iters"]) for s in settings)
     meta["warmup"] = "/".join(str(s["warmup"]) for s in settings)
   out.mkdir(parents=True, exist_ok=True)
-  records = [record for run in runs for record in run["records"]]
+  records: dict[tuple[str, int], dict] = {}
+  for run in runs:
+    for record in run["records"]:
+      key = (record["model"], record["context"])
+      merged = dict(records.get(key, {}))
+      for field, value in record.items():
+        if not (isinstance(value, dict) and value.get("skipped") == NOT_MEASURED
+                and field in merged):
+          merged[field] = value
+      footprints = [merged[name].get("memory_bytes") for name, _ in MEASUREMENTS]
+      merged["peak_memory_bytes"] = max((f for f in footprints if f is not None), default=None)
+      records[key] = merged
+  records = list(records.values())
   return dict(meta, records=write_outputs(records, meta, out, plots=plots))
 
 

@@ -77,6 +77,14 @@ def test_compare_smoke(tmp_path, fast_compiles):
   assert merged["records"] == records and len(merged["runs"]) == 2
   assert (tmp_path / "merged" / "compare.md").read_text() == table
   assert (tmp_path / "merged" / "throughput.png").stat().st_size > 0
+  # A later run of one measurement (--measurements train) joins the earlier record.
+  later = dict(records[0], prefill={"skipped": compare.NOT_MEASURED},
+               train=dict(records[0]["train"], tokens_per_s=1.0))
+  (tmp_path / "later.json").write_text(json.dumps(dict(data, records=[later])))
+  joined = compare.main(["--merge", str(tmp_path / "run0.json"), str(tmp_path / "later.json"),
+                         "--out", str(tmp_path / "joined"), "--no_plots"])["records"]
+  assert len(joined) == 2 and joined[0]["prefill"] == records[0]["prefill"]
+  assert joined[0]["train"]["tokens_per_s"] == 1.0
 
 
 def test_decode_batch_search_and_flops():
