@@ -18,6 +18,10 @@ the same levels: T_2s = T_s - T_s (A masked to level s) T_s is the 2 x 2 block i
 [[L11^-1, 0], [-L22^-1 L21 L11^-1, L22^-1]] at every scale: two products a level, no power
 series.
 
+``LevelSplit`` holds this machinery for any chunk's cumulative gate and also serves RWKV-7's
+kernels (``ops.rwkv7._kernel_chunk``), whose strict pair products take their rows' gate one token
+early (the exclusive cumulative gate): the row gate is a parameter of the level loop.
+
 Per chunk, with S the state before it (all float32):
 
   intra_forward     W = carried T (beta k Gamma), U = T (beta v), Q Gamma (carried rows),
@@ -47,12 +51,15 @@ class Primitives(NamedTuple):
     block), both [C, K].
   same_segment(segment) -> [C, C] float 0/1, rows r and i in the same segment, from the
     segment index column [C, 1].
+  shift(x) -> [C, N] x moved down one row (the first row zero), exactly: RWKV-7's exclusive
+    cumulative gate from the inclusive one. KDA's chunks leave it None.
   """
 
   dot: Callable
   cumsum: Callable
   level_references: Callable
   same_segment: Callable
+  shift: Callable | None = None
 
 
 def chunk_size_problem(chunk_size: int, implementation: str) -> str | None:
@@ -88,7 +95,76 @@ def eye(C: int):
   return (iota((C, C), 0) == iota((C, C), 1)).astype(F32)
 
 
-class Chunk:
+class LevelSplit:
+  """The level split of one chunk's cumulative log gate: pair products and the unit
+  lower-triangular inverse, level by level.
+
+  Args:
+    G: [C, K] float32, the inclusive cumulative log gate of the chunk (non-increasing down rows).
+    steps: [C, K] float32, G's increment at each row (G minus the exclusive cumulative gate),
+      which the backends' ``level_references`` may read.
+    prims: the backend's ``Primitives``.
+  """
+
+  def __init__(self, G, steps, prims: Primitives):
+    self.C, self.G, self.steps, self.prims = G.shape[0], G, steps, prims
+
+  def levels(self, row_gates=None):
+    """Per level: (row factors, column factor, pair mask), formed when the loop reaches it so
+    that one level's factors are live at a time.
+
+    The row factors are exp(R - before) [C, K] for each row gate R of ``row_gates`` (default:
+    G alone); the column factor is exp(end - G) [C, K]; the mask [C, C] keeps the level's pairs.
+    For a level pair (r, i), before_r = end_i = G_m (m the last row of i's block), so the pair's
+    weight is exp(R_r - G_i) with both exponents <= 0 for any R_r <= G_m: G itself and the
+    exclusive gate G_{r-1} (r - 1 >= m).
+    """
+    row_gates = (self.G,) if row_gates is None else row_gates
+    for s in levels(self.C):
+      before, end = self.prims.level_references(self.G, self.steps, s)
+      yield ([jnp.exp(R - before) for R in row_gates], jnp.exp(end - self.G),
+             level_mask(self.C, s))
+
+  def products(self, pairs, row_gates=None):
+    """sum_d x_rd y_id exp(R_rd - G_id) for i < r (zero elsewhere), [C, C] for each (x, y, j)
+    in ``pairs``: x, y [C, K] and R = row_gates[j] (default: G, j = 0)."""
+    totals = [0.0] * len(pairs)
+    for rows, col, mask in self.levels(row_gates):
+      totals = [total + mask * self.prims.dot(x * rows[j], y * col, trans_b=True)
+                for total, (x, y, j) in zip(totals, pairs)]
+    return totals
+
+  def products_backward(self, pairs, cotangents, row_gates=None):
+    """The cotangents of ``products(pairs, row_gates)`` from one [C, C] cotangent per product
+    (entries i >= r are not read).
+
+    Returns (dx per pair, dy per pair, dR per row gate, dG through the column factors), each
+    [C, K]. The level references need none: a level pair's weight exp(R_r - G_m) exp(G_m - G_i)
+    does not depend on G_m.
+    """
+    row_gates = (self.G,) if row_gates is None else row_gates
+    dot = self.prims.dot
+    dx, dy, dR, dG = [0.0] * len(pairs), [0.0] * len(pairs), [0.0] * len(row_gates), 0.0
+    for rows, col, mask in self.levels(row_gates):
+      for n, ((x, y, j), dP) in enumerate(zip(pairs, cotangents)):
+        X_l, Y_l, dP_l = x * rows[j], y * col, dP * mask
+        dX_l, dY_l = dot(dP_l, Y_l), dot(dP_l, X_l, trans_a=True)
+        dR[j] = dR[j] + X_l * dX_l
+        dG = dG - Y_l * dY_l
+        dx[n] = dx[n] + dX_l * rows[j]
+        dy[n] = dy[n] + dY_l * col
+    return dx, dy, dR, dG
+
+  def inverse(self, A):
+    """(I + A)^-1 for the strictly lower-triangular A [C, C], one 2 x 2 block step per level."""
+    dot = self.prims.dot
+    T = eye(self.C)
+    for s in levels(self.C):
+      T = T - dot(dot(T, A * level_mask(self.C, s), inverse=True), T, inverse=True)
+    return T
+
+
+class Chunk(LevelSplit):
   """One chunk's gates, masks and the matrices both intra kernels need.
 
   Args:
@@ -103,45 +179,21 @@ class Chunk:
 
   def __init__(self, q, k, g, beta, segment, carried, last, prims: Primitives, *,
                with_queries: bool):
-    C = q.shape[0]
-    self.C, self.prims = C, prims
+    super().__init__(prims.cumsum(g, reverse=False), g, prims)
+    C = self.C
     self.q, self.k, self.g, self.beta = q, k, g, beta
     self.carried, self.last = carried, last
     self.carried_last = last_row(carried)  # [1, 1]
-    self.G = prims.cumsum(g, reverse=False)
     rows, cols = iota((C, C), 0), iota((C, C), 1)
     same = prims.same_segment(segment)
     self.lower = jnp.where(rows >= cols, same, 0.0)
     self.strict = jnp.where(rows > cols, same, 0.0)
     if with_queries:
-      self.P_qk, self.P_kk = self.products([(q, k), (k, k)])
+      self.P_qk, self.P_kk = self.products([(q, k, 0), (k, k, 0)])
     else:
-      (self.P_kk,) = self.products([(k, k)])
+      (self.P_kk,) = self.products([(k, k, 0)])
     self.A_kk = beta * self.P_kk * self.strict
     self.T = self.inverse(self.A_kk)
-
-  def levels(self):
-    """(row factor, column factor, pair mask) per level, formed when the loop reaches it so that
-    one level's factors are live at a time."""
-    for s in levels(self.C):
-      before, end = self.prims.level_references(self.G, self.g, s)
-      yield jnp.exp(self.G - before), jnp.exp(end - self.G), level_mask(self.C, s)
-
-  def products(self, pairs):
-    """sum_d x_rd y_id exp(G_rd - G_id) for i < r, for each (x, y) in ``pairs``."""
-    totals = [0.0] * len(pairs)
-    for row, col, mask in self.levels():
-      totals = [total + mask * self.prims.dot(x * row, y * col, trans_b=True)
-                for total, (x, y) in zip(totals, pairs)]
-    return totals
-
-  def inverse(self, A):
-    """(I + A)^-1 for the strictly lower-triangular A, one 2 x 2 block step per level."""
-    dot = self.prims.dot
-    T = eye(self.C)
-    for s in levels(self.C):
-      T = T - dot(dot(T, A * level_mask(self.C, s), inverse=True), T, inverse=True)
-    return T
 
 
 def packed_row_masks(segment_index, batch: int, time: int, C: int):
@@ -234,17 +286,10 @@ def intra_backward(c: Chunk, v, d: ChunkMatrices):
   dP_kk = beta * dA_kk
   dA_qk = d.A * c.lower
 
-  dq, dk, dG = 0.0, 0.0, 0.0
-  for row, col, mask in c.levels():
-    for dP, x, y, is_query in ((dA_qk, q, k, True), (dP_kk, k, k, False)):
-      X_l, Y_l, dP_l = x * row, y * col, dP * mask
-      dX_l, dY_l = dot(dP_l, Y_l), dot(dP_l, X_l, trans_a=True)
-      dG = dG + X_l * dX_l - Y_l * dY_l
-      if is_query:
-        dq = dq + dX_l * row
-      else:
-        dk = dk + dX_l * row
-      dk = dk + dY_l * col
+  (dq, dk_row), (dk_qk, dk_kk), (dG_row,), dG = c.products_backward(
+      [(q, k, 0), (k, k, 0)], [dA_qk, dP_kk])
+  dk = dk_row + dk_qk + dk_kk
+  dG = dG + dG_row
   diagonal = jnp.sum(jnp.where(iota((C, C), 0) == iota((C, C), 1), dA_qk, 0.0), axis=1,
                      keepdims=True)
   dq = dq + diagonal * k
