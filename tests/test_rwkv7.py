@@ -5,10 +5,15 @@ the official VALUE-MAJOR convention (state [V, K], the CUDA kernel's thread-row 
 ``sa_i = sum_j a_j S_ij; S_ij <- S_ij w_j + k_j v_i + sa_i b_j; y_i = sum_j S_ij r_j``), so a
 transposition error in the op's key-major code (fla's layout) cannot cancel. Properties checked:
 
-* "reference" and "xla" (the chunkwise generalised delta rule) equal the oracle in output and
-  final state (transposed), and each other in output, final state and the gradients of r, w, k,
-  v, a, b and initial_state, over drawn lengths, dtypes, scales and packed rows;
+* every faster form, "xla" (the chunkwise generalised delta rule) and "pallas_tpu" (its Pallas
+  kernels, in TPU interpret mode on CPU), equals the oracle in output and final
+  state (transposed), and "reference" (itself checked against the oracle) in output, final state
+  and the gradients of r, w, k, v, a, b and initial_state, over drawn lengths, dtypes, scales and
+  packed rows, through one test base (``AgreementBase``) that each form's test class subclasses;
 * strong decay (down to -20 per token) stays finite and correct, gradients included;
+* the kernels lower to Mosaic for a TPU from this CPU machine, and ``implementation=None``
+  resolves to them on a TPU, falling back with a warning
+  where they cannot run;
 * a fixed case equals the oracle compiled and op by op (chex variants); other chunk sizes too;
 * KDA is the special case w = g, b = k, a = -beta exp(g) k with the key beta k: ``rwkv7``
   equals ``ops.kda.kda``;
@@ -22,9 +27,10 @@ layer's range); "strong": in half of the (batch, head, key channel) lanes w = -U
 
 Tolerances (relative RMS error, tests/_numerics.py). A float32 result, value or gradient: 1e-5
 (measured over 48 cases of the drawn kind: o 3.6e-7, final state 7.9e-7 against the oracle,
-gradients at most 8.1e-7 (dw) between the forms). A bfloat16 result: 1e-2 (measured o 1.8e-3
-against the oracle, gradients 2.4e-4 (da) between the forms). Strong decay uses 3e-5; its reason
-is given where it is used.
+gradients at most 8.1e-7 (dw) between the forms; the kernels in interpret mode over 20 cases
+each: o 1.7e-7 and gradients at most 3.3e-7 (dw) against "reference"). A bfloat16 result: 1e-2
+(measured o 1.8e-3 against the oracle, gradients 2.4e-4 (da) between the forms). Strong decay uses 3e-5; its
+reason is given where it is used.
 """
 
 from __future__ import annotations
@@ -38,15 +44,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ops.kda import kda
-from ops.rwkv7 import rwkv7, rwkv7_step
+import ops.rwkv7 as rwkv7_module
+from ops._validate import resolve_implementation
+from ops.kda import _segment_index, kda
+from ops.rwkv7 import pallas_tpu, rwkv7, rwkv7_step
 from tests import _numerics as num
 
 TOL_F32, tolerance = num.TOL_F32, num.tolerance
-IMPLEMENTATIONS = ("reference", "xla")
+PLAIN_FORMS = ("reference", "xla")
+IMPLEMENTATIONS = PLAIN_FORMS + ("pallas_tpu",)
 DIFFERENTIABLE = ("r", "w", "k", "v", "a", "b", "initial_state")
 TIME_MAJOR = ("r", "w", "k", "v", "a", "b", "segment_ids")  # the arguments with a time axis (1)
 LOG_DECAY_BOUND = -0.6065306597126334  # -exp(-1/2): RWKV-7's w = bound * sigmoid(.)
@@ -194,12 +203,13 @@ def case_oracle(case: Case, arrays: dict):
   return o, key_major(state)
 
 
-def _check_against_oracle(case: Case, arrays: dict, o, final_state, name: str = "") -> None:
+def _check_against_oracle(case: Case, arrays: dict, o, final_state, name: str = "",
+                          state_tolerance: float = TOL_F32) -> None:
   ref_o, ref_state = case_oracle(case, arrays)
   assert o.dtype == jnp.dtype(case.dtype), o.dtype
   assert final_state.dtype == jnp.float32, final_state.dtype
   num.assert_close(ref_o, o, tolerance(o), f"o vs oracle {name}")
-  num.assert_close(ref_state, final_state, TOL_F32, f"final_state vs oracle {name}")
+  num.assert_close(ref_state, final_state, state_tolerance, f"final_state vs oracle {name}")
 
 
 # --- jitted runners (module level, so equal shapes reuse the compilation) ---------------------
@@ -225,64 +235,163 @@ def _forward_and_vjp(arrays, cotangents, **static):
   return num.vjp_of(lambda x: _run(x, **static), arrays, cotangents, DIFFERENTIABLE)
 
 
-def _run_both(case: Case, arrays: dict) -> dict:
-  """{implementation: ((o, final_state), gradients)} for the case's cotangents."""
-  return {implementation: _forward_and_vjp(arrays, case.cotangents(),
-                                           implementation=implementation, scale=case.scale)
-          for implementation in IMPLEMENTATIONS}
+def _run_forms(case: Case, arrays: dict, implementation: str, chunk_size: int) -> dict:
+  """{form: ((o, final_state), gradients)} of "reference" and ``implementation`` for the case's
+  cotangents (the chunk size is the faster form's)."""
+  run = lambda name, **static: _forward_and_vjp(arrays, case.cotangents(), implementation=name,
+                                                scale=case.scale, **static)
+  return {"reference": run("reference"), implementation: run(implementation,
+                                                             chunk_size=chunk_size)}
 
 
-# --- the forms equal the oracle and each other, gradients included ----------------------------
+# --- every faster form equals the oracle and "reference", gradients included -------------------
 
 # Lengths below and past the chunk of 64, none a multiple of it (1 token included).
 RWKV7_SEQ_LENGTHS = (1, 7, 17, 63, 65, 100)
+# The kernels' lengths for chunks of 16 (interpret mode is slow): one partial chunk, and two
+# full chunks and a part.
+KERNEL_SEQ_LENGTHS = (7, 37)
 
 
 @st.composite
-def cases(draw) -> Case:
+def cases(draw, lengths=RWKV7_SEQ_LENGTHS, value_dim=32) -> Case:
   """Drawn lengths, dtypes, scales, packed rows and seeds, with RWKV-7's gates. The shapes and
   the argument structure stay fixed (an initial state and segment ids always given), so that
   the drawn cases share a few compilations; the None paths are the fixed cases' below."""
-  return Case(time=draw(st.sampled_from(RWKV7_SEQ_LENGTHS)), dtype=draw(num.float_dtypes()),
-              scale=draw(st.sampled_from((1.0, 0.5))),
+  return Case(time=draw(st.sampled_from(lengths)), value_dim=value_dim,
+              dtype=draw(num.float_dtypes()), scale=draw(st.sampled_from((1.0, 0.5))),
               segments=draw(st.sampled_from(("one", "packed"))), seed=draw(num.seeds()))
 
 
-@given(case=cases())
-def test_forms_match_oracle_and_each_other(case):
-  arrays = case.arrays()
-  results = _run_both(case, arrays)
-  for implementation, ((o, final_state), _) in results.items():
-    _check_against_oracle(case, arrays, o, final_state, implementation)
-  num.assert_forms_agree(results.get, arrays, DIFFERENTIABLE, "xla", output="o")
-
-
-# Float32 error of the chunked form under strong decay: 3e-5 (KDA's bound, tests/test_kda.py).
+# Float32 error of the chunked forms under strong decay: 3e-5 (KDA's bound, tests/test_kda.py).
 # Within a chunk the cumulative gate falls to about -640 in the strong lanes; the pair weights
 # exp(G_r - G_i) of nearby tokens are built from such numbers, whose float32 spacing (6e-5 at
 # 640) becomes a relative error of the weight. The token-by-token recurrence never forms them.
-# Measured at most 6e-6 (o, dv) over 24 seeds, against 8e-7 with RWKV-7's gates. A form that
-# exponentiated an unreferenced cumulative gate would overflow to inf or nan and fail.
+# Measured at most 6e-6 (o, dv) over 24 seeds, against 8e-7 with RWKV-7's gates; the kernels at
+# most 5.5e-6 (final state) over 24 seeds, as "xla". A form that exponentiated an unreferenced
+# cumulative gate would overflow to inf or nan and fail.
 TOL_STRONG_DECAY = 3e-5
 
 
-@pytest.mark.parametrize("seed", [10, 11])
-def test_strong_decay_is_finite_and_correct(seed):
-  """Half of the lanes decay by up to exp(-20) per token: both forms stay finite and equal the
-  oracle and each other, gradients included."""
-  case = Case(time=100, gate="strong", segments="one", seed=seed)
-  arrays = case.arrays()
-  assert float(arrays["w"].min()) < -19.5  # the decay is as strong as stated
-  results = _run_both(case, arrays)
-  oracle_o, oracle_state = case_oracle(case, arrays)
-  for implementation, ((o, final_state), _) in results.items():
-    num.assert_close(oracle_o, o, TOL_STRONG_DECAY, f"o ({implementation}) vs oracle")
-    num.assert_close(oracle_state, final_state, TOL_STRONG_DECAY,
-                     f"final_state ({implementation}) vs oracle")
-  ref_grads, grads = results["reference"][1], results["xla"][1]
-  for name, grad in grads.items():
-    num.assert_close(ref_grads[name], grad, TOL_STRONG_DECAY, f"d{name}")
+class AgreementBase:
+  """The properties every faster implementation shares with "reference" and the oracle; one
+  subclass each (the subclasses are what pytest collects).
 
+  ``implementation`` names the form under test, ``chunk_size`` and ``lengths`` its drawn cases'
+  chunk and sequence lengths, ``value_dim`` their V.
+  """
+
+  implementation: str
+  chunk_size = 64
+  lengths = RWKV7_SEQ_LENGTHS
+  value_dim = 32
+  # Whether the form reads its inputs in their own dtype (the Pallas kernels; the GPU kernels
+  # also store their chunk matrices in it): then float32 results (the final state, float32
+  # gradients) from bfloat16 inputs carry bfloat16 rounding and are held to 1e-2, not 1e-5.
+  keeps_input_dtype = False
+
+  @given(data=st.data())
+  def test_matches_oracle_and_reference(self, data):
+    case = data.draw(cases(self.lengths, self.value_dim), label="case")
+    arrays = case.arrays()
+    results = _run_forms(case, arrays, self.implementation, self.chunk_size)
+    narrow = self.keeps_input_dtype and case.dtype == "bfloat16"
+    float32_tolerance = num.TOL_BF16 if narrow else TOL_F32
+    for implementation, ((o, final_state), _) in results.items():
+      _check_against_oracle(case, arrays, o, final_state, implementation,
+                            TOL_F32 if implementation == "reference" else float32_tolerance)
+    num.assert_forms_agree(results.get, arrays, DIFFERENTIABLE, self.implementation, output="o",
+                           float32_tolerance=float32_tolerance)
+
+  @pytest.mark.parametrize("seed", [10, 11])
+  def test_strong_decay_is_finite_and_correct(self, seed):
+    """Half of the lanes decay by up to exp(-20) per token over a chunk of 64 and a part, no
+    segment ids: the form stays finite and equals the oracle and "reference", gradients
+    included."""
+    case = Case(time=100, gate="strong", segments="none", seed=seed)
+    arrays = case.arrays()
+    assert float(arrays["w"].min()) < -19.5  # the decay is as strong as stated
+    results = _run_forms(case, arrays, self.implementation, chunk_size=64)
+    oracle_o, oracle_state = case_oracle(case, arrays)
+    for implementation, ((o, final_state), _) in results.items():
+      num.assert_close(oracle_o, o, TOL_STRONG_DECAY, f"o ({implementation}) vs oracle")
+      num.assert_close(oracle_state, final_state, TOL_STRONG_DECAY,
+                       f"final_state ({implementation}) vs oracle")
+    ref_grads, grads = results["reference"][1], results[self.implementation][1]
+    for name, grad in grads.items():
+      num.assert_close(ref_grads[name], grad, TOL_STRONG_DECAY, f"d{name}")
+
+
+class TestXla(AgreementBase):
+  """The chunkwise generalised delta rule in plain JAX (``ops.rwkv7.chunk``)."""
+
+  implementation = "xla"
+
+
+class KernelAgreement(AgreementBase):
+  """The kernels' drawn cases: chunks of 16, and V = 24 (not a power of two)."""
+
+  chunk_size = 16
+  lengths = KERNEL_SEQ_LENGTHS
+  value_dim = 24
+  keeps_input_dtype = True
+
+
+class TestPallasTpu(KernelAgreement):
+  """The Pallas TPU kernels (``ops.rwkv7.pallas_tpu``), in TPU interpret mode off a TPU. They
+  share every formula with the GPU kernels (``ops.rwkv7._kernel_chunk``), which
+  ``TestPallasGpu`` will draw more examples of; here the drawn cases check the TPU plumbing
+  (primitives, blocks, the reversed walk, the VMEM state), and the TPU interpreter is slow."""
+
+  implementation = "pallas_tpu"
+  test_matches_oracle_and_reference = settings(max_examples=2)(
+      AgreementBase.test_matches_oracle_and_reference)
+
+
+# --- the kernels lower for their hardware without it ------------------------------------------
+
+def _kernel_functions(kernels, dtype):
+  """(forward, gradient) of ``kernels.scan`` compiled for hardware (interpret off), and args:
+  RWKV-7's heads of 64, packed rows, a chunk of 64 and a part."""
+  case = Case(batch=1, time=70, key_dim=64, value_dim=64, dtype=dtype, segments="packed")
+  arrays = case.arrays()
+  index = _segment_index(arrays["segment_ids"])
+  forward = lambda r, w, k, v, a, b, h0: kernels.scan(r, w, k, v, a, b, h0, index, scale=0.5,
+                                                      interpret=False)
+  loss = lambda *args: sum(jnp.sum(x.astype(jnp.float32)) for x in forward(*args))
+  args = tuple(arrays[name] for name in DIFFERENTIABLE)
+  return forward, jax.grad(loss, argnums=tuple(range(len(args)))), args
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tpu_kernels_lower_to_mosaic(dtype):
+  """Forward and backward lower to Mosaic for a TPU on this CPU machine (``jax.export``); an
+  unsupported primitive (a cumulative sum, say) would raise here."""
+  forward, gradient, args = _kernel_functions(pallas_tpu, dtype)
+  for fn in (forward, gradient):
+    exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
+    assert "tpu_custom_call" in exported.mlir_module()
+
+
+def test_none_resolves_to_the_platform_kernels(monkeypatch):
+  """``implementation=None`` picks "pallas_tpu" on a TPU (the platform faked) and "xla"
+  elsewhere; a chunk size the kernels cannot run falls back to "xla" with a warning, and naming the
+  kernels for it raises."""
+  for platform, expected in (("tpu", "pallas_tpu"), ("gpu", "xla"), ("cpu", "xla")):
+    monkeypatch.setattr(jax, "default_backend", lambda platform=platform: platform)
+    assert resolve_implementation(None, rwkv7_module.IMPLEMENTATIONS,
+                                  rwkv7_module.DEFAULT_BY_PLATFORM) == expected
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  case = Case(time=20)
+  arrays = case.arrays()
+  with pytest.warns(UserWarning, match="pallas_tpu.*power of two.*using 'xla'"):
+    o, _ = rwkv7(**arrays, chunk_size=48)
+  num.assert_close(case_oracle(case, arrays)[0], o, TOL_F32, "o")
+  with pytest.raises(ValueError, match="pallas_tpu.*power of two"):
+    rwkv7(**arrays, chunk_size=48, implementation="pallas_tpu")
+
+
+# --- chunk sizes and fixed cases ----------------------------------------------------------------
 
 def test_chunk_sizes_without_segments():
   """No segment_ids (the None path) at other chunk sizes: full chunks of 16 or 64 tokens and a
@@ -305,7 +414,7 @@ class OracleTest(chex.TestCase):
   """A fixed case against the oracle, run compiled and op by op (chex variants)."""
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(*IMPLEMENTATIONS)
+  @parameterized.parameters(*PLAIN_FORMS)
   def test_fixed_case(self, implementation):
     run = self.variant(functools.partial(rwkv7, scale=FIXED_CASE.scale, return_final_state=True,
                                          implementation=implementation))
@@ -313,7 +422,7 @@ class OracleTest(chex.TestCase):
     _check_against_oracle(FIXED_CASE, arrays, *run(**arrays))
 
 
-@pytest.mark.parametrize("implementation", (None,) + IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", (None,) + PLAIN_FORMS)
 def test_without_final_state_returns_none(implementation):
   """``return_final_state=False`` gives ``(o, None)``; ``implementation=None`` runs too."""
   case = FIXED_CASE
@@ -325,7 +434,7 @@ def test_without_final_state_returns_none(implementation):
 
 # --- KDA as a special case --------------------------------------------------------------------
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", PLAIN_FORMS)
 def test_kda_is_a_special_case(implementation):
   """KDA, ``S_t = (I - beta k k^T) diag(exp g) S_{t-1} + beta k v^T``, expands to
   ``diag(exp g) S_{t-1} + k ((-beta exp(g) k)^T S_{t-1}) + (beta k) v^T``: RWKV-7 with w = g,

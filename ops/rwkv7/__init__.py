@@ -14,9 +14,14 @@ The low-rank term acts on the undecayed S_{t-1}; the output reads the updated st
 layer passes a = -kappa_hat, b = kappa_hat * a_icl and s = 1. The official code keeps the
 value-major transpose S^T (SPEC 2.5).
 
-Implementations: ``"reference"`` (token-by-token ``lax.scan``) and ``"xla"`` (chunkwise
-generalised delta rule on ``ops._chunked``, ``ops.rwkv7.chunk``); ``None`` picks ``"xla"``.
-Arithmetic is float32 whatever the input dtype; ``o`` takes v's dtype.
+Implementations: ``"reference"`` (token-by-token ``lax.scan``), ``"xla"`` (chunkwise
+generalised delta rule on ``ops._chunked``, ``ops.rwkv7.chunk``) and ``"pallas_tpu"`` (the same
+chunkwise algorithm as Pallas Mosaic TPU kernels with a hand-written backward,
+``ops.rwkv7.pallas_tpu``, on KDA's kernel machinery; interpret mode off a TPU). ``None`` picks
+the kernels on a TPU and ``"xla"`` elsewhere, or ``"xla"`` with a warning for a chunk size the kernels cannot run.
+Arithmetic is float32 whatever the input dtype (the kernels read their inputs in their own dtype
+and, on hardware, give bfloat16 inputs bfloat16 matrix-product operands with float32
+accumulation); ``o`` takes v's dtype.
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ import jax.numpy as jnp
 
 from ops._validate import check_shape, resolve_implementation
 from ops.kda import _is_concrete, _segment_index
-from ops.rwkv7 import chunk, reference
+from ops.rwkv7 import chunk, pallas_tpu, reference
 
-IMPLEMENTATIONS = ("xla", "reference")
+IMPLEMENTATIONS = ("xla", "reference", "pallas_tpu")
+DEFAULT_BY_PLATFORM = {"tpu": "pallas_tpu"}
+KERNELS = {"pallas_tpu": pallas_tpu}
 
 
 def _check(r, w, k, v, a, b, state, state_name: str, layout: list[str]):
@@ -55,7 +62,8 @@ def _check(r, w, k, v, a, b, state, state_name: str, layout: list[str]):
 
 
 def _prepare(r, w, k, v, a, b, scale):
-  """float32 inputs with r scaled."""
+  """float32 inputs with r scaled (the plain forms' inputs; the kernels read the arrays as
+  given and apply the scale themselves)."""
   r, w, k, v, a, b = (x.astype(jnp.float32) for x in (r, w, k, v, a, b))
   return r * scale, w, k, v, a, b
 
@@ -75,23 +83,30 @@ def rwkv7(r, w, k, v, a, b, *, scale=1.0, initial_state=None, return_final_state
     return_final_state: also return the state after the last token of each row.
     segment_ids: optional [B, T] integers of packed rows; the state restarts from zero wherever
       the id changes; initial and final states belong to each row's first and last segment.
-    implementation: None, "reference" or "xla".
-    chunk_size: tokens per chunk of "xla", a positive multiple of 16.
+    implementation: None, "reference", "xla" or "pallas_tpu".
+    chunk_size: tokens per chunk of "xla" (a positive multiple of 16) and of the Pallas kernel
+      (a power of two >= 16).
 
   Returns:
     (o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32 or None).
   """
-  implementation = resolve_implementation(implementation, IMPLEMENTATIONS)
-  H, K, V = _check(r, w, k, v, a, b, initial_state, "initial_state", ["B", "T"])
-  B, T = r.shape[:2]
   if chunk_size < 1 or chunk_size % chunk.SUB_CHUNK:
     raise ValueError(f"chunk_size must be a positive multiple of {chunk.SUB_CHUNK}, got "
                      f"{chunk_size}")
+  implementation = resolve_implementation(
+      implementation, IMPLEMENTATIONS, DEFAULT_BY_PLATFORM,
+      unsupported={name: kernels.unsupported(chunk_size) for name, kernels in KERNELS.items()})
+  H, K, V = _check(r, w, k, v, a, b, initial_state, "initial_state", ["B", "T"])
+  B, T = r.shape[:2]
   if segment_ids is not None:
     check_shape("segment_ids", segment_ids, (B, T), "[B, T]")
-  inputs = _prepare(r, w, k, v, a, b, scale)
   h0 = jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None else initial_state
   index = None if segment_ids is None else _segment_index(segment_ids)
+  if implementation in KERNELS:
+    o, final_state = KERNELS[implementation].scan(r, w, k, v, a, b, h0, index, scale=scale,
+                                                  chunk_size=chunk_size)
+    return o, final_state if return_final_state else None
+  inputs = _prepare(r, w, k, v, a, b, scale)
   if implementation == "reference":
     o, final_state = reference.scan(*inputs, h0, index)
   else:
