@@ -15,10 +15,11 @@ layer passes a = -kappa_hat, b = kappa_hat * a_icl and s = 1. The official code 
 value-major transpose S^T (SPEC 2.5).
 
 Implementations: ``"reference"`` (token-by-token ``lax.scan``), ``"xla"`` (chunkwise
-generalised delta rule on ``ops._chunked``, ``ops.rwkv7.chunk``) and ``"pallas_tpu"`` (the same
-chunkwise algorithm as Pallas Mosaic TPU kernels with a hand-written backward,
-``ops.rwkv7.pallas_tpu``, on KDA's kernel machinery; interpret mode off a TPU). ``None`` picks
-the kernels on a TPU and ``"xla"`` elsewhere, or ``"xla"`` with a warning for a chunk size the kernels cannot run.
+generalised delta rule on ``ops._chunked``, ``ops.rwkv7.chunk``), ``"pallas_gpu"`` and
+``"pallas_tpu"`` (the same chunkwise algorithm as Pallas Triton and Mosaic TPU kernels with a
+hand-written backward, ``ops.rwkv7.pallas_gpu`` and ``ops.rwkv7.pallas_tpu``, on KDA's kernel
+machinery; interpret mode off their hardware). ``None`` picks the platform's kernels on a GPU or
+TPU and ``"xla"`` elsewhere, or ``"xla"`` with a warning for a chunk size the kernels cannot run.
 Arithmetic is float32 whatever the input dtype (the kernels read their inputs in their own dtype
 and, on hardware, give bfloat16 inputs bfloat16 matrix-product operands with float32
 accumulation); ``o`` takes v's dtype.
@@ -30,11 +31,11 @@ import jax.numpy as jnp
 
 from ops._validate import check_shape, resolve_implementation
 from ops.kda import _is_concrete, _segment_index
-from ops.rwkv7 import chunk, pallas_tpu, reference
+from ops.rwkv7 import chunk, pallas_gpu, pallas_tpu, reference
 
-IMPLEMENTATIONS = ("xla", "reference", "pallas_tpu")
-DEFAULT_BY_PLATFORM = {"tpu": "pallas_tpu"}
-KERNELS = {"pallas_tpu": pallas_tpu}
+IMPLEMENTATIONS = ("xla", "reference", "pallas_gpu", "pallas_tpu")
+DEFAULT_BY_PLATFORM = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}
+KERNELS = {"pallas_gpu": pallas_gpu, "pallas_tpu": pallas_tpu}
 
 
 def _check(r, w, k, v, a, b, state, state_name: str, layout: list[str]):
@@ -83,8 +84,8 @@ def rwkv7(r, w, k, v, a, b, *, scale=1.0, initial_state=None, return_final_state
     return_final_state: also return the state after the last token of each row.
     segment_ids: optional [B, T] integers of packed rows; the state restarts from zero wherever
       the id changes; initial and final states belong to each row's first and last segment.
-    implementation: None, "reference", "xla" or "pallas_tpu".
-    chunk_size: tokens per chunk of "xla" (a positive multiple of 16) and of the Pallas kernel
+    implementation: None, "reference", "xla", "pallas_gpu" or "pallas_tpu".
+    chunk_size: tokens per chunk of "xla" (a positive multiple of 16) and of the Pallas kernels
       (a power of two >= 16).
 
   Returns:
