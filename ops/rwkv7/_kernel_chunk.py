@@ -69,6 +69,9 @@ class Chunk(LevelSplit):
   def __init__(self, r, w, k, a, b, segment, carried, last, prims: Primitives):
     G = prims.cumsum(w, reverse=False)
     G_before = prims.shift(G)
+    # The level references select G at a block's end (TPU: G before a block too); the GPU's take
+    # the value before a block as G - steps at its first row: with steps = G - G~ that is G~
+    # itself up to the rounding of the step G - G~, not the larger rounding of G - w.
     super().__init__(G, G - G_before, prims)
     C = self.C
     self.r, self.k, self.a, self.b = r, k, a, b
