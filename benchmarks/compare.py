@@ -50,7 +50,7 @@ A measurement that does not fit is skipped, and so is the same measurement at th
 of that model; the table says so. Writes ``compare.json``, ``compare.md`` (the table) and
 ``throughput.png`` / ``memory.png`` (matplotlib; one line per model, log-log against context)
 under ``--out``; a progress bar runs meanwhile. The JSON and the table are rewritten after every
-context, so an interrupted run keeps what it measured; ``--merge A/compare.json B/compare.json``
+measurement, so an interrupted run keeps what it measured; ``--merge A/compare.json B/compare.json``
 joins runs made separately on one device (say one model per call, or ``--measurements train``
 at other settings) into one table and plots.
 """
@@ -97,6 +97,7 @@ MEASUREMENTS = (("prefill", "prefill"), ("decode_batch_1", "decode, batch 1"),
 GREEDY = SampleConfig(temperature=0.0)
 MEMORY_FRACTION = 0.9  # of the device's memory, for the decode batch search
 NOT_MEASURED = "not measured (--measurements)"
+NOT_REACHED = "not reached: the run stopped first"
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Resource exhausted", "out of memory", "Out of memory")
 
 
@@ -553,7 +554,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         record = dict(model=spec, context=context, layers=base.layer_pattern,
                       num_layers=base.num_layers, dtype=base.dtype, params_total=total_params,
                       params_activated=activated,
-                      decode_state_bytes=decode_state_bytes(config, 1, context))
+                      decode_state_bytes=decode_state_bytes(config, 1, context),
+                      **{name: {"skipped": NOT_REACHED} for name, _ in MEASUREMENTS},
+                      peak_memory_bytes=None)
+        records.append(record)
         for name, label in MEASUREMENTS:
           bar.set_description(f"{spec} {tokens_text(context)}: {label}")
           if name not in args.measurements:
@@ -573,6 +577,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if out_of_memory and (name != "train" or args.train_tokens // context <= 1):
               stopped[name] = context
           record[name] = result
+          record["peak_memory_bytes"] = peak_memory(record)
+          write_outputs(records, meta, out, plots=False, quiet=True)  # Partial runs keep it.
           bar.update(1)
           done += 1
           summary = (f"skipped: {result['skipped']}" if "skipped" in result else
@@ -580,17 +586,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
                      f"{1e3 * result['median_s']:.2f} ms, compile {result['compile_s']:.1f} s)")
           tqdm.write(f"[{done}/{total}] {spec} {tokens_text(context)} {label}: {summary}",
                      file=sys.stdout)
-        footprints = [record[name].get("memory_bytes") for name, _ in MEASUREMENTS]
-        footprints = [f for f in footprints if f is not None]
-        record["peak_memory_bytes"] = max(footprints) if footprints else None
         stats = _memory_stats(device)
         if stats and stats.get("peak_bytes_in_use"):
           record["device_peak_bytes_in_use_so_far"] = int(stats["peak_bytes_in_use"])
-        records.append(record)
-        write_outputs(records, meta, out, plots=False, quiet=True)  # Partial results survive.
       del params, serving
 
   return dict(meta, records=write_outputs(records, meta, out, plots=not args.no_plots))
+
+
+def peak_memory(record: dict) -> int | None:
+  """The largest compiled footprint among a record's measurements."""
+  footprints = [record[name].get("memory_bytes") for name, _ in MEASUREMENTS]
+  return max((f for f in footprints if f is not None), default=None)
 
 
 def write_outputs(records: list[dict], meta: dict, out: pathlib.Path, *, plots: bool,
@@ -633,11 +640,10 @@ def merge(paths: Sequence[str], out: pathlib.Path, plots: bool) -> dict:
       key = (record["model"], record["context"])
       merged = dict(records.get(key, {}))
       for field, value in record.items():
-        if not (isinstance(value, dict) and value.get("skipped") == NOT_MEASURED
+        if not (isinstance(value, dict) and value.get("skipped") in (NOT_MEASURED, NOT_REACHED)
                 and field in merged):
           merged[field] = value
-      footprints = [merged[name].get("memory_bytes") for name, _ in MEASUREMENTS]
-      merged["peak_memory_bytes"] = max((f for f in footprints if f is not None), default=None)
+      merged["peak_memory_bytes"] = peak_memory(merged)
       records[key] = merged
   records = list(records.values())
   return dict(meta, records=write_outputs(records, meta, out, plots=plots))

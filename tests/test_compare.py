@@ -103,3 +103,25 @@ def test_decode_batch_search_and_flops():
   bench.donate = False  # Two copies of the state: half the batch.
   assert compare.decode_batch_candidates(bench, cap=64)[0][0] == 4
   assert compare.train_flops_per_token(config, 1000, activated=10) == 60 + 3 * 4 * 32 * 1000
+
+
+def test_interrupted_run_keeps_finished_measurements(tmp_path, monkeypatch):
+  """The JSON is rewritten after every measurement: a run killed during the training step still
+  has the prefill and decode results of that context."""
+  fake = dict(batch=1, median_s=0.5, tokens_per_s=2.0, calls=1, compile_s=0.1, memory_bytes=8)
+  monkeypatch.setattr(compare, "measure_prefill", lambda bench: dict(fake))
+  monkeypatch.setattr(compare, "measure_decode", lambda bench, batch: dict(fake, state_bytes=4))
+
+  def interrupted(bench):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(compare, "measure_train", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    compare.main(["--presets", MODELS.split(",")[1], "--contexts", "16,32", "--warmup", "0",
+                  "--iters", "1", "--max_decode_batch", "1", "--no_plots",
+                  "--out", str(tmp_path)])
+  (record,) = json.loads((tmp_path / "compare.json").read_text())["records"]
+  assert record["context"] == 16 and record["prefill"]["tokens_per_s"] == 2.0
+  assert record["decode_max_batch"]["batch"] == 1 and record["peak_memory_bytes"] == 8
+  assert record["train"] == {"skipped": compare.NOT_REACHED}
+  assert "not reached" in (tmp_path / "compare.md").read_text()

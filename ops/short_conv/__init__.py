@@ -86,7 +86,7 @@ def short_conv(x, weight, bias=None, cache=None, activation=None, segment_ids=No
 
 
 def short_conv_step(x, weight, bias=None, cache=None, activation=None):
-  """One token of ``short_conv``.
+  """One token of ``short_conv`` (the same arithmetic, so the two agree bit for bit).
 
   Args:
     x: [batch, channels].
@@ -95,8 +95,9 @@ def short_conv_step(x, weight, bias=None, cache=None, activation=None):
   Returns:
     y [batch, channels] in x's dtype and the new cache [batch, width - 1, channels].
   """
-  _, width, _ = _check(x, weight, bias, cache, activation, "[batch, channels]", 2)
-  window = _after_cache(cache, x[:, None], width)
-  y = jnp.einsum("bwc,wc->bc", window.astype(jnp.float32), weight.astype(jnp.float32),
-                 precision=jax.lax.Precision.HIGHEST)
-  return _finish(y, bias, activation, x.dtype), window[:, 1:]
+  _check(x, weight, bias, cache, activation, "[batch, channels]", 2)
+  # Not an einsum over the window: "bwc,wc->bc" is a dot with the channels as its batch
+  # dimension, which XLA's GPU backend ran as a 0.58 ms fusion per call on an H200 (3.5 of a
+  # 4.4 ms two-layer KDA decode step); the elementwise sum is a few microseconds.
+  y, cache = short_conv(x[:, None], weight, bias, cache, activation)
+  return y[:, 0], cache
