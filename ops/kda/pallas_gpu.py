@@ -93,7 +93,7 @@ def precision_for(dtype, interpret: bool) -> Precision:
   return Precision(jnp.bfloat16, None, jax.lax.DotAlgorithmPreset.TF32_TF32_F32)
 
 
-def _primitives(precision: Precision) -> chunk_math.Primitives:
+def primitives(precision: Precision) -> chunk_math.Primitives:
   """Triton's: ``cumsum`` and 3-D reshapes are native."""
 
   def dot(a, b, *, trans_a=False, trans_b=False, inverse=False):
@@ -136,7 +136,7 @@ def _chunk(q_ref, k_ref, g_ref, beta_ref, seg_ref, carried_ref, last_ref, *, sca
 def _intra_forward_kernel(q_ref, k_ref, g_ref, v_ref, beta_ref, seg_ref, carried_ref, last_ref,
                           w_ref, u_ref, qg_ref, kg_ref, a_ref, decay_ref, *, scale, precision):
   chunk = _chunk(q_ref, k_ref, g_ref, beta_ref, seg_ref, carried_ref, last_ref, scale=scale,
-                 prims=_primitives(precision), with_queries=True)
+                 prims=primitives(precision), with_queries=True)
   m = chunk_math.intra_forward(chunk, v_ref[...].astype(F32))
   for ref, value in ((w_ref, m.W), (u_ref, m.U), (qg_ref, m.Qg), (kg_ref, m.Kg), (a_ref, m.A)):
     ref[...] = value.astype(ref.dtype)
@@ -147,7 +147,7 @@ def _intra_backward_kernel(q_ref, k_ref, g_ref, v_ref, beta_ref, seg_ref, carrie
                            dw_ref, du_ref, dqg_ref, dkg_ref, da_ref, ddecay_ref,
                            dq_ref, dk_ref, dv_ref, dg_ref, dbeta_ref, *, scale, precision):
   chunk = _chunk(q_ref, k_ref, g_ref, beta_ref, seg_ref, carried_ref, last_ref, scale=scale,
-                 prims=_primitives(precision), with_queries=False)
+                 prims=primitives(precision), with_queries=False)
   cotangents = chunk_math.ChunkMatrices(
       W=dw_ref[...], U=du_ref[...], Qg=dqg_ref[...], Kg=dkg_ref[...], A=da_ref[...],
       decay=ddecay_ref[...].reshape(1, ddecay_ref.shape[0]))
@@ -166,7 +166,7 @@ def _state_forward_kernel(w_ref, u_ref, qg_ref, kg_ref, a_ref, decay_ref, h0_ref
   b, h, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   num_chunks = decay_ref.shape[1]
   values = pl.ds(vb * BV, BV)
-  dot = _primitives(precision).dot
+  dot = primitives(precision).dot
 
   def chunk(c, S):
     rows = pl.ds(c * C, C)
@@ -198,7 +198,7 @@ def _state_backward_kernel(w_ref, u_ref, qg_ref, kg_ref, a_ref, decay_ref, state
   b, h, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   num_chunks = decay_ref.shape[1]
   values = pl.ds(vb * BV, BV)
-  dot = _primitives(precision).dot
+  dot = primitives(precision).dot
 
   def chunk(step, dS):
     c = num_chunks - 1 - step
@@ -224,7 +224,7 @@ def _config(v, interpret, chunk_size):
   return dict(interpret=interpret, precision=precision_for(v.dtype, interpret), C=chunk_size)
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape, interpret, launch, **params):
+def triton_call(kernel, grid, in_specs, out_specs, out_shape, interpret, launch, **params):
   """``pallas_call`` on the Triton backend; ``launch`` is (num_warps, num_stages)."""
   num_warps, num_stages = launch
   return pl.pallas_call(
@@ -234,21 +234,21 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, interpret, launch, **par
                                                                   num_stages=num_stages))
 
 
-def _token_spec(C, last):
+def token_spec(C, last):
   """Blocks of one chunk of one head of a [B, T, HV, last] array."""
   return pl.BlockSpec((None, C, None, last), lambda b, h, c: (b, c, h, 0))
 
 
 def _intra_specs(C, K, V):
   mask = pl.BlockSpec((None, C, 1), lambda b, h, c: (b, c, 0))
-  return [_token_spec(C, K), _token_spec(C, K), _token_spec(C, K), _token_spec(C, V),
+  return [token_spec(C, K), token_spec(C, K), token_spec(C, K), token_spec(C, V),
           pl.BlockSpec((None, C, None), lambda b, h, c: (b, c, h)), mask, mask, mask]
 
 
 def _matrix_specs(C, K, V):
   """Blocks of W, U, Q Gamma, K exp(G_C - G), A_qk and the decay (or their cotangents)."""
-  return [_token_spec(C, K), _token_spec(C, V), _token_spec(C, K), _token_spec(C, K),
-          _token_spec(C, C), pl.BlockSpec((None, None, None, K), lambda b, h, c: (b, c, h, 0))]
+  return [token_spec(C, K), token_spec(C, V), token_spec(C, K), token_spec(C, K),
+          token_spec(C, C), pl.BlockSpec((None, None, None, K), lambda b, h, c: (b, c, h, 0))]
 
 
 def _intra_forward(inputs, *, scale, C, interpret, precision):
@@ -260,7 +260,7 @@ def _intra_forward(inputs, *, scale, C, interpret, precision):
             jax.ShapeDtypeStruct((B, T, HV, K), store), jax.ShapeDtypeStruct((B, T, HV, K), store),
             jax.ShapeDtypeStruct((B, T, HV, C), F32),
             jax.ShapeDtypeStruct((B, T // C, HV, K), F32)]
-  return _call(_intra_forward_kernel, (B, HV, T // C), _intra_specs(C, K, V),
+  return triton_call(_intra_forward_kernel, (B, HV, T // C), _intra_specs(C, K, V),
                _matrix_specs(C, K, V), shapes, interpret, LAUNCH["intra_forward"], scale=scale,
                precision=precision)(*inputs)
 
@@ -270,15 +270,16 @@ def _intra_backward(inputs, cotangents, *, scale, C, interpret, precision):
   B, T, HV, K = k.shape
   V = v.shape[-1]
   shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, g, beta)]
-  out_specs = [_token_spec(C, K), _token_spec(C, K), _token_spec(C, V), _token_spec(C, K),
+  out_specs = [token_spec(C, K), token_spec(C, K), token_spec(C, V), token_spec(C, K),
                pl.BlockSpec((None, C, None), lambda b, h, c: (b, c, h))]
-  return _call(_intra_backward_kernel, (B, HV, T // C),
+  return triton_call(_intra_backward_kernel, (B, HV, T // C),
                _intra_specs(C, K, V) + _matrix_specs(C, K, V), out_specs, shapes, interpret,
                LAUNCH["intra_backward"], scale=scale, precision=precision)(
                    *inputs, *cotangents)
 
 
-def _value_block(V):
+def value_block(V):
+  """Value channels per program of the state kernels (RWKV-7's too)."""
   return min(V, VALUE_BLOCK)
 
 
@@ -286,13 +287,13 @@ def _state_forward(matrices, h0, out_dtype, *, keep_states, C, interpret, precis
   W, U = matrices[:2]
   B, T, HV, K = W.shape
   V = U.shape[-1]
-  BV = _value_block(V)
+  BV = value_block(V)
   shapes = [jax.ShapeDtypeStruct((B, T, HV, V), out_dtype),
             jax.ShapeDtypeStruct((B, HV, K, V), F32)]
   if keep_states:
     shapes.append(jax.ShapeDtypeStruct((B, T // C, HV, K, V), F32))
   whole = pl.no_block_spec
-  return _call(_state_forward_kernel, (B, HV, V // BV), [whole] * 7, [whole] * len(shapes),
+  return triton_call(_state_forward_kernel, (B, HV, V // BV), [whole] * 7, [whole] * len(shapes),
                shapes, interpret, LAUNCH["state_forward"], C=C, BV=BV, precision=precision)(
                    *matrices, h0)
 
@@ -301,7 +302,7 @@ def _state_backward(matrices, states, dO, dfinal, *, C, interpret, precision):
   W, U = matrices[:2]
   B, T, HV, K = W.shape
   V = U.shape[-1]
-  BV = _value_block(V)
+  BV = value_block(V)
   NV = V // BV
   shapes = [jax.ShapeDtypeStruct((B, T, HV, V), F32),
             jax.ShapeDtypeStruct((NV, B, T, HV, K), F32),
@@ -311,7 +312,7 @@ def _state_backward(matrices, states, dO, dfinal, *, C, interpret, precision):
             jax.ShapeDtypeStruct((NV, B, T // C, HV, K), F32),
             jax.ShapeDtypeStruct((B, HV, K, V), F32)]
   whole = pl.no_block_spec
-  dU, dW, dQg, dKg, dA, ddecay, dh0 = _call(
+  dU, dW, dQg, dKg, dA, ddecay, dh0 = triton_call(
       _state_backward_kernel, (B, HV, NV), [whole] * 9, [whole] * 7, shapes, interpret,
       LAUNCH["state_backward"], C=C, BV=BV, precision=precision)(
           *matrices, states, dO, dfinal)

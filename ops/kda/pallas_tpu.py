@@ -77,7 +77,9 @@ def unsupported(chunk_size: int) -> str | None:
   return chunk_math.chunk_size_problem(chunk_size, "pallas_tpu")
 
 
-def _primitives(dtype, interpret: bool) -> chunk_math.Primitives:
+def primitives(dtype, interpret: bool) -> chunk_math.Primitives:
+  """Mosaic's: cumulative sums and level references as exact HIGHEST products (RWKV-7's kernels
+  use them too)."""
   narrow = not interpret and jnp.dtype(dtype) != jnp.float32
 
   def dot(a, b, *, trans_a=False, trans_b=False, inverse=False, precision=None):
@@ -184,7 +186,8 @@ def _specs(C, K, V, num_chunks, reverse):
   return [token(K), token(K), token(K), token(V), token(1), row_mask, row_mask, row_mask]
 
 
-def _params(interpret):
+def call_params(interpret):
+  """``pallas_call``'s interpret and compiler arguments for the chunk walks (RWKV-7's too)."""
   return dict(interpret=pltpu.InterpretParams() if interpret else False,
               compiler_params=pltpu.CompilerParams(dimension_semantics=SEMANTICS))
 
@@ -202,12 +205,12 @@ def _forward(scale, C, interpret, inputs, h0, *, keep_states):
     out_shape.append(jax.ShapeDtypeStruct((B, HV, num_chunks, K, V), F32))
     out_specs.append(pl.BlockSpec((None, None, None, K, V), lambda b, h, c: (b, h, c, 0, 0)))
   kernel = functools.partial(_forward_kernel, scale=scale,
-                             prims=_primitives(v.dtype, interpret), keep_states=keep_states)
+                             prims=primitives(v.dtype, interpret), keep_states=keep_states)
   return pl.pallas_call(
       kernel, grid=(B, HV, num_chunks),
       in_specs=_specs(C, K, V, num_chunks, reverse=False) + [state],
       out_specs=out_specs, out_shape=out_shape,
-      scratch_shapes=[pltpu.VMEM((K, V), F32)], **_params(interpret))(*inputs, h0)
+      scratch_shapes=[pltpu.VMEM((K, V), F32)], **call_params(interpret))(*inputs, h0)
 
 
 def _backward(scale, C, interpret, inputs, states, dO, dfinal):
@@ -226,11 +229,11 @@ def _backward(scale, C, interpret, inputs, states, dO, dfinal):
       jax.ShapeDtypeStruct((B, HV, K, V), F32)]
   out_specs = [token(K), token(K), token(V), token(K), token(1), state]
   kernel = functools.partial(_backward_kernel, scale=scale,
-                             prims=_primitives(v.dtype, interpret))
+                             prims=primitives(v.dtype, interpret))
   return pl.pallas_call(
       kernel, grid=(B, HV, num_chunks), in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape, scratch_shapes=[pltpu.VMEM((K, V), F32)],
-      **_params(interpret))(*inputs, states, dO, dfinal)
+      **call_params(interpret))(*inputs, states, dO, dfinal)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))

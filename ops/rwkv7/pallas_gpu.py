@@ -65,7 +65,7 @@ def _primitives(precision: kda_gpu.Precision):
                                precision=jax.lax.DotAlgorithmPreset.F32_F32_F32,
                                preferred_element_type=F32)
 
-  return kda_gpu._primitives(precision)._replace(shift=shift)
+  return kda_gpu.primitives(precision)._replace(shift=shift)
 
 
 def _chunk(r_ref, w_ref, k_ref, a_ref, b_ref, seg_ref, carried_ref, last_ref, *, scale, prims):
@@ -172,13 +172,13 @@ def _state_backward_kernel(*refs, C, BV, precision):
 def _input_specs(C, K, V):
   """Blocks of (r, w, k, a, b, v, segment, carried, last) of one chunk of one head."""
   mask = pl.BlockSpec((None, C, 1), lambda b, h, c: (b, c, 0))
-  return [kda_gpu._token_spec(C, K)] * 5 + [kda_gpu._token_spec(C, V)] + [mask] * 3
+  return [kda_gpu.token_spec(C, K)] * 5 + [kda_gpu.token_spec(C, V)] + [mask] * 3
 
 
 def _matrix_specs(C, K, V):
   """Blocks of W, U, r exp(G), A_rb, Y, b exp(G_C - G), k exp(G_C - G) and the decay (or of
   their cotangents)."""
-  token = kda_gpu._token_spec
+  token = kda_gpu.token_spec
   return [token(C, K), token(C, V), token(C, K), token(C, C), token(C, V), token(C, K),
           token(C, K), pl.BlockSpec((None, None, None, K), lambda b, h, c: (b, c, h, 0))]
 
@@ -191,7 +191,7 @@ def _intra_forward(inputs, *, scale, C, interpret, precision):
   token = lambda last, dtype=store: jax.ShapeDtypeStruct((B, T, H, last), dtype)
   shapes = [token(K), token(V), token(K), token(C, F32), token(V), token(K), token(K),
             jax.ShapeDtypeStruct((B, T // C, H, K), F32)]
-  return kda_gpu._call(_intra_forward_kernel, (B, H, T // C), _input_specs(C, K, V),
+  return kda_gpu.triton_call(_intra_forward_kernel, (B, H, T // C), _input_specs(C, K, V),
                        _matrix_specs(C, K, V), shapes, interpret, LAUNCH["intra_forward"],
                        scale=scale, precision=precision)(*inputs)
 
@@ -202,8 +202,8 @@ def _intra_backward(inputs, cotangents, *, scale, C, interpret, precision):
   V = v.shape[-1]
   shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs[:6]]
   in_specs = (_input_specs(C, K, V) + _matrix_specs(C, K, V)[:7]
-              + [kda_gpu._token_spec(C, V)] + _matrix_specs(C, K, V)[7:])
-  return kda_gpu._call(_intra_backward_kernel, (B, H, T // C), in_specs,
+              + [kda_gpu.token_spec(C, V)] + _matrix_specs(C, K, V)[7:])
+  return kda_gpu.triton_call(_intra_backward_kernel, (B, H, T // C), in_specs,
                        _input_specs(C, K, V)[:6], shapes, interpret, LAUNCH["intra_backward"],
                        scale=scale, precision=precision)(*inputs, *cotangents)
 
@@ -211,12 +211,12 @@ def _intra_backward(inputs, cotangents, *, scale, C, interpret, precision):
 def _state_forward(matrices, v, h0, *, keep_states, C, interpret, precision):
   B, T, H, K = matrices[0].shape
   V = v.shape[-1]
-  BV = kda_gpu._value_block(V)
+  BV = kda_gpu.value_block(V)
   shapes = [jax.ShapeDtypeStruct((B, T, H, V), v.dtype), jax.ShapeDtypeStruct((B, H, K, V), F32)]
   if keep_states:
     shapes.append(jax.ShapeDtypeStruct((B, T // C, H, K, V), F32))
   whole = pl.no_block_spec
-  return kda_gpu._call(_state_forward_kernel, (B, H, V // BV), [whole] * 10,
+  return kda_gpu.triton_call(_state_forward_kernel, (B, H, V // BV), [whole] * 10,
                        [whole] * len(shapes), shapes, interpret, LAUNCH["state_forward"], C=C,
                        BV=BV, precision=precision, keep_states=keep_states)(*matrices, v, h0)
 
@@ -225,7 +225,7 @@ def _state_backward(matrices, v, states, dO, dfinal, *, C, interpret, precision)
   """The cotangents of the chunk matrices, in ``_intra_backward``'s order, and dh0."""
   B, T, H, K = matrices[0].shape
   V = v.shape[-1]
-  BV = kda_gpu._value_block(V)
+  BV = kda_gpu.value_block(V)
   NV = V // BV
   per_block = lambda last: jax.ShapeDtypeStruct((NV, B, T, H, last), F32)
   shapes = [jax.ShapeDtypeStruct((B, T, H, V), F32), jax.ShapeDtypeStruct((B, T, H, V), F32),
@@ -233,7 +233,7 @@ def _state_backward(matrices, v, states, dO, dfinal, *, C, interpret, precision)
             jax.ShapeDtypeStruct((NV, B, T // C, H, K), F32),
             jax.ShapeDtypeStruct((B, H, K, V), F32)]
   whole = pl.no_block_spec
-  dU, dvalues, dW, dRg, dA, dBg, dKg, ddecay, dh0 = kda_gpu._call(
+  dU, dvalues, dW, dRg, dA, dBg, dKg, ddecay, dh0 = kda_gpu.triton_call(
       _state_backward_kernel, (B, H, NV), [whole] * 12, [whole] * len(shapes), shapes,
       interpret, LAUNCH["state_backward"], C=C, BV=BV, precision=precision)(
           *matrices, v, states, dO, dfinal)

@@ -76,7 +76,7 @@ __all__ = ["default_interpret", "scan", "unsupported"]
 
 def _primitives(dtype, interpret: bool):
   """KDA's TPU primitives with the exact row shift."""
-  prims = kda_tpu._primitives(dtype, interpret)
+  prims = kda_tpu.primitives(dtype, interpret)
   return prims._replace(shift=lambda x: prims.dot(chunk_math.shift_matrix(x.shape[0]), x,
                                                   precision=HIGHEST))
 
@@ -178,7 +178,7 @@ def _forward(scale, C, interpret, inputs, h0, *, keep_states):
       kernel, grid=(B, H, num_chunks),
       in_specs=_input_specs(C, K, V, num_chunks, reverse=False) + [_state_spec(K, V)],
       out_specs=out_specs, out_shape=out_shape,
-      scratch_shapes=[pltpu.VMEM((K, V), F32)], **kda_tpu._params(interpret))(*inputs, h0)
+      scratch_shapes=[pltpu.VMEM((K, V), F32)], **kda_tpu.call_params(interpret))(*inputs, h0)
 
 
 def _backward(scale, C, interpret, inputs, states, dO, dfinal):
@@ -198,7 +198,7 @@ def _backward(scale, C, interpret, inputs, states, dO, dfinal):
   return pl.pallas_call(
       kernel, grid=(B, H, num_chunks), in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape, scratch_shapes=[pltpu.VMEM((K, V), F32)],
-      **kda_tpu._params(interpret))(*inputs, states, dO, dfinal)
+      **kda_tpu.call_params(interpret))(*inputs, states, dO, dfinal)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
