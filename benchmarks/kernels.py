@@ -1,4 +1,5 @@
-"""Kernel benchmark: this library's KDA and selective-scan forms beside fla and cuDNN attention.
+"""Kernel benchmark: this library's KDA, RWKV-7 and selective-scan forms beside fla and cuDNN
+attention.
 
 What is timed, on whatever device JAX sees (meant for an NVIDIA H200), in one table and one JSON:
 
@@ -22,6 +23,12 @@ What is timed, on whatever device JAX sees (meant for an NVIDIA H200), in one ta
              B2 L4096 D2048 N16 and B8 L8192 D2048 N16; float32 and bfloat16 inputs; fwd and
              fwd+bwd (gradients of ``<out, dout>`` wrt every input). No peer runs here;
              ANCHORS.md has mamba_ssm's CUDA kernel for orientation.
+  rwkv7      ``ops.rwkv7.rwkv7`` forms "reference", "xla" and the platform's kernels beside fla
+             ``chunk_rwkv7``, B4 H32 K=V=64 (RWKV-7's head size), T in {2048, 8192}; fwd and
+             fwd+bwd. Inputs as the RWKV-7 layer makes them: r, v, k ~ N(0, 1), kappa_hat a unit
+             vector per head, a = -kappa_hat, b = kappa_hat * sigmoid(N(0, 1)) (bfloat16),
+             w = -0.6065 sigmoid(N(0, 1)) float32, an N(0, 1) float32 initial state; the
+             backward as KDA's (gradients wrt r, w, k, v, a, b and the initial state).
   kda-parts  (only when named in --ops) each of ``ops.kda.pallas_gpu``'s four kernels timed alone
              on its real inputs (``pallas_gpu.stages``), with its own FLOP count.
 
@@ -53,12 +60,15 @@ Counts behind TFLOP/s and GB/s (nominal: the same count for every form of one ca
     bytes: q, k, v read + o written; fwd+bwd: q, k, v, do read + dq, dk, dv written.
   decode: 7*B*H*K*V (decay, k^T S, rank-1 update, S^T q); bytes: q, k, v, g, beta, the state
     read, the new state and o written.
+  RWKV-7: the chunkwise form's products, per head and token 8*d^2 + 18*C*d + C^2/3
+    (``rwkv7_counts``); bytes as KDA's.
   scan: 7*B*L*D*N forward (exp(delta*A), the update's two multiplies and add, C*h and its
     sum); fwd+bwd 3x. bytes: u, delta, z, B, C, A, D, delta_bias read + out written; fwd+bwd
     inputs + dout read, gradients written.
 
 Ratios: "vs base" is this row's median / the baseline's median for the same size and pass
-(KDA: fla chunk_kda; decode: fla fused_recurrent_kda; scan: the "xla" form at the same dtype);
+(KDA: fla chunk_kda; decode: fla fused_recurrent_kda; scan: the "xla" form at the same dtype;
+RWKV-7: fla chunk_rwkv7);
 "vs attn" (KDA rows) is the median / the causal attention median at the same B, T, H and pass.
 Below 1 means faster.
 
@@ -94,10 +104,11 @@ import jax.numpy as jnp  # noqa: E402
 from benchmarks import harness, peers  # noqa: E402
 from benchmarks import selective_scan as scan_bench  # noqa: E402
 from ops.kda import _prepare, kda, kda_step, pallas_gpu  # noqa: E402
+from ops.rwkv7 import rwkv7  # noqa: E402
 from ops.selective_scan import selective_scan  # noqa: E402
 
-OPS = ("kda", "attention", "decode", "scan", "kda-parts")
-DEFAULT_OPS = OPS[:4]  # "kda-parts" (each GPU kernel of KDA timed alone) only when asked
+OPS = ("kda", "attention", "decode", "scan", "rwkv7", "kda-parts")
+DEFAULT_OPS = OPS[:5]  # "kda-parts" (each GPU kernel of KDA timed alone) only when asked
 FORMS = ("reference", "xla", "pallas_gpu", "pallas_tpu")
 FAST_FORMS = ("reference", "xla")
 KERNEL_FORMS = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}  # the platform's own kernels
@@ -106,6 +117,9 @@ KDA_CHUNK = 64  # SPEC 3.8's C and ops.kda.kda's default chunk_size
 SLOW_TOKENS = 8192  # --skip-slow drops "reference" above this many tokens (B*T)
 TOLERANCE = {"bfloat16": 2e-2, "float32": 5e-3}
 FLA_CHUNK, FLA_RECURRENT = "fla.chunk_kda", "fla.fused_recurrent_kda"
+FLA_RWKV7 = "fla.chunk_rwkv7"
+RWKV7_CHUNK = 64  # ops.rwkv7.rwkv7's default chunk_size
+RWKV7_DECAY = -0.6065306597126334  # the layer's w = RWKV7_DECAY * sigmoid(.) (SPEC 2.3)
 
 
 # ----------------------------------------------------------------------------------------- sizes
@@ -136,8 +150,10 @@ ScanSize = scan_bench.Size
 SIZES = {
     "full": dict(kda=("B4,T2048,H16,D128", "B4,T8192,H16,D128", "B4,T32768,H16,D128"),
                  decode=("B4,H16,D128", "B64,H16,D128"),
-                 scan=("B2,L4096,D2048,N16", "B8,L8192,D2048,N16")),
-    "tiny": dict(kda=("B1,T64,H2,D16",), decode=("B2,H2,D16",), scan=("B1,L64,D16,N4",)),
+                 scan=("B2,L4096,D2048,N16", "B8,L8192,D2048,N16"),
+                 rwkv7=("B4,T2048,H32,D64", "B4,T8192,H32,D64")),
+    "tiny": dict(kda=("B1,T64,H2,D16",), decode=("B2,H2,D16",), scan=("B1,L64,D16,N4",),
+                 rwkv7=("B1,T64,H2,D16",)),
 }
 
 
@@ -170,6 +186,19 @@ def kda_stage_flops(stage: str, s: SeqSize, C: int = KDA_CHUNK) -> float:
                         + 4 * L * product,
   }[stage]
   return per_chunk * s.batch * s.heads * (s.time // C)
+
+
+def rwkv7_counts(s: SeqSize, dtype, backward: bool) -> tuple[float, float]:
+  """(FLOPs, bytes) of RWKV-7's chunkwise form, per head and token (C = 64, d = K = V): the
+  four pair products 8 C d, W = T (a exp(G~)) 2 C d, T (A_ak v), A_rb X, A_rk v and A_ak v
+  8 C d, W S, r S, b^T X, k^T v 8 d^2, the triangular inverse C^2 / 3; fwd+bwd 3x. Bytes as
+  KDA's: r, k, v, a, b in their dtype, w and the state float32."""
+  B, T, H, d, C = s.batch, s.time, s.heads, s.dim, RWKV7_CHUNK
+  flops = B * H * T * (8 * d * d + 18 * C * d + C * C / 3)
+  n, state = B * T * H * d, B * H * d * d * 4
+  inputs = 5 * n * _itemsize(dtype) + n * 4 + state
+  outputs = n * _itemsize(dtype) + state
+  return (3 * flops, 2 * inputs + outputs) if backward else (flops, inputs + outputs)
 
 
 def attention_counts(s: SeqSize, dtype, backward: bool) -> tuple[float, float]:
@@ -215,6 +244,25 @@ def kda_inputs(s: SeqSize, dtype, seed: int = 0) -> tuple[dict, tuple]:
   return inputs, cotangents
 
 
+def rwkv7_inputs(s: SeqSize, dtype, seed: int = 0) -> tuple[dict, tuple]:
+  """(inputs of ``rwkv7``, cotangents (do, dht)) as the RWKV-7 layer makes them (module
+  docstring)."""
+  keys = jax.random.split(jax.random.key(seed), 9)
+  shape = (s.batch, s.time, s.heads, s.dim)
+  normal = lambda key: jax.random.normal(key, shape, jnp.float32)
+  kappa = normal(keys[3])
+  kappa_hat = kappa / jnp.linalg.norm(kappa, axis=-1, keepdims=True)
+  inputs = dict(
+      r=normal(keys[0]).astype(dtype), w=RWKV7_DECAY * jax.nn.sigmoid(normal(keys[1])),
+      k=normal(keys[2]).astype(dtype), v=normal(keys[4]).astype(dtype),
+      a=(-kappa_hat).astype(dtype),
+      b=(kappa_hat * jax.nn.sigmoid(normal(keys[5]))).astype(dtype),
+      initial_state=jax.random.normal(keys[6], (s.batch, s.heads, s.dim, s.dim), jnp.float32))
+  cotangents = (_round(normal(keys[7]), dtype),
+                jax.random.normal(keys[8], (s.batch, s.heads, s.dim, s.dim), jnp.float32))
+  return inputs, cotangents
+
+
 def attention_inputs(s: SeqSize, dtype, seed: int = 0) -> tuple[dict, jax.Array]:
   keys = jax.random.split(jax.random.key(seed), 4)
   shape = (s.batch, s.time, s.heads, s.dim)
@@ -256,6 +304,13 @@ def kda_fn(form: str, backward: bool) -> Callable:
     del cotangents
     return kda(**inputs, return_final_state=True, use_qk_l2norm_in_kernel=True,
                implementation=form)
+  return harness.with_backward(forward) if backward else forward
+
+
+def rwkv7_fn(form: str, backward: bool) -> Callable:
+  def forward(inputs, cotangents=None):
+    del cotangents
+    return rwkv7(**inputs, return_final_state=True, implementation=form)
   return harness.with_backward(forward) if backward else forward
 
 
@@ -496,7 +551,7 @@ class Bench:
 
 # ----------------------------------------------------------------------------------- the ops
 
-KDA_NAMES = {"fwd": ("o", "final_state"), "fwd+bwd": None}
+STATE_OUTPUTS = {"fwd": ("o", "final_state"), "fwd+bwd": None}
 
 
 def run_kda(bench: Bench, sizes: Sequence[SeqSize]) -> None:
@@ -507,7 +562,7 @@ def run_kda(bench: Bench, sizes: Sequence[SeqSize]) -> None:
     make_record = lambda impl, p: bench.record("kda", size, dtype, impl, p,
                                                kda_counts(size, dtype, p == "fwd+bwd"), **shape)
     expected = bench.jax_forms(make_record, kda_fn, (inputs, cotangents), dtype,
-                               harness.PASSES, size.batch * size.time, "xla", KDA_NAMES)
+                               harness.PASSES, size.batch * size.time, "xla", STATE_OUTPUTS)
     for pass_name in harness.PASSES:
       backward = pass_name == "fwd+bwd"
       bench.peer(make_record(FLA_CHUNK, pass_name),
@@ -518,6 +573,23 @@ def run_kda(bench: Bench, sizes: Sequence[SeqSize]) -> None:
     rec = make_record(FLA_RECURRENT, "fwd+bwd")
     rec["status"] = "n/a (fla's fused_recurrent_kda has no backward)"
     bench.emit(rec)
+    del inputs, cotangents, expected
+
+
+def run_rwkv7(bench: Bench, sizes: Sequence[SeqSize]) -> None:
+  dtype = jnp.bfloat16
+  for size in sizes:
+    inputs, cotangents = rwkv7_inputs(size, dtype)
+    shape = dict(batch=size.batch, time=size.time, heads=size.heads, dim=size.dim)
+    make_record = lambda impl, p: bench.record("rwkv7", size, dtype, impl, p,
+                                               rwkv7_counts(size, dtype, p == "fwd+bwd"), **shape)
+    expected = bench.jax_forms(make_record, rwkv7_fn, (inputs, cotangents), dtype,
+                               harness.PASSES, size.batch * size.time, "xla", STATE_OUTPUTS)
+    for pass_name in harness.PASSES:
+      backward = pass_name == "fwd+bwd"
+      bench.peer(make_record(FLA_RWKV7, pass_name),
+                 lambda: peers.rwkv7_chunk(inputs, cotangents, backward),
+                 expected.get(pass_name), "d" if backward else "", dtype)
     del inputs, cotangents, expected
 
 
@@ -602,7 +674,8 @@ def add_ratios(records: list[dict]) -> None:
   """Sets "ratio" (vs the op's baseline) and, on KDA rows, "ratio_attention"."""
   for r in _timed(records):
     same = dict(op=r["op"], size=r["size"], dtype=r["dtype"], **{"pass": r["pass"]})
-    base = {"kda": FLA_CHUNK, "decode": FLA_RECURRENT, "scan": "xla"}.get(r["op"])
+    base = {"kda": FLA_CHUNK, "decode": FLA_RECURRENT, "scan": "xla",
+            "rwkv7": FLA_RWKV7}.get(r["op"])
     found = _timed(records, **same, implementation=base) if base else []
     if found:
       r["ratio"], r["ratio_base"] = r["median_ms"] / found[0]["median_ms"], base
@@ -630,6 +703,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="decode sizes like B64,H16,D128")
   parser.add_argument("--scan-sizes", nargs="+", type=ScanSize.parse,
                       help="scan sizes like B2,L4096,D2048,N16")
+  parser.add_argument("--rwkv7-sizes", nargs="+", type=SeqSize.parse,
+                      help="RWKV-7 sizes like B4,T8192,H32,D64")
   parser.add_argument("--scan-dtypes", nargs="+", choices=("float32", "bfloat16"),
                       default=["float32", "bfloat16"], help="dtypes of the scan's activations")
   parser.add_argument("--implementations", nargs="+", choices=FORMS, default=None,
@@ -662,6 +737,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   args.kda_sizes = args.kda_sizes or [SeqSize.parse(s) for s in sizes["kda"]]
   args.decode_sizes = args.decode_sizes or [DecodeSize.parse(s) for s in sizes["decode"]]
   args.scan_sizes = args.scan_sizes or [ScanSize.parse(s) for s in sizes["scan"]]
+  args.rwkv7_sizes = args.rwkv7_sizes or [SeqSize.parse(s) for s in sizes["rwkv7"]]
   if args.implementations is None:
     kernels = KERNEL_FORMS.get(jax.default_backend())
     args.implementations = list(FAST_FORMS) + ([kernels] if kernels and not args.smoke else [])
@@ -702,11 +778,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         f"PyTorch: the same with CUDA events. forms: {' '.join(args.implementations)}; "
         f"skip-slow {'on' if args.skip_slow else 'off'}")
   print("# vs base: median / baseline's (kda: fla.chunk_kda, decode: fla.fused_recurrent_kda, "
-        "scan: xla); vs attn: / causal attention's; check: max relative RMS error vs xla "
+        "scan: xla, rwkv7: fla.chunk_rwkv7); vs attn: / causal attention's; check: max relative RMS error vs xla "
         "(decode: reference)")
   print(TABLE.header(), flush=True)
   runners = dict(kda=(run_kda, args.kda_sizes), attention=(run_attention, args.kda_sizes),
-                 decode=(run_decode, args.decode_sizes), scan=(run_scan, args.scan_sizes))
+                 decode=(run_decode, args.decode_sizes), scan=(run_scan, args.scan_sizes),
+                 rwkv7=(run_rwkv7, args.rwkv7_sizes))
   runners["kda-parts"] = (run_kda_parts, args.kda_sizes)
   for op in OPS:
     if op in args.ops:

@@ -1,4 +1,4 @@
-"""The PyTorch side of ``benchmarks.kernels``: fla's KDA kernels, fed the JAX inputs, timed with
+"""The PyTorch side of ``benchmarks.kernels``: fla's KDA and RWKV-7 kernels, fed the JAX inputs, timed with
 CUDA events.
 
 fla (flash-linear-attention, ``fla-core``) is a peer, not a dependency: it is imported only here and
@@ -22,6 +22,7 @@ import numpy as np
 
 # jax argument names of ops.kda.kda -> the positional order of fla's chunk_kda / fused_recurrent_kda
 KDA_ARGS = ("q", "k", "v", "g", "beta")
+RWKV7_ARGS = ("r", "w", "k", "v", "a", "b")  # ops.rwkv7.rwkv7 -> fla's chunk_rwkv7
 
 
 @functools.cache
@@ -101,31 +102,47 @@ def release() -> None:
   torch.cuda.empty_cache()
 
 
-def kda_chunk(inputs: dict, cotangents: tuple, backward: bool) -> tuple[Callable, tuple[str, ...]]:
-  """fla ``chunk_kda`` on ``inputs`` (``ops.kda.kda``'s names: q, k, v, g, beta, initial_state).
+def _chunk(function: Callable, names: tuple[str, ...], inputs: dict, cotangents: tuple,
+           backward: bool, **options) -> tuple[Callable, tuple[str, ...]]:
+  """fla's chunkwise ``function(*inputs[names], initial_state=..., output_final_state=True,
+  **options)``.
 
   Returns ``(fn, names)``: ``fn()`` runs the forward (o, final state) or, with ``backward``, the
-  forward and the gradients wrt q, k, v, g, beta and the initial state of
+  forward and the gradients wrt ``names`` and the initial state of
   ``<o, do> + <final_state, dht>``; ``names`` label its outputs like the JAX side's.
   """
   import torch
-  from fla.ops.kda import chunk_kda
-  args = [to_torch(inputs[name], requires_grad=backward) for name in KDA_ARGS]
+  args = [to_torch(inputs[name], requires_grad=backward) for name in names]
   h0 = to_torch(inputs["initial_state"], requires_grad=backward)
-  options = dict(initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True)
+  options = dict(options, initial_state=h0, output_final_state=True)
   if not backward:
     def forward():
       with torch.no_grad():
-        return chunk_kda(*args, **options)
+        return function(*args, **options)
     return forward, ("o", "final_state")
-  do = to_torch(cotangents[0], dtype=args[2].dtype)  # the output's dtype, as autograd wants
+  # The output's dtype (v's), as autograd wants.
+  do = to_torch(cotangents[0], dtype=args[names.index("v")].dtype)
   dht = to_torch(cotangents[1])
 
   def forward_backward():
-    o, ht = chunk_kda(*args, **options)
+    o, ht = function(*args, **options)
     return torch.autograd.grad((o, ht), (*args, h0), (do, dht))
 
-  return forward_backward, (*KDA_ARGS, "initial_state")
+  return forward_backward, (*names, "initial_state")
+
+
+def kda_chunk(inputs: dict, cotangents: tuple, backward: bool) -> tuple[Callable, tuple[str, ...]]:
+  """fla ``chunk_kda`` on ``inputs`` (``ops.kda.kda``'s names: q, k, v, g, beta, initial_state),
+  L2-normalising q and k in the kernel; see ``_chunk``."""
+  from fla.ops.kda import chunk_kda
+  return _chunk(chunk_kda, KDA_ARGS, inputs, cotangents, backward, use_qk_l2norm_in_kernel=True)
+
+
+def rwkv7_chunk(inputs: dict, cotangents: tuple, backward: bool) -> tuple[Callable, tuple]:
+  """fla ``chunk_rwkv7`` on ``inputs`` (``ops.rwkv7.rwkv7``'s names: r, w, k, v, a, b,
+  initial_state; w the log decay), scale 1; see ``_chunk``."""
+  from fla.ops.rwkv7 import chunk_rwkv7
+  return _chunk(chunk_rwkv7, RWKV7_ARGS, inputs, cotangents, backward, scale=1.0)
 
 
 def kda_fused_recurrent(inputs: dict, add_time_axis: bool = False) -> tuple[Callable, tuple]:
