@@ -109,7 +109,7 @@ def lm(request) -> TinyLM:
   config = LM_CONFIGS[request.param]
   model = LanguageModel(config)
   tokens = _tokens(jax.random.key(0), 2, 19, config.vocab_size)
-  return TinyLM(config, model, tokens, model.init(jax.random.key(1), tokens))
+  return TinyLM(config, model, tokens, jax.jit(model.init)(jax.random.key(1), tokens))
 
 
 # The eager run repeats the jitted one op by op (slow); the mixers' own step test runs eagerly.
@@ -130,9 +130,10 @@ def test_prefill_then_decode_equals_forward(lm, jit):
 
 
 def test_decode_state_structure_and_bytes(lm):
-  _, state = lm.model.apply(lm.params, lm.tokens)
+  _, state = jax.eval_shape(lm.model.apply, lm.params, lm.tokens)
   chex.assert_trees_all_equal_shapes_and_dtypes(state, init_decode_state(lm.config, 2))
-  assert decode_state_bytes(lm.config, 2) == sum(x.nbytes for x in jax.tree.leaves(state))
+  assert decode_state_bytes(lm.config, 2) == sum(x.size * x.dtype.itemsize
+                                                  for x in jax.tree.leaves(state))
 
 
 def test_segments_do_not_see_each_other(lm):
@@ -207,17 +208,17 @@ def test_kimi_linear_layer_placement():
 
 def test_hybrid_kda_state_does_not_grow_with_the_context():
   """After prefilling 5 or 30 tokens the KDA layers' states have the same shapes and bytes;
-  only the MLA latent cache in use grows, by C + R values per token."""
+  only the MLA latent cache in use grows, by C + R values per token. (Shapes only, by
+  ``jax.eval_shape``: the eager model took 15 s; the cache positions' values are the prefill
+  and decode tests'.)"""
   model = LanguageModel(HYBRID)
-  tokens = _tokens(jax.random.key(0), 1, 30, HYBRID.vocab_size)
-  params = model.init(jax.random.key(1), tokens)
-  _, short = model.apply(params, tokens[:, :5])
-  _, long = model.apply(params, tokens)
-  for letter, a, b in zip(layer_letters(HYBRID), short, long):
+  tokens = jax.ShapeDtypeStruct((1, 30), jnp.int32)
+  params = jax.eval_shape(model.init, jax.random.key(1), tokens)
+  _, short = jax.eval_shape(model.apply, params, jax.ShapeDtypeStruct((1, 5), jnp.int32))
+  _, long = jax.eval_shape(model.apply, params, tokens)
+  for a, b in zip(short, long):
     chex.assert_trees_all_equal_shapes_and_dtypes(a, b)
-    if letter == "M":
-      assert int(a["mixer"]["position"]) == 5 and int(b["mixer"]["position"]) == 30
-  kda_bytes = sum(x.nbytes for letter, state in zip(layer_letters(HYBRID), long)
+  kda_bytes = sum(x.size * x.dtype.itemsize for letter, state in zip(layer_letters(HYBRID), long)
                   if letter == "K" for x in jax.tree.leaves(state))
   latent_per_token = (HYBRID.mla_kv_lora_rank + HYBRID.mla_qk_rope_head_dim) * 4  # float32
   for context in (5, 30):
