@@ -402,6 +402,7 @@ def _series(records: list[dict], model: str, value: Callable[[dict], float | Non
 def plot(records: list[dict], out: pathlib.Path, title: str) -> list[pathlib.Path]:
   """throughput.png and memory.png: one line per model against the context (log-log)."""
   import matplotlib
+  import matplotlib.lines
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -431,10 +432,10 @@ def plot(records: list[dict], out: pathlib.Path, title: str) -> list[pathlib.Pat
     rows = math.ceil(len(panels) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4 * rows), squeeze=False)
     for ax, (label, value) in zip(axes.flat, panels):
-      for model in models:
+      for i, model in enumerate(models):  # One colour per model in every panel.
         xs, ys = _series(records, model, value)
         if any(math.isfinite(y) and y > 0 for y in ys):
-          ax.plot(xs, ys, marker="o", label=model)
+          ax.plot(xs, ys, marker="o", color=f"C{i % 10}", label=model)
       ax.set_xscale("log", base=2)
       if ax.lines:
         ax.set_yscale("log")
@@ -444,11 +445,9 @@ def plot(records: list[dict], out: pathlib.Path, title: str) -> list[pathlib.Pat
       ax.grid(True, which="both", alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
       ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    for ax in axes.flat:
-      if len(ax.get_legend_handles_labels()[1]) > len(labels):
-        handles, labels = ax.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5) or 1)
+    handles = [matplotlib.lines.Line2D([], [], marker="o", color=f"C{i % 10}")
+               for i in range(len(models))]
+    fig.legend(handles, models, loc="lower center", ncol=min(len(models), 5))
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.06, 1, 0.96))
     path = out / filename
