@@ -2,14 +2,13 @@
 grouped-query softmax attention) at two short contexts, one timed call each; the JSON, the table
 and the plots are written and every number in the JSON is finite and positive.
 
-XLA's optimisations are turned off for it (``jax_disable_most_optimizations``): the run is
+XLA's optimisations are turned off for it (``COMPILE_BOUND``, see conftest): the run is
 compile-bound, and that halves it (19 s to 12 s on a 2-core CPU).
 """
 
 import json
 import math
 
-import jax
 import pytest
 
 from benchmarks import compare
@@ -18,12 +17,7 @@ MODELS = ("kimi_linear_tiny:layer_pattern=KM:num_layers=2:mlp=none,"
           "mamba_tiny:layer_pattern=A:num_layers=1:attn_num_kv_heads=2")
 
 
-@pytest.fixture
-def fast_compiles():
-  previous = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+COMPILE_BOUND = True  # conftest: XLA's optimisation passes off for this module
 
 
 def _numbers(value, where="$"):
@@ -38,7 +32,7 @@ def _numbers(value, where="$"):
     yield where, value
 
 
-def test_compare_smoke(tmp_path, fast_compiles):
+def test_compare_smoke(tmp_path):
   result = compare.main(["--presets", MODELS, "--contexts", "16,32", "--warmup", "0",
                          "--iters", "1", "--train_tokens", "32", "--max_train_context", "16",
                          "--max_decode_batch", "1", "--peak_tflops", "0.1", "--strict",

@@ -17,6 +17,8 @@ from models.mlp import d_ff
 from tests._numerics import assert_close
 from train.config import ModelConfig
 
+COMPILE_BOUND = True  # conftest: XLA's optimisation passes off for this module
+
 # Small enough to be fast; KDA with grouped value heads (HV = 2 H), V != K and a chunk shorter
 # than the sequences, so the chunkwise form crosses chunk boundaries; grouped-query attention
 # (4 query heads, 2 KV heads) with RoPE; MLA with query compression, rotated keys and

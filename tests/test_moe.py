@@ -30,6 +30,8 @@ from models.moe import MoE, load_balance_stats, update_router_bias
 from tests import _numerics as num
 from train.config import ModelConfig
 
+COMPILE_BOUND = True  # conftest: XLA's optimisation passes off for this module
+
 
 CONFIG = ModelConfig(d_model=16, mlp="moe", moe_num_experts=6, moe_top_k=2,
                      moe_num_shared_experts=1, moe_d_ff=8, moe_routed_scaling_factor=2.446,
