@@ -29,6 +29,13 @@ FLAT = ("batch", "length", "heads")  # [batch, time, heads * dim], head-major.
 PER_HEAD = ("batch", "length", "heads", "kv")  # [batch, time, heads, dim].
 
 
+def step_implementation(implementation: str | None) -> str | None:
+  """The decode step's form for a ``kda_implementation``: the kernels decode with their own step
+  kernels, and "xla" (``kda_step`` has no chunkwise form) with the plain-JAX "reference" update,
+  so that a model pinned to plain JAX never decodes through a Pallas kernel."""
+  return "reference" if implementation == "xla" else implementation
+
+
 class KDADims(NamedTuple):
   num_heads: int  # H: query/key heads.
   head_dim: int  # K.
@@ -120,7 +127,8 @@ class KDAMixer(nn.Module):
 
     if decoding:
       o, recurrent = kda_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0],
-                              state["recurrent"], use_qk_l2norm_in_kernel=True)
+                              state["recurrent"], use_qk_l2norm_in_kernel=True,
+                              implementation=step_implementation(cfg.kda_implementation))
       o = o[:, None]
     else:
       o, recurrent = kda(q, k, v, g, beta, initial_state=None if state is None else

@@ -14,6 +14,8 @@ from hypothesis import given, settings, strategies as st
 from models.lm import (CACHED_MIXERS, LanguageModel, MIXERS, decode_state_bytes, init_decode_state,
                        layer_letters, layer_mlps, parameter_counts)
 from models.mlp import d_ff
+from ops import kda as kda_ops
+from ops.kda import reference as kda_reference
 from tests._numerics import assert_close
 from train.config import ModelConfig
 
@@ -77,6 +79,25 @@ def test_mixer_step_by_step_equals_sequence(letter, split, seed):
     pieces.append(y)
   assert_close(full, jnp.concatenate(pieces, axis=1), 1e-5, "output")
   jax.tree.map(lambda a, b: assert_close(a, b, 1e-5, "state"), final, state)
+
+
+@pytest.mark.parametrize("implementation, step", [("xla", "reference"), (None, "pallas_gpu"),
+                                                  ("pallas_tpu", "pallas_tpu")])
+def test_kda_decode_step_follows_kda_implementation(monkeypatch, implementation, step):
+  """On a GPU (faked) the KDA mixer decodes with the step form its ``kda_implementation`` names:
+  "xla" with the plain-JAX update, not the platform's kernel; each step form is replaced by a
+  recording wrapper around the plain-JAX update."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  called = []
+  for name in kda_ops.STEP_UPDATES:
+    monkeypatch.setitem(kda_ops.STEP_UPDATES, name,
+                        lambda *args, name=name: called.append(name) or kda_reference.update(*args))
+  config = dataclasses.replace(TINY, kda_implementation=implementation)
+  mixer = MIXERS["K"](config)
+  x = jax.random.normal(jax.random.key(0), (2, 1, config.d_model))
+  params = jax.eval_shape(mixer.init, jax.random.key(1), x)
+  jax.eval_shape(lambda p: _apply_mixer(mixer, p, x, MIXERS["K"].initial_state(config, 2)), params)
+  assert called == [step]
 
 
 @pytest.mark.slow  # test_segments_do_not_see_each_other checks every letter inside a model.
