@@ -97,17 +97,29 @@ def eye(C: int):
 
 class LevelSplit:
   """The level split of one chunk's cumulative log gate: pair products and the unit
-  lower-triangular inverse, level by level.
+  lower-triangular inverse, level by level; and the chunk's packed-row masks.
 
   Args:
     G: [C, K] float32, the inclusive cumulative log gate of the chunk (non-increasing down rows).
     steps: [C, K] float32, G's increment at each row (G minus the exclusive cumulative gate),
       which the backends' ``level_references`` may read.
+    segment: [C, 1] float32 segment index of each token (non-decreasing).
+    carried: [C, 1] float32 0/1, the token continues the segment running before the chunk.
+    last: [C, 1] float32 0/1, the token belongs to the chunk's last segment.
     prims: the backend's ``Primitives``.
+
+  Besides those it holds ``carried_last`` ([1, 1], the last token is carried) and ``lower`` and
+  ``strict`` ([C, C] 0/1: pairs i <= r, and i < r, of one segment).
   """
 
-  def __init__(self, G, steps, prims: Primitives):
+  def __init__(self, G, steps, segment, carried, last, prims: Primitives):
     self.C, self.G, self.steps, self.prims = G.shape[0], G, steps, prims
+    self.carried, self.last = carried, last
+    self.carried_last = last_row(carried)
+    rows, cols = iota((self.C, self.C), 0), iota((self.C, self.C), 1)
+    same = prims.same_segment(segment)
+    self.lower = jnp.where(rows >= cols, same, 0.0)
+    self.strict = jnp.where(rows > cols, same, 0.0)
 
   def levels(self, row_gates=None):
     """Per level: (row factors, column factor, pair mask), formed when the loop reaches it so
@@ -179,15 +191,8 @@ class Chunk(LevelSplit):
 
   def __init__(self, q, k, g, beta, segment, carried, last, prims: Primitives, *,
                with_queries: bool):
-    super().__init__(prims.cumsum(g, reverse=False), g, prims)
-    C = self.C
+    super().__init__(prims.cumsum(g, reverse=False), g, segment, carried, last, prims)
     self.q, self.k, self.g, self.beta = q, k, g, beta
-    self.carried, self.last = carried, last
-    self.carried_last = last_row(carried)  # [1, 1]
-    rows, cols = iota((C, C), 0), iota((C, C), 1)
-    same = prims.same_segment(segment)
-    self.lower = jnp.where(rows >= cols, same, 0.0)
-    self.strict = jnp.where(rows > cols, same, 0.0)
     if with_queries:
       self.P_qk, self.P_kk = self.products([(q, k, 0), (k, k, 0)])
     else:

@@ -72,16 +72,10 @@ class Chunk(LevelSplit):
     # The level references select G at a block's end (TPU: G before a block too); the GPU's take
     # the value before a block as G - steps at its first row: with steps = G - G~ that is G~
     # itself up to the rounding of the step G - G~, not the larger rounding of G - w.
-    super().__init__(G, G - G_before, prims)
+    super().__init__(G, G - G_before, segment, carried, last, prims)
     C = self.C
     self.r, self.k, self.a, self.b = r, k, a, b
     self.G_before = G_before
-    self.carried, self.last = carried, last
-    self.carried_last = last_row(carried)  # [1, 1]
-    rows, cols = iota((C, C), 0), iota((C, C), 1)
-    same = prims.same_segment(segment)
-    self.lower = jnp.where(rows >= cols, same, 0.0)
-    self.strict = jnp.where(rows > cols, same, 0.0)
     P_ab, P_ak, P_rb, P_rk = self.products(self.pairs, self.row_gates)
     self.A_ab, self.A_ak = P_ab * self.strict, P_ak * self.strict
     self.A_rb = (P_rb + eye(C) * jnp.sum(r * b, axis=1, keepdims=True)) * self.lower
