@@ -94,6 +94,24 @@ def assert_forms_agree(run, arrays: dict, differentiable, candidate: str,
     assert_close(ref_grads[name], grad, tol(grad), f"d{name}", floor)
 
 
+# --- kernels lowered for hardware this host lacks ----------------------------------------------
+
+def assert_lowers_to_triton(fn, *args) -> None:
+  """``fn(*args)`` lowers through Pallas' Triton lowering for CUDA on this host (the Triton
+  compiler itself runs on the GPU); an unsupported primitive raises here."""
+  assert "triton" in jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def export_for_tpu(fn, *args):
+  """``fn(*args)`` exported for a TPU from this host (``jax.export``: the Pallas -> Mosaic
+  lowering accepts every primitive and block; libtpu's layout passes run only on a TPU), its
+  kernels Mosaic calls. Returns the ``Exported``."""
+  exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
+  assert exported.platforms == ("tpu",)
+  assert "tpu_custom_call" in exported.mlir_module()
+  return exported
+
+
 # --- hypothesis strategies --------------------------------------------------------------------
 
 def seq_lengths() -> st.SearchStrategy[int]:
