@@ -554,43 +554,42 @@ class Bench:
 STATE_OUTPUTS = {"fwd": ("o", "final_state"), "fwd+bwd": None}
 
 
-def run_kda(bench: Bench, sizes: Sequence[SeqSize]) -> None:
+def _run_chunked(bench: Bench, op: str, size: SeqSize, make_inputs: Callable, counts: Callable,
+                 make_fn: Callable, fla_name: str, fla_chunk: Callable) -> tuple:
+  """A chunkwise op at one size: its JAX forms (checked against "xla") and fla's chunk kernel,
+  bf16 inputs, fwd and fwd+bwd. Returns ``(make_record, inputs, expected outputs by pass)`` for
+  the op's further rows."""
   dtype = jnp.bfloat16
+  inputs, cotangents = make_inputs(size, dtype)
+  shape = dict(batch=size.batch, time=size.time, heads=size.heads, dim=size.dim)
+  make_record = lambda impl, p: bench.record(op, size, dtype, impl, p,
+                                             counts(size, dtype, p == "fwd+bwd"), **shape)
+  expected = bench.jax_forms(make_record, make_fn, (inputs, cotangents), dtype, harness.PASSES,
+                             size.batch * size.time, "xla", STATE_OUTPUTS)
+  for pass_name in harness.PASSES:
+    backward = pass_name == "fwd+bwd"
+    bench.peer(make_record(fla_name, pass_name),
+               lambda: fla_chunk(inputs, cotangents, backward),
+               expected.get(pass_name), "d" if backward else "", dtype)
+  return make_record, inputs, expected
+
+
+def run_kda(bench: Bench, sizes: Sequence[SeqSize]) -> None:
   for size in sizes:
-    inputs, cotangents = kda_inputs(size, dtype)
-    shape = dict(batch=size.batch, time=size.time, heads=size.heads, dim=size.dim)
-    make_record = lambda impl, p: bench.record("kda", size, dtype, impl, p,
-                                               kda_counts(size, dtype, p == "fwd+bwd"), **shape)
-    expected = bench.jax_forms(make_record, kda_fn, (inputs, cotangents), dtype,
-                               harness.PASSES, size.batch * size.time, "xla", STATE_OUTPUTS)
-    for pass_name in harness.PASSES:
-      backward = pass_name == "fwd+bwd"
-      bench.peer(make_record(FLA_CHUNK, pass_name),
-                 lambda: peers.kda_chunk(inputs, cotangents, backward),
-                 expected.get(pass_name), "d" if backward else "", dtype)
+    make_record, inputs, expected = _run_chunked(bench, "kda", size, kda_inputs, kda_counts,
+                                                 kda_fn, FLA_CHUNK, peers.kda_chunk)
     bench.peer(make_record(FLA_RECURRENT, "fwd"), lambda: peers.kda_fused_recurrent(inputs),
-               expected.get("fwd"), "", dtype)
+               expected.get("fwd"), "", jnp.bfloat16)
     rec = make_record(FLA_RECURRENT, "fwd+bwd")
     rec["status"] = "n/a (fla's fused_recurrent_kda has no backward)"
     bench.emit(rec)
-    del inputs, cotangents, expected
+    del inputs, expected
 
 
 def run_rwkv7(bench: Bench, sizes: Sequence[SeqSize]) -> None:
-  dtype = jnp.bfloat16
   for size in sizes:
-    inputs, cotangents = rwkv7_inputs(size, dtype)
-    shape = dict(batch=size.batch, time=size.time, heads=size.heads, dim=size.dim)
-    make_record = lambda impl, p: bench.record("rwkv7", size, dtype, impl, p,
-                                               rwkv7_counts(size, dtype, p == "fwd+bwd"), **shape)
-    expected = bench.jax_forms(make_record, rwkv7_fn, (inputs, cotangents), dtype,
-                               harness.PASSES, size.batch * size.time, "xla", STATE_OUTPUTS)
-    for pass_name in harness.PASSES:
-      backward = pass_name == "fwd+bwd"
-      bench.peer(make_record(FLA_RWKV7, pass_name),
-                 lambda: peers.rwkv7_chunk(inputs, cotangents, backward),
-                 expected.get(pass_name), "d" if backward else "", dtype)
-    del inputs, cotangents, expected
+    _run_chunked(bench, "rwkv7", size, rwkv7_inputs, rwkv7_counts, rwkv7_fn, FLA_RWKV7,
+                 peers.rwkv7_chunk)
 
 
 def run_attention(bench: Bench, sizes: Sequence[SeqSize]) -> None:
