@@ -1,7 +1,9 @@
 """Chunkwise KDA as Pallas TPU (Mosaic) kernels (implementation ``"pallas_tpu"``), SPEC 3.3-3.6.
 
 Two kernels, each one walk over the chunks with the state in VMEM scratch; the mathematics is
-``ops.kda._kernel_chunk``'s, shared with the GPU kernels:
+``ops.kda._kernel_chunk``'s, shared with the GPU kernels. The walks take the op as a ``ChunkOp``
+(how to load a chunk, its chunk module, its gradients), so RWKV-7's TPU kernels
+(``ops.rwkv7.pallas_tpu``) are these same two kernels on its own chunk mathematics:
 
   forward    grid (B, HV, chunks), the chunk axis sequential ("arbitrary"), batch and heads
              "parallel". Per chunk: G, the pair products, T = (I + A_kk)^-1, W, U, Q Gamma,
@@ -54,6 +56,7 @@ rate: estimates to check on hardware.
 from __future__ import annotations
 
 import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -117,16 +120,30 @@ def primitives(dtype, interpret: bool) -> chunk_math.Primitives:
                                same_segment=same_segment)
 
 
-def _load_chunk(q_ref, k_ref, g_ref, beta_ref, seg_ref, carried_ref, last_ref, *, scale, prims,
-                with_queries):
-  return chunk_math.Chunk(
-      q_ref[...].astype(F32) * scale, k_ref[...].astype(F32), g_ref[...].astype(F32),
-      beta_ref[...].astype(F32), seg_ref[...], carried_ref[...], last_ref[...], prims,
-      with_queries=with_queries)
+class ChunkOp(NamedTuple):
+  """What a chunkwise op gives the chunk walk below (KDA's here, RWKV-7's in
+  ``ops.rwkv7.pallas_tpu``), for token inputs in the op's order, each [C, width] per chunk.
+
+  primitives(dtype, interpret) -> the backend ``Primitives`` (dtype: v's).
+  load(values, segment, carried, last, prims, scale) -> the chunk (``values``: the token inputs
+    as float32 tiles).
+  math: the op's chunk module (``intra_forward``, ``state_forward``, ``state_backward``).
+  gradients(chunk, v, cotangents, scale) -> the token inputs' gradients, in their order, from the
+    cotangents of the chunk matrices.
+  value_index: which token input is v.
+  """
+
+  primitives: Callable
+  load: Callable
+  math: object
+  gradients: Callable
+  value_index: int
 
 
-def _forward_kernel(q_ref, k_ref, g_ref, v_ref, beta_ref, seg_ref, carried_ref, last_ref, h0_ref,
-                    o_ref, final_ref, *rest, scale, prims, keep_states):
+def _forward_kernel(*refs, op: ChunkOp, num_tokens, scale, prims, keep_states):
+  tokens = refs[:num_tokens]
+  seg_ref, carried_ref, last_ref, h0_ref, o_ref, final_ref = refs[num_tokens:num_tokens + 6]
+  rest = refs[num_tokens + 6:]
   states_ref = rest[0] if keep_states else None
   state_ref = rest[-1]
   c = pl.program_id(2)
@@ -135,13 +152,13 @@ def _forward_kernel(q_ref, k_ref, g_ref, v_ref, beta_ref, seg_ref, carried_ref, 
   def _():
     state_ref[...] = h0_ref[...]
 
-  chunk = _load_chunk(q_ref, k_ref, g_ref, beta_ref, seg_ref, carried_ref, last_ref,
-                      scale=scale, prims=prims, with_queries=True)
-  matrices = chunk_math.intra_forward(chunk, v_ref[...].astype(F32))
+  values = [ref[...].astype(F32) for ref in tokens]
+  chunk = op.load(values, seg_ref[...], carried_ref[...], last_ref[...], prims, scale)
+  matrices = op.math.intra_forward(chunk, values[op.value_index])
   S = state_ref[...]
   if keep_states:
     states_ref[...] = S
-  o, S = chunk_math.state_forward(S, matrices, prims.dot)
+  o, S = op.math.state_forward(S, matrices, prims.dot)
   o_ref[...] = o.astype(o_ref.dtype)
   state_ref[...] = S
 
@@ -150,113 +167,155 @@ def _forward_kernel(q_ref, k_ref, g_ref, v_ref, beta_ref, seg_ref, carried_ref, 
     final_ref[...] = S
 
 
-def _backward_kernel(q_ref, k_ref, g_ref, v_ref, beta_ref, seg_ref, carried_ref, last_ref,
-                     states_ref, do_ref, dfinal_ref, dq_ref, dk_ref, dv_ref, dg_ref, dbeta_ref,
-                     dh0_ref, dstate_ref, *, scale, prims):
+def _backward_kernel(*refs, op: ChunkOp, num_tokens, scale, prims):
+  tokens = refs[:num_tokens]
+  (seg_ref, carried_ref, last_ref, states_ref, do_ref,
+   dfinal_ref) = refs[num_tokens:num_tokens + 6]
+  grad_refs = refs[num_tokens + 6:2 * num_tokens + 6]
+  dh0_ref, dstate_ref = refs[2 * num_tokens + 6:]
   step = pl.program_id(2)
 
   @pl.when(step == 0)
   def _():
     dstate_ref[...] = dfinal_ref[...]
 
-  chunk = _load_chunk(q_ref, k_ref, g_ref, beta_ref, seg_ref, carried_ref, last_ref,
-                      scale=scale, prims=prims, with_queries=True)
-  v = v_ref[...].astype(F32)
-  matrices = chunk_math.intra_forward(chunk, v)
-  grads, dS = chunk_math.state_backward(states_ref[...], dstate_ref[...], matrices,
-                                        do_ref[...].astype(F32), prims.dot)
+  values = [ref[...].astype(F32) for ref in tokens]
+  chunk = op.load(values, seg_ref[...], carried_ref[...], last_ref[...], prims, scale)
+  v = values[op.value_index]
+  matrices = op.math.intra_forward(chunk, v)
+  cotangents, dS = op.math.state_backward(states_ref[...], dstate_ref[...], matrices,
+                                          do_ref[...].astype(F32), prims.dot)
   dstate_ref[...] = dS
-  dq, dk, dv, dg, dbeta = chunk_math.intra_backward(chunk, v, grads)
-  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
-  dk_ref[...] = dk.astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
-  dg_ref[...] = dg.astype(dg_ref.dtype)
-  dbeta_ref[...] = dbeta.astype(dbeta_ref.dtype)
+  for ref, value in zip(grad_refs, op.gradients(chunk, v, cotangents, scale)):
+    ref[...] = value.astype(ref.dtype)
 
   @pl.when(step == pl.num_programs(2) - 1)
   def _():
     dh0_ref[...] = dS
 
 
-def _specs(C, K, V, num_chunks, reverse):
-  """Block specs of the per-chunk inputs (q, k, g, v, beta, segment, carried, last)."""
+def _specs(C, tokens, num_chunks, reverse):
+  """Block specs of one chunk of each [B, HV, T, width] token input, then of the three
+  [B, T, 1] packed-row masks."""
   chunk = (lambda c: num_chunks - 1 - c) if reverse else (lambda c: c)
-  token = lambda last: pl.BlockSpec((None, None, C, last), lambda b, h, c: (b, h, chunk(c), 0))
+  token = lambda width: pl.BlockSpec((None, None, C, width), lambda b, h, c: (b, h, chunk(c), 0))
   row_mask = pl.BlockSpec((None, C, 1), lambda b, h, c: (b, chunk(c), 0))
-  return [token(K), token(K), token(K), token(V), token(1), row_mask, row_mask, row_mask]
+  return [token(x.shape[-1]) for x in tokens] + [row_mask] * 3
 
 
 def call_params(interpret):
-  """``pallas_call``'s interpret and compiler arguments for the chunk walks (RWKV-7's too)."""
+  """``pallas_call``'s interpret and compiler arguments for the chunk walks."""
   return dict(interpret=pltpu.InterpretParams() if interpret else False,
               compiler_params=pltpu.CompilerParams(dimension_semantics=SEMANTICS))
 
 
-def _forward(scale, C, interpret, inputs, h0, *, keep_states):
-  q, k, g, v, beta, seg, carried, last = inputs
-  B, HV, T, K = k.shape
-  V = v.shape[-1]
+def _state_spec(K, V):
+  return pl.BlockSpec((None, None, K, V), lambda b, h, c: (b, h, 0, 0))
+
+
+def _forward(op, scale, C, interpret, tokens, masks, h0, *, keep_states):
+  v = tokens[op.value_index]
+  B, HV, T, V = v.shape
+  K = h0.shape[-2]
   num_chunks = T // C
-  state = pl.BlockSpec((None, None, K, V), lambda b, h, c: (b, h, 0, 0))
   out_shape = [jax.ShapeDtypeStruct((B, HV, T, V), v.dtype),
                jax.ShapeDtypeStruct((B, HV, K, V), F32)]
-  out_specs = [pl.BlockSpec((None, None, C, V), lambda b, h, c: (b, h, c, 0)), state]
+  out_specs = [_specs(C, [v], num_chunks, reverse=False)[0], _state_spec(K, V)]
   if keep_states:
     out_shape.append(jax.ShapeDtypeStruct((B, HV, num_chunks, K, V), F32))
     out_specs.append(pl.BlockSpec((None, None, None, K, V), lambda b, h, c: (b, h, c, 0, 0)))
-  kernel = functools.partial(_forward_kernel, scale=scale,
-                             prims=primitives(v.dtype, interpret), keep_states=keep_states)
+  kernel = functools.partial(_forward_kernel, op=op, num_tokens=len(tokens), scale=scale,
+                             prims=op.primitives(v.dtype, interpret), keep_states=keep_states)
   return pl.pallas_call(
       kernel, grid=(B, HV, num_chunks),
-      in_specs=_specs(C, K, V, num_chunks, reverse=False) + [state],
+      in_specs=_specs(C, tokens, num_chunks, reverse=False) + [_state_spec(K, V)],
       out_specs=out_specs, out_shape=out_shape,
-      scratch_shapes=[pltpu.VMEM((K, V), F32)], **call_params(interpret))(*inputs, h0)
+      scratch_shapes=[pltpu.VMEM((K, V), F32)], **call_params(interpret))(*tokens, *masks, h0)
 
 
-def _backward(scale, C, interpret, inputs, states, dO, dfinal):
-  q, k, g, v, beta, seg, carried, last = inputs
-  B, HV, T, K = k.shape
-  V = v.shape[-1]
+def _backward(op, scale, C, interpret, tokens, masks, states, dO, dfinal):
+  v = tokens[op.value_index]
+  B, HV, T, V = v.shape
+  K = dfinal.shape[-2]
   num_chunks = T // C
   back = lambda c: num_chunks - 1 - c
-  token = lambda last_dim: pl.BlockSpec((None, None, C, last_dim),
-                                        lambda b, h, c: (b, h, back(c), 0))
-  state = pl.BlockSpec((None, None, K, V), lambda b, h, c: (b, h, 0, 0))
-  in_specs = _specs(C, K, V, num_chunks, reverse=True) + [
+  specs = _specs(C, tokens, num_chunks, reverse=True)
+  in_specs = specs + [
       pl.BlockSpec((None, None, None, K, V), lambda b, h, c: (b, h, back(c), 0, 0)),
-      token(V), state]
-  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, g, beta)] + [
+      _specs(C, [v], num_chunks, reverse=True)[0], _state_spec(K, V)]
+  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in tokens] + [
       jax.ShapeDtypeStruct((B, HV, K, V), F32)]
-  out_specs = [token(K), token(K), token(V), token(K), token(1), state]
-  kernel = functools.partial(_backward_kernel, scale=scale,
-                             prims=primitives(v.dtype, interpret))
+  out_specs = specs[:len(tokens)] + [_state_spec(K, V)]
+  kernel = functools.partial(_backward_kernel, op=op, num_tokens=len(tokens), scale=scale,
+                             prims=op.primitives(v.dtype, interpret))
   return pl.pallas_call(
       kernel, grid=(B, HV, num_chunks), in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape, scratch_shapes=[pltpu.VMEM((K, V), F32)],
-      **call_params(interpret))(*inputs, states, dO, dfinal)
+      **call_params(interpret))(*tokens, *masks, states, dO, dfinal)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _kda(scale, C, interpret, q, k, g, v, beta, seg, carried, last, h0):
-  o, final = _forward(scale, C, interpret, (q, k, g, v, beta, seg, carried, last), h0,
-                      keep_states=False)
-  return o, final
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _walk(op, scale, C, interpret, tokens, masks, h0):
+  return _forward(op, scale, C, interpret, tokens, masks, h0, keep_states=False)
 
 
-def _kda_fwd(scale, C, interpret, q, k, g, v, beta, seg, carried, last, h0):
-  inputs = (q, k, g, v, beta, seg, carried, last)
-  o, final, states = _forward(scale, C, interpret, inputs, h0, keep_states=True)
-  return (o, final), (inputs, states)
+def _walk_fwd(op, scale, C, interpret, tokens, masks, h0):
+  o, final, states = _forward(op, scale, C, interpret, tokens, masks, h0, keep_states=True)
+  return (o, final), (tokens, masks, states)
 
 
-def _kda_bwd(scale, C, interpret, residuals, cotangents):
-  inputs, states = residuals
-  dO, dfinal = cotangents
-  dq, dk, dv, dg, dbeta, dh0 = _backward(scale, C, interpret, inputs, states, dO, dfinal)
-  return dq, dk, dg, dv, dbeta, None, None, None, dh0
+def _walk_bwd(op, scale, C, interpret, residuals, cotangents):
+  tokens, masks, states = residuals
+  *grads, dh0 = _backward(op, scale, C, interpret, tokens, masks, states, *cotangents)
+  return tuple(grads), (None,) * len(masks), dh0
 
 
-_kda.defvjp(_kda_fwd, _kda_bwd)
+_walk.defvjp(_walk_fwd, _walk_bwd)
+
+
+def walk(op: ChunkOp, tokens, initial_state, segment_index, *, scale: float, chunk_size: int,
+         interpret: bool | None):
+  """One op's chunkwise forward (and, through a ``custom_vjp``, backward) as the two TPU chunk
+  walks.
+
+  Args:
+    op: the op's ``ChunkOp``.
+    tokens: the token inputs in the op's order, each [B, T, HV, width] (width 1 for a
+      per-token scalar such as beta).
+    initial_state: [B, HV, K, V] float32.
+    segment_index: None, or [B, T] non-decreasing int32.
+    scale, chunk_size, interpret: as ``scan``'s.
+
+  Returns:
+    o [B, T, HV, V] in v's dtype and the final state [B, HV, K, V] float32.
+  """
+  if reason := unsupported(chunk_size):
+    raise ValueError(reason)
+  interpret = default_interpret() if interpret is None else interpret
+  B, T = tokens[0].shape[:2]
+  C = chunk_size
+  padded = -(-T // C) * C
+  heads_first = lambda x: jnp.moveaxis(jnp.pad(x, [(0, 0), (0, padded - T), (0, 0), (0, 0)]),
+                                       2, 1)
+  masks = chunk_math.packed_row_masks(segment_index, B, T, C)
+  o, final = _walk(op, float(scale), C, interpret, tuple(map(heads_first, tokens)), masks,
+                   initial_state)
+  return jnp.moveaxis(o, 1, 2)[:, :T], final
+
+
+def _load(values, segment, carried, last, prims, scale):
+  q, k, g, _, beta = values
+  return chunk_math.Chunk(q * scale, k, g, beta, segment, carried, last, prims,
+                          with_queries=True)
+
+
+def _gradients(chunk, v, cotangents, scale):
+  dq, dk, dv, dg, dbeta = chunk_math.intra_backward(chunk, v, cotangents)
+  return dq * scale, dk, dg, dv, dbeta
+
+
+KDA = ChunkOp(primitives=primitives, load=_load, math=chunk_math, gradients=_gradients,
+              value_index=3)
 
 
 def scan(q, k, v, g, beta, initial_state, segment_index, *, scale: float, chunk_size: int = 64,
@@ -278,16 +337,5 @@ def scan(q, k, v, g, beta, initial_state, segment_index, *, scale: float, chunk_
   Returns:
     o [B, T, HV, V] in v's dtype and the final state [B, HV, K, V] float32.
   """
-  if reason := unsupported(chunk_size):
-    raise ValueError(reason)
-  interpret = default_interpret() if interpret is None else interpret
-  B, T = q.shape[:2]
-  C = chunk_size
-  Tp = -(-T // C) * C
-  heads_first = lambda x: jnp.moveaxis(jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2)),
-                                       2, 1)
-  q, k, g, v = map(heads_first, (q, k, g, v))
-  beta = heads_first(beta)[..., None]
-  masks = chunk_math.packed_row_masks(segment_index, B, T, C)
-  o, final = _kda(float(scale), C, interpret, q, k, g, v, beta, *masks, initial_state)
-  return jnp.moveaxis(o, 1, 2)[:, :T], final
+  return walk(KDA, (q, k, g, v, beta[..., None]), initial_state, segment_index, scale=scale,
+              chunk_size=chunk_size, interpret=interpret)

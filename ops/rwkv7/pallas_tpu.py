@@ -1,8 +1,8 @@
 """Chunkwise RWKV-7 as Pallas TPU (Mosaic) kernels (implementation ``"pallas_tpu"``), SPEC 2.5.
 
-KDA's TPU kernels (``ops.kda.pallas_tpu``) on RWKV-7's chunk mathematics
-(``ops.rwkv7._kernel_chunk``): two kernels, each one walk over the chunks with the state in VMEM
-scratch.
+KDA's TPU chunk walks (``ops.kda.pallas_tpu.walk``, one kernel module for both ops) on RWKV-7's
+chunk mathematics (``ops.rwkv7._kernel_chunk``): two kernels, each one walk over the chunks with
+the state in VMEM scratch.
 
   forward    grid (B, H, chunks), the chunk axis sequential ("arbitrary"), batch and heads
              "parallel". Per chunk: G, G~, the four pair products A_ab, A_ak, A_rb, A_rk,
@@ -56,19 +56,12 @@ small tiles; on a v5p (459 TFLOP/s, 2.76 TB/s) 0.23 us against 0.03 us, the same
 
 from __future__ import annotations
 
-import functools
-
 import jax
-import jax.numpy as jnp
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
 from ops.kda import pallas_tpu as kda_tpu
-from ops.kda._kernel_chunk import packed_row_masks
 from ops.kda.pallas_tpu import default_interpret, unsupported
 from ops.rwkv7 import _kernel_chunk as chunk_math
 
-F32 = jnp.float32
 HIGHEST = jax.lax.Precision.HIGHEST
 
 __all__ = ["default_interpret", "scan", "unsupported"]
@@ -81,146 +74,18 @@ def _primitives(dtype, interpret: bool):
                                                   precision=HIGHEST))
 
 
-def _load_chunk(r_ref, w_ref, k_ref, a_ref, b_ref, seg_ref, carried_ref, last_ref, *, scale,
-                prims):
-  load = lambda ref: ref[...].astype(F32)
-  return chunk_math.Chunk(load(r_ref) * scale, load(w_ref), load(k_ref), load(a_ref),
-                          load(b_ref), seg_ref[...], carried_ref[...], last_ref[...], prims)
+def _load(values, segment, carried, last, prims, scale):
+  r, w, k, a, b, _ = values
+  return chunk_math.Chunk(r * scale, w, k, a, b, segment, carried, last, prims)
 
 
-def _forward_kernel(r_ref, w_ref, k_ref, a_ref, b_ref, v_ref, seg_ref, carried_ref, last_ref,
-                    h0_ref, o_ref, final_ref, *rest, scale, prims, keep_states):
-  states_ref = rest[0] if keep_states else None
-  state_ref = rest[-1]
-  c = pl.program_id(2)
-
-  @pl.when(c == 0)
-  def _():
-    state_ref[...] = h0_ref[...]
-
-  chunk = _load_chunk(r_ref, w_ref, k_ref, a_ref, b_ref, seg_ref, carried_ref, last_ref,
-                      scale=scale, prims=prims)
-  matrices = chunk_math.intra_forward(chunk, v_ref[...].astype(F32))
-  S = state_ref[...]
-  if keep_states:
-    states_ref[...] = S
-  o, S = chunk_math.state_forward(S, matrices, prims.dot)
-  o_ref[...] = o.astype(o_ref.dtype)
-  state_ref[...] = S
-
-  @pl.when(c == pl.num_programs(2) - 1)
-  def _():
-    final_ref[...] = S
+def _gradients(chunk, v, cotangents, scale):
+  dr, dw, dk, dv, da, db = chunk_math.intra_backward(chunk, v, cotangents)
+  return dr * scale, dw, dk, da, db, dv
 
 
-def _backward_kernel(r_ref, w_ref, k_ref, a_ref, b_ref, v_ref, seg_ref, carried_ref, last_ref,
-                     states_ref, do_ref, dfinal_ref, dr_ref, dw_ref, dk_ref, da_ref, db_ref,
-                     dv_ref, dh0_ref, dstate_ref, *, scale, prims):
-  step = pl.program_id(2)
-
-  @pl.when(step == 0)
-  def _():
-    dstate_ref[...] = dfinal_ref[...]
-
-  chunk = _load_chunk(r_ref, w_ref, k_ref, a_ref, b_ref, seg_ref, carried_ref, last_ref,
-                      scale=scale, prims=prims)
-  v = v_ref[...].astype(F32)
-  matrices = chunk_math.intra_forward(chunk, v)
-  grads, dS = chunk_math.state_backward(states_ref[...], dstate_ref[...], matrices,
-                                        do_ref[...].astype(F32), prims.dot)
-  dstate_ref[...] = dS
-  dr, dw, dk, dv, da, db = chunk_math.intra_backward(chunk, v, grads)
-  for ref, value in ((dr_ref, dr * scale), (dw_ref, dw), (dk_ref, dk), (da_ref, da),
-                     (db_ref, db), (dv_ref, dv)):
-    ref[...] = value.astype(ref.dtype)
-
-  @pl.when(step == pl.num_programs(2) - 1)
-  def _():
-    dh0_ref[...] = dS
-
-
-def _chunk_index(num_chunks, reverse):
-  return (lambda c: num_chunks - 1 - c) if reverse else (lambda c: c)
-
-
-def _token_spec(C, last_dim, num_chunks, reverse):
-  """Blocks of one chunk of one head of a [B, H, T, last_dim] array."""
-  chunk = _chunk_index(num_chunks, reverse)
-  return pl.BlockSpec((None, None, C, last_dim), lambda b, h, c: (b, h, chunk(c), 0))
-
-
-def _input_specs(C, K, V, num_chunks, reverse):
-  """Block specs of the per-chunk inputs (r, w, k, a, b, v, segment, carried, last)."""
-  chunk = _chunk_index(num_chunks, reverse)
-  row_mask = pl.BlockSpec((None, C, 1), lambda b, h, c: (b, chunk(c), 0))
-  return ([_token_spec(C, K, num_chunks, reverse)] * 5 + [_token_spec(C, V, num_chunks, reverse)]
-          + [row_mask] * 3)
-
-
-def _state_spec(K, V):
-  return pl.BlockSpec((None, None, K, V), lambda b, h, c: (b, h, 0, 0))
-
-
-def _forward(scale, C, interpret, inputs, h0, *, keep_states):
-  r, v = inputs[0], inputs[5]
-  B, H, T, K = r.shape
-  V = v.shape[-1]
-  num_chunks = T // C
-  out_shape = [jax.ShapeDtypeStruct((B, H, T, V), v.dtype),
-               jax.ShapeDtypeStruct((B, H, K, V), F32)]
-  out_specs = [_token_spec(C, V, num_chunks, reverse=False), _state_spec(K, V)]
-  if keep_states:
-    out_shape.append(jax.ShapeDtypeStruct((B, H, num_chunks, K, V), F32))
-    out_specs.append(pl.BlockSpec((None, None, None, K, V), lambda b, h, c: (b, h, c, 0, 0)))
-  kernel = functools.partial(_forward_kernel, scale=scale,
-                             prims=_primitives(v.dtype, interpret), keep_states=keep_states)
-  return pl.pallas_call(
-      kernel, grid=(B, H, num_chunks),
-      in_specs=_input_specs(C, K, V, num_chunks, reverse=False) + [_state_spec(K, V)],
-      out_specs=out_specs, out_shape=out_shape,
-      scratch_shapes=[pltpu.VMEM((K, V), F32)], **kda_tpu.call_params(interpret))(*inputs, h0)
-
-
-def _backward(scale, C, interpret, inputs, states, dO, dfinal):
-  r, v = inputs[0], inputs[5]
-  B, H, T, K = r.shape
-  V = v.shape[-1]
-  num_chunks = T // C
-  back = _chunk_index(num_chunks, reverse=True)
-  in_specs = _input_specs(C, K, V, num_chunks, reverse=True) + [
-      pl.BlockSpec((None, None, None, K, V), lambda b, h, c: (b, h, back(c), 0, 0)),
-      _token_spec(C, V, num_chunks, reverse=True), _state_spec(K, V)]
-  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs[:6]] + [
-      jax.ShapeDtypeStruct((B, H, K, V), F32)]
-  out_specs = _input_specs(C, K, V, num_chunks, reverse=True)[:6] + [_state_spec(K, V)]
-  kernel = functools.partial(_backward_kernel, scale=scale,
-                             prims=_primitives(v.dtype, interpret))
-  return pl.pallas_call(
-      kernel, grid=(B, H, num_chunks), in_specs=in_specs, out_specs=out_specs,
-      out_shape=out_shape, scratch_shapes=[pltpu.VMEM((K, V), F32)],
-      **kda_tpu.call_params(interpret))(*inputs, states, dO, dfinal)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _rwkv7(scale, C, interpret, r, w, k, a, b, v, seg, carried, last, h0):
-  return _forward(scale, C, interpret, (r, w, k, a, b, v, seg, carried, last), h0,
-                  keep_states=False)
-
-
-def _rwkv7_fwd(scale, C, interpret, r, w, k, a, b, v, seg, carried, last, h0):
-  inputs = (r, w, k, a, b, v, seg, carried, last)
-  o, final, states = _forward(scale, C, interpret, inputs, h0, keep_states=True)
-  return (o, final), (inputs, states)
-
-
-def _rwkv7_bwd(scale, C, interpret, residuals, cotangents):
-  inputs, states = residuals
-  dO, dfinal = cotangents
-  dr, dw, dk, da, db, dv, dh0 = _backward(scale, C, interpret, inputs, states, dO, dfinal)
-  return dr, dw, dk, da, db, dv, None, None, None, dh0
-
-
-_rwkv7.defvjp(_rwkv7_fwd, _rwkv7_bwd)
+RWKV7 = kda_tpu.ChunkOp(primitives=_primitives, load=_load, math=chunk_math,
+                        gradients=_gradients, value_index=5)
 
 
 def scan(r, w, k, v, a, b, initial_state, segment_index, *, scale: float, chunk_size: int = 64,
@@ -240,15 +105,5 @@ def scan(r, w, k, v, a, b, initial_state, segment_index, *, scale: float, chunk_
   Returns:
     o [B, T, H, V] in v's dtype and the final state [B, H, K, V] float32.
   """
-  if reason := unsupported(chunk_size):
-    raise ValueError(reason)
-  interpret = default_interpret() if interpret is None else interpret
-  B, T = r.shape[:2]
-  C = chunk_size
-  padded = -(-T // C) * C
-  heads_first = lambda x: jnp.moveaxis(jnp.pad(x, [(0, 0), (0, padded - T), (0, 0), (0, 0)]),
-                                       2, 1)
-  inputs = map(heads_first, (r, w, k, a, b, v))
-  masks = packed_row_masks(segment_index, B, T, C)
-  o, final = _rwkv7(float(scale), C, interpret, *inputs, *masks, initial_state)
-  return jnp.moveaxis(o, 1, 2)[:, :T], final
+  return kda_tpu.walk(RWKV7, (r, w, k, a, b, v), initial_state, segment_index, scale=scale,
+                      chunk_size=chunk_size, interpret=interpret)
