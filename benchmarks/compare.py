@@ -622,7 +622,8 @@ def write_outputs(records: list[dict], meta: dict, out: pathlib.Path, *, plots: 
 def merge(paths: Sequence[str], out: pathlib.Path, plots: bool) -> dict:
   """One table and one set of plots from several runs' compare.json (same device), each run's
   settings kept under ``runs``. Records of one model and context are joined: a later run's
-  measurement replaces an earlier one, except where the later run did not measure it."""
+  measurement replaces an earlier one, except where the later run did not measure it. Rows go by
+  model (in the order the runs first name them), then by context."""
   runs = [json.loads(pathlib.Path(path).read_text()) for path in paths]
   kinds = {run["device_kind"] for run in runs}
   if len(kinds) != 1:
@@ -644,7 +645,8 @@ def merge(paths: Sequence[str], out: pathlib.Path, plots: bool) -> dict:
           merged[field] = value
       merged["peak_memory_bytes"] = peak_memory(merged)
       records[key] = merged
-  records = list(records.values())
+  models = list(dict.fromkeys(model for model, _ in records))
+  records = [records[key] for key in sorted(records, key=lambda k: (models.index(k[0]), k[1]))]
   return dict(meta, records=write_outputs(records, meta, out, plots=plots))
 
 

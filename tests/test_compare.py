@@ -79,6 +79,12 @@ def test_compare_smoke(tmp_path):
                          "--out", str(tmp_path / "joined"), "--no_plots"])["records"]
   assert len(joined) == 2 and joined[0]["prefill"] == records[0]["prefill"]
   assert joined[0]["train"]["tokens_per_s"] == 1.0
+  # Rows go by model, then context, whatever order the runs come in.
+  reordered = compare.main(["--merge", str(tmp_path / "run1.json"), str(tmp_path / "later.json"),
+                            str(tmp_path / "run0.json"), "--out", str(tmp_path / "reordered"),
+                            "--no_plots"])["records"]
+  assert [(r["model"].split(":")[0], r["context"]) for r in reordered] == [
+      ("mamba_tiny", 16), ("mamba_tiny", 32), ("kimi_linear_tiny", 16), ("kimi_linear_tiny", 32)]
 
 
 def test_decode_batch_search_and_flops():
