@@ -102,3 +102,30 @@ def test_kernels_script_smoke(tmp_path, capsys):
   assert "ratio_attention" in next(r for r in timed if r["op"] == "kda")
   out = " ".join(capsys.readouterr().out.split())
   assert "kda B1 T64 H2 D16 bfloat16 reference fwd" in out
+
+
+def test_registers_captures_each_kernel_with_its_launch_settings():
+  """benchmarks.registers finds every pallas_call's Triton IR in the CUDA lowering, paired with
+  the warps and stages the kernel asked for (compiling it needs the triton package, not here)."""
+  from benchmarks import registers
+  from ops.kda import pallas_gpu_step
+  from ops.selective_scan import pallas_gpu as scan_gpu
+  [step] = registers.triton_kernels("decode", 64)
+  assert step["name"] == "kda_decode_step" and "tt.func" in step["ir"]
+  assert step["num_warps"] == pallas_gpu_step._num_warps(128, pallas_gpu_step.DEFAULT_BLOCK_V)
+  forward, backward = registers.triton_kernels("scan", 64)
+  assert (forward["num_warps"], backward["num_warps"]) == (scan_gpu.NUM_WARPS_FORWARD,
+                                                           scan_gpu.NUM_WARPS_BACKWARD)
+  assert "@_forward_kernel" in forward["ir"] and "@_backward_kernel" in backward["ir"]
+
+
+def test_registers_reads_the_ptxas_report():
+  from benchmarks import registers
+  report = ("ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
+            "ptxas info    : Function properties for k\n"
+            "    1520 bytes stack frame, 2102 bytes spill stores, 3288 bytes spill loads\n"
+            "ptxas info    : Used 255 registers, used 1 barriers, 1520 bytes cumulative stack\n")
+  assert registers.parse_ptxas(report) == dict(registers=255, stack_bytes=1520,
+                                               spill_store_bytes=2102, spill_load_bytes=3288)
+  with pytest.raises(ValueError, match="no register report"):
+    registers.parse_ptxas("ptxas fatal : Unsupported .version 9.4")
