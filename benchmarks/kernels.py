@@ -32,6 +32,9 @@ What is timed, on whatever device JAX sees (meant for an NVIDIA H200), in one ta
   kda-parts  (only when named in --ops) each of ``ops.kda.pallas_gpu``'s four kernels timed alone
              on its real inputs (``pallas_gpu.stages``), with its own FLOP count.
 
+``--kernel-chunks 32,16`` also times the KDA and RWKV-7 kernels at those chunk sizes (rows
+"pallas_gpu C32", ...), checked like the default rows; the nominal counts stay the C = 64 ones.
+
 How: every JAX case is compiled once (``jax.jit(...).lower(...).compile()``), called once (that
 output feeds the check below), warmed up ``--warmup`` more times and timed over ``--iters`` calls
 with ``block_until_ready`` (host wall clock); every PyTorch case is warmed up the same way, then
@@ -299,18 +302,18 @@ def scan_inputs(s: ScanSize, dtype, seed: int = 0) -> tuple[dict, jax.Array]:
 
 # ------------------------------------------------------------------------------ the functions
 
-def kda_fn(form: str, backward: bool) -> Callable:
+def kda_fn(form: str, backward: bool, chunk_size: int = KDA_CHUNK) -> Callable:
   def forward(inputs, cotangents=None):
     del cotangents
     return kda(**inputs, return_final_state=True, use_qk_l2norm_in_kernel=True,
-               implementation=form)
+               implementation=form, chunk_size=chunk_size)
   return harness.with_backward(forward) if backward else forward
 
 
-def rwkv7_fn(form: str, backward: bool) -> Callable:
+def rwkv7_fn(form: str, backward: bool, chunk_size: int = RWKV7_CHUNK) -> Callable:
   def forward(inputs, cotangents=None):
     del cotangents
-    return rwkv7(**inputs, return_final_state=True, implementation=form)
+    return rwkv7(**inputs, return_final_state=True, implementation=form, chunk_size=chunk_size)
   return harness.with_backward(forward) if backward else forward
 
 
@@ -447,27 +450,34 @@ class Bench:
 
   def jax_forms(self, make_record: Callable, make_fn: Callable, args: tuple, dtype,
                 passes: Sequence[str], tokens: int, check_form: str,
-                names: dict[str, Sequence[str] | None]) -> dict:
+                names: dict[str, Sequence[str] | None], chunked: bool = False) -> dict:
     """Times every ``--implementations`` form (``make_fn(form, backward)``) on ``args``, checking
     the kernels against ``check_form`` first; returns ``check_form``'s outputs by pass (named
-    leaves), for checking the peers."""
+    leaves), for checking the peers. For a ``chunked`` op the kernels also run at each other
+    ``--kernel-chunks`` size (``make_fn(form, backward, chunk_size)``), as form "<form> C<size>"."""
     expected: dict[str, dict] = {}
-    forms = [f for f in FORMS  # in this order, so "xla" is run (and kept) before the kernels
+    forms = [(f, None) for f in FORMS  # in this order, so "xla" is run (and kept) first
              if f in self.args.implementations and (f != "xla" or check_form == "xla")]
+    if chunked:
+      forms += [(f, c) for f, _ in forms if f in KERNEL_FORMS.values()
+                for c in self.args.kernel_chunks]
 
     def named(out, pass_name):
       return _leaves(out, names.get(pass_name), prefix="d" if pass_name == "fwd+bwd" else "")
 
-    for form in forms:
+    for form, chunk_size in forms:
       for pass_name in passes:
-        rec = make_record(form, pass_name)
+        backward = pass_name == "fwd+bwd"
+        rec = make_record(form if chunk_size is None else f"{form} C{chunk_size}", pass_name)
         reason = self.slow(form, tokens)
         if reason:
           rec["status"] = reason
           self.emit(rec)
           continue
+        fn = (make_fn(form, backward) if chunk_size is None
+              else make_fn(form, backward, chunk_size=chunk_size))
         try:
-          compiled, compile_s, out = run_once(make_fn(form, pass_name == "fwd+bwd"), args)
+          compiled, compile_s, out = run_once(fn, args)
         except Exception as error:  # noqa: BLE001 - a missing form or a failed compile: a row
           rec["status"] = f"n/a ({_short(error)})"
           rec["error"] = f"{type(error).__name__}: {error}"
@@ -565,7 +575,7 @@ def _run_chunked(bench: Bench, op: str, size: SeqSize, make_inputs: Callable, co
   make_record = lambda impl, p: bench.record(op, size, dtype, impl, p,
                                              counts(size, dtype, p == "fwd+bwd"), **shape)
   expected = bench.jax_forms(make_record, make_fn, (inputs, cotangents), dtype, harness.PASSES,
-                             size.batch * size.time, "xla", STATE_OUTPUTS)
+                             size.batch * size.time, "xla", STATE_OUTPUTS, chunked=True)
   for pass_name in harness.PASSES:
     backward = pass_name == "fwd+bwd"
     bench.peer(make_record(fla_name, pass_name),
@@ -704,6 +714,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="scan sizes like B2,L4096,D2048,N16")
   parser.add_argument("--rwkv7-sizes", nargs="+", type=SeqSize.parse,
                       help="RWKV-7 sizes like B4,T8192,H32,D64")
+  parser.add_argument("--kernel-chunks", type=lambda text: [int(c) for c in text.split(",")],
+                      default=[], help="KDA and RWKV-7: also time the kernels at these chunk "
+                      "sizes (comma-separated; rows '<form> C<size>'), beside the default 64")
   parser.add_argument("--scan-dtypes", nargs="+", choices=("float32", "bfloat16"),
                       default=["float32", "bfloat16"], help="dtypes of the scan's activations")
   parser.add_argument("--implementations", nargs="+", choices=FORMS, default=None,

@@ -129,3 +129,27 @@ def test_registers_reads_the_ptxas_report():
                                                spill_store_bytes=2102, spill_load_bytes=3288)
   with pytest.raises(ValueError, match="no register report"):
     registers.parse_ptxas("ptxas fatal : Unsupported .version 9.4")
+
+
+def test_kernels_times_the_kernels_at_each_kernel_chunk():
+  """``--kernel-chunks`` adds rows "<kernel form> C<size>" for the chunked ops, each built with
+  that chunk size and checked against "xla" like the default rows."""
+  from benchmarks import kernels as kernels_bench
+  args = kernels_bench.parse_args(["--smoke", "--implementations", "xla", "pallas_gpu",
+                                   "--kernel-chunks", "16,32"])
+  bench = kernels_bench.Bench(args)
+  built = []
+
+  def make_fn(form, backward, chunk_size=64):
+    built.append((form, backward, chunk_size))
+    return lambda x: x * 2.0
+
+  x = jnp.arange(4.0)
+  make_record = lambda impl, p: bench.record("rwkv7", "B1", jnp.float32, impl, p, (1.0, 1.0))
+  bench.jax_forms(make_record, make_fn, (x,), jnp.float32, ("fwd",), 4, "xla", {"fwd": None},
+                  chunked=True)
+  assert [r["implementation"] for r in bench.records] == [
+      "xla", "pallas_gpu", "pallas_gpu C16", "pallas_gpu C32"]
+  assert all(r["status"] == "ok" and r["check_max"] == 0.0 for r in bench.records[1:])
+  assert built == [("xla", False, 64), ("pallas_gpu", False, 64), ("pallas_gpu", False, 16),
+                   ("pallas_gpu", False, 32)]
