@@ -186,19 +186,31 @@ class Chunk(LevelSplit):
     carried: [C, 1] float32 0/1, the token continues the segment running before the chunk.
     last: [C, 1] float32 0/1, the token belongs to the chunk's last segment.
     prims: the backend's ``Primitives``.
-    with_queries: also form the q-k pair products (the forward needs them, the backward not).
+
+  The intra backward does not read P_qk; ``pallas_call`` drops the work of values a kernel does
+  not use when it traces it (dead-code elimination), so one class serves both kernels.
   """
 
-  def __init__(self, q, k, g, beta, segment, carried, last, prims: Primitives, *,
-               with_queries: bool):
+  def __init__(self, q, k, g, beta, segment, carried, last, prims: Primitives):
     super().__init__(prims.cumsum(g, reverse=False), g, segment, carried, last, prims)
     self.q, self.k, self.g, self.beta = q, k, g, beta
-    if with_queries:
-      self.P_qk, self.P_kk = self.products([(q, k, 0), (k, k, 0)])
-    else:
-      (self.P_kk,) = self.products([(k, k, 0)])
+    self.P_qk, self.P_kk = self.products([(q, k, 0), (k, k, 0)])
     self.A_kk = beta * self.P_kk * self.strict
     self.T = self.inverse(self.A_kk)
+
+
+def load(tokens, segment, carried, last, prims: Primitives, scale: float) -> Chunk:
+  """The chunk from its token inputs (q, k, g, v, beta) as float32 [C, width] tiles (q unscaled)
+  and the packed-row masks: what the kernels of both backends call."""
+  q, k, g, _, beta = tokens
+  return Chunk(q * scale, k, g, beta, segment, carried, last, prims)
+
+
+def token_gradients(c: Chunk, v, cotangents, scale: float):
+  """The token inputs' gradients (dq, dk, dg, dv, dbeta: their order, dq for the unscaled q)
+  from the cotangents of the chunk's ``ChunkMatrices``."""
+  dq, dk, dv, dg, dbeta = intra_backward(c, v, cotangents)
+  return dq * scale, dk, dg, dv, dbeta
 
 
 def packed_row_masks(segment_index, batch: int, time: int, C: int):

@@ -1,7 +1,10 @@
 """Chunkwise KDA as Pallas GPU kernels (implementation ``"pallas_gpu"``), SPEC 3.3-3.6.
 
 Four kernels, in fla's split (SPEC 3.4, 3.6) between work that is parallel over chunks and the
-one walk over the chunks that carries the state:
+one walk over the chunks that carries the state. The kernels take the op as a ``TritonOp`` (its
+chunk module, how to load a chunk, its gradients, and how each of its chunk matrices is kept
+between the kernels), so RWKV-7's GPU kernels (``ops.rwkv7.pallas_gpu``) are these same four on
+its own chunk mathematics. For KDA:
 
   intra forward    grid (B, HV, chunks)   per chunk: G = cumsum(g), A_qk, A_kk, T = (I + A_kk)^-1,
                                           W, U, Q*Gamma, K*exp(G_C - G), exp(G_C)
@@ -9,8 +12,8 @@ one walk over the chunks that carries the state:
                                           S' = diag(exp G_C) S + Kg^T V~ (keeps S per chunk)
   state backward   grid (B, HV, V/BV)     walks the chunks backwards with dS: dU, dW, dQg, dKg,
                                           dA_qk, d exp(G_C) (summed over V blocks outside)
-  intra backward   grid (B, HV, chunks)   recomputes the chunk's matrices and takes those
-                                          cotangents to dq, dk, dv, dg, dbeta
+  intra backward   grid (B, HV, chunks)   recomputes the chunk's matrices (without A_qk) and takes
+                                          those cotangents to dq, dk, dv, dg, dbeta
 
 Stable pair products without a secondary loop (SPEC 3.5). The pair products
 sum_d x_rd y_id exp(G_rd - G_id) (i < r) are split by the highest bit in which r and i differ:
@@ -23,11 +26,11 @@ lower-triangular inverse uses the same levels: T_2s = T_s - T_s (A masked to lev
 2 x 2 block inverse [[L11^-1, 0], [-L22^-1 L21 L11^-1, L22^-1]] at every scale, two matrix
 products a level, no power series.
 
-Why the Triton backend (a plain ``pallas_call`` on GPU would go to Mosaic GPU): every kernel here
-is a sequence of small matrix products (C = 64 rows, K, V <= 128) and elementwise work on
-register-resident tiles, with reductions and masks whose layouts Triton chooses; Triton's
-``tl.dot`` already maps these products to Hopper's tensor cores, and none of them needs the
-explicit warpgroup and TMA control that Mosaic GPU offers. Passing
+Why the Triton backend (a plain ``pallas_call`` on GPU would go to Mosaic GPU): every kernel here,
+KDA's and RWKV-7's alike, is a sequence of small matrix products (C = 64 rows, K, V <= 128) and
+elementwise work on register-resident tiles, with reductions and masks whose layouts Triton
+chooses; Triton's ``tl.dot`` already maps these products to Hopper's tensor cores, and none of
+them needs the explicit warpgroup and TMA control that Mosaic GPU offers. Passing
 ``jax.experimental.pallas.triton.CompilerParams`` selects Triton.
 
 Precision: with float32 inputs the products run as three TF32 passes (``TF32_TF32_F32_X3``, about
@@ -36,15 +39,15 @@ bf16's rounding). In interpret mode (CPU) they are exact float32 products.
 
 Cost per chunk and head (C = 64, K = V = 128): the intra forward does 6 levels x 2 products
 (C K C) plus 6 x 2 inverse products (C C C) plus W and U (C C K, C C V): about 11 MFLOP; the
-state forward 3 C K V + C C V products: about 7 MFLOP. Bytes: inputs once, the chunk matrices
-(W, U, Q Gamma, K exp(G_C - G) in the input dtype, A_qk float32) written once and read once.
+state forward 3 C K V + C C V products: about 7 MFLOP. Bytes: inputs once (beta as a [C, 1]
+column), the chunk matrices (W, U, Q Gamma, K exp(G_C - G) in v's dtype, A_qk and exp(G_C)
+float32) written once and read once per value block.
 """
 
 from __future__ import annotations
 
 import functools
-import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -123,94 +126,153 @@ def primitives(precision: Precision) -> chunk_math.Primitives:
                                same_segment=same_segment)
 
 
-def _chunk(q_ref, k_ref, g_ref, beta_ref, seg_ref, carried_ref, last_ref, *, scale, prims,
-           with_queries):
-  return chunk_math.Chunk(
-      q_ref[...].astype(F32) * scale, k_ref[...].astype(F32), g_ref[...].astype(F32),
-      beta_ref[...].astype(F32)[:, None], seg_ref[...], carried_ref[...], last_ref[...], prims,
-      with_queries=with_queries)
+# ---------------------------------------------------------------------------- the op description
+
+class Field(NamedTuple):
+  """How the kernels keep one of an op's chunk matrices between the intra and state kernels.
+
+  width: "K" or "C" ([C, K] or [C, C] per chunk, read whole by every state-kernel program), "V"
+    ([C, V], one value block per program), or "chunk" (a [1, K] row per chunk, kept as
+    [B, T/C, HV, K]). The state backward writes a "V" field's cotangent per value block and
+    the others' once per value block, summed outside.
+  dtype: the stored dtype; None: v's (the cotangents are float32).
+  token: None, or the token input the field is (the intra forward stores nothing for it).
+  cotangent_is_dO: the field's cotangent is dO itself; the state backward does not write it.
+  """
+
+  width: str
+  dtype: object = None
+  token: int | None = None
+  cotangent_is_dO: bool = False
 
 
-# ------------------------------------------------------------------------------- intra kernels
+class TritonOp(NamedTuple):
+  """What a chunkwise op gives the four kernels below (KDA's here, RWKV-7's in
+  ``ops.rwkv7.pallas_gpu``), for token inputs in the op's order, each [B, T, HV, width].
 
-def _intra_forward_kernel(q_ref, k_ref, g_ref, v_ref, beta_ref, seg_ref, carried_ref, last_ref,
-                          w_ref, u_ref, qg_ref, kg_ref, a_ref, decay_ref, *, scale, precision):
-  chunk = _chunk(q_ref, k_ref, g_ref, beta_ref, seg_ref, carried_ref, last_ref, scale=scale,
-                 prims=primitives(precision), with_queries=True)
-  m = chunk_math.intra_forward(chunk, v_ref[...].astype(F32))
-  for ref, value in ((w_ref, m.W), (u_ref, m.U), (qg_ref, m.Qg), (kg_ref, m.Kg), (a_ref, m.A)):
+  primitives(precision) -> the chunk module's ``Primitives``.
+  math: the op's chunk module, shared with the TPU kernels (``ChunkMatrices``, ``load``,
+    ``intra_forward``, ``state_forward``, ``state_backward``, ``token_gradients``; see
+    ``ops.kda.pallas_tpu.ChunkOp``).
+  value_index: which token input is v.
+  fields: a ``math.ChunkMatrices`` of ``Field``s.
+  """
+
+  primitives: Callable
+  math: object
+  value_index: int
+  fields: tuple
+
+
+class Sizes(NamedTuple):
+  """A call's static sizes: batch, time (whole chunks), value heads, K, V (powers of two) and the
+  chunk; a "K", "V" or "C" field is that wide."""
+
+  B: int
+  T: int
+  HV: int
+  K: int
+  V: int
+  C: int
+
+
+def _sizes(op: TritonOp, tokens, state, C) -> Sizes:
+  B, T, HV, V = tokens[op.value_index].shape
+  return Sizes(B, T, HV, state.shape[-2], V, C)
+
+
+def _block(width, b, h, c, rows, values):
+  """Where chunk c of head h of batch row b of a chunk matrix lies (value block ``values`` of a
+  "V" one); its [B, T, HV, width] rows, or its [B, T/C, HV, K] row for "chunk"."""
+  if width == "chunk":
+    return b, c, h, slice(None)
+  return b, rows, h, values if width == "V" else slice(None)
+
+
+def _as_tile(x, width):
+  """A loaded block as the chunk module's 2-D tile ([1, K] for a "chunk" field)."""
+  return x.reshape(1, x.shape[0]) if width == "chunk" else x
+
+
+def _load_matrices(op, refs, b, h, c, rows, values):
+  """Chunk c's ``ChunkMatrices`` (float32) for value block ``values``, one ref per field."""
+  return op.math.ChunkMatrices(*(
+      _as_tile(ref[_block(f.width, b, h, c, rows, values)].astype(F32), f.width)
+      for ref, f in zip(refs, op.fields)))
+
+
+# ------------------------------------------------------------------------------------ kernels
+
+def _chunk(op, refs, num_tokens, scale, precision):
+  """(the chunk, v, the remaining refs) from the token refs and the three packed-row masks."""
+  values = [ref[...].astype(F32) for ref in refs[:num_tokens]]
+  seg_ref, carried_ref, last_ref = refs[num_tokens:num_tokens + 3]
+  chunk = op.math.load(values, seg_ref[...], carried_ref[...], last_ref[...],
+                       op.primitives(precision), scale)
+  return chunk, values[op.value_index], refs[num_tokens + 3:]
+
+
+def _intra_forward_kernel(*refs, op, num_tokens, scale, precision):
+  chunk, v, out_refs = _chunk(op, refs, num_tokens, scale, precision)
+  m = op.math.intra_forward(chunk, v)
+  stored = [value for value, f in zip(m, op.fields) if f.token is None]
+  for ref, value in zip(out_refs, stored):
+    ref[...] = value.reshape(ref.shape).astype(ref.dtype)
+
+
+def _intra_backward_kernel(*refs, op, num_tokens, scale, precision):
+  chunk, v, rest = _chunk(op, refs, num_tokens, scale, precision)
+  num_fields = len(op.fields)
+  cotangents = op.math.ChunkMatrices(*(_as_tile(ref[...].astype(F32), f.width)
+                                       for ref, f in zip(rest[:num_fields], op.fields)))
+  for ref, value in zip(rest[num_fields:], op.math.token_gradients(chunk, v, cotangents, scale)):
     ref[...] = value.astype(ref.dtype)
-  decay_ref[...] = m.decay.reshape(decay_ref.shape)
 
 
-def _intra_backward_kernel(q_ref, k_ref, g_ref, v_ref, beta_ref, seg_ref, carried_ref, last_ref,
-                           dw_ref, du_ref, dqg_ref, dkg_ref, da_ref, ddecay_ref,
-                           dq_ref, dk_ref, dv_ref, dg_ref, dbeta_ref, *, scale, precision):
-  chunk = _chunk(q_ref, k_ref, g_ref, beta_ref, seg_ref, carried_ref, last_ref, scale=scale,
-                 prims=primitives(precision), with_queries=False)
-  cotangents = chunk_math.ChunkMatrices(
-      W=dw_ref[...], U=du_ref[...], Qg=dqg_ref[...], Kg=dkg_ref[...], A=da_ref[...],
-      decay=ddecay_ref[...].reshape(1, ddecay_ref.shape[0]))
-  dq, dk, dv, dg, dbeta = chunk_math.intra_backward(chunk, v_ref[...].astype(F32), cotangents)
-  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
-  dk_ref[...] = dk.astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
-  dg_ref[...] = dg.astype(dg_ref.dtype)
-  dbeta_ref[...] = dbeta.reshape(dbeta_ref.shape).astype(dbeta_ref.dtype)
-
-
-# ------------------------------------------------------------------------------- state kernels
-
-def _state_forward_kernel(w_ref, u_ref, qg_ref, kg_ref, a_ref, decay_ref, h0_ref,
-                          o_ref, final_ref, *maybe_states_ref, C, BV, precision):
+def _state_forward_kernel(*refs, op, sizes, BV, precision, keep_states):
+  num_fields = len(op.fields)
+  matrix_refs = refs[:num_fields]
+  h0_ref, o_ref, final_ref, *maybe_states_ref = refs[num_fields:]
   b, h, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  num_chunks = decay_ref.shape[1]
   values = pl.ds(vb * BV, BV)
-  dot = primitives(precision).dot
+  dot = op.primitives(precision).dot
 
   def chunk(c, S):
-    rows = pl.ds(c * C, C)
-    if maybe_states_ref:
+    rows = pl.ds(c * sizes.C, sizes.C)
+    if keep_states:
       maybe_states_ref[0][b, c, h, :, values] = S
-    m = _load_matrices(w_ref, u_ref, qg_ref, kg_ref, a_ref, decay_ref, b, h, c, rows, values)
-    o, S = chunk_math.state_forward(S, m, dot)
+    o, S = op.math.state_forward(S, _load_matrices(op, matrix_refs, b, h, c, rows, values), dot)
     o_ref[b, rows, h, values] = o.astype(o_ref.dtype)
     return S
 
-  final_ref[b, h, :, values] = jax.lax.fori_loop(0, num_chunks, chunk,
+  final_ref[b, h, :, values] = jax.lax.fori_loop(0, sizes.T // sizes.C, chunk,
                                                  h0_ref[b, h, :, values].astype(F32))
 
 
-def _load_matrices(w_ref, u_ref, qg_ref, kg_ref, a_ref, decay_ref, b, h, c, rows, values):
-  """Chunk c's ``ChunkMatrices`` (float32) for value block ``values``."""
-  load = lambda ref, last: ref[b, rows, h, last].astype(F32)
-  everything = slice(None)
-  K = w_ref.shape[-1]
-  return chunk_math.ChunkMatrices(
-      W=load(w_ref, everything), U=load(u_ref, values), Qg=load(qg_ref, everything),
-      Kg=load(kg_ref, everything), A=load(a_ref, everything),
-      decay=decay_ref[b, c, h, :].reshape(1, K))
-
-
-def _state_backward_kernel(w_ref, u_ref, qg_ref, kg_ref, a_ref, decay_ref, states_ref, do_ref,
-                           dfinal_ref, du_ref, dw_ref, dqg_ref, dkg_ref, da_ref, ddecay_ref,
-                           dh0_ref, *, C, BV, precision):
+def _state_backward_kernel(*refs, op, sizes, BV, precision):
+  num_fields = len(op.fields)
+  matrix_refs = refs[:num_fields]
+  states_ref, do_ref, dfinal_ref = refs[num_fields:num_fields + 3]
+  grad_refs, dh0_ref = refs[num_fields + 3:-1], refs[-1]
+  written = [(name, f.width) for name, f in zip(op.fields._fields, op.fields)
+             if not f.cotangent_is_dO]
   b, h, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  num_chunks = decay_ref.shape[1]
+  num_chunks = sizes.T // sizes.C
   values = pl.ds(vb * BV, BV)
-  dot = primitives(precision).dot
+  dot = op.primitives(precision).dot
 
   def chunk(step, dS):
     c = num_chunks - 1 - step
-    rows = pl.ds(c * C, C)
-    m = _load_matrices(w_ref, u_ref, qg_ref, kg_ref, a_ref, decay_ref, b, h, c, rows, values)
-    grads, dS = chunk_math.state_backward(states_ref[b, c, h, :, values], dS, m,
-                                          do_ref[b, rows, h, values].astype(F32), dot)
-    du_ref[b, rows, h, values] = grads.U.astype(du_ref.dtype)
-    for ref, value in ((dw_ref, grads.W), (dqg_ref, grads.Qg), (dkg_ref, grads.Kg),
-                       (da_ref, grads.A)):
-      ref[vb, b, rows, h, :] = value
-    ddecay_ref[vb, b, c, h, :] = grads.decay.reshape(grads.decay.shape[1])
+    rows = pl.ds(c * sizes.C, sizes.C)
+    m = _load_matrices(op, matrix_refs, b, h, c, rows, values)
+    grads, dS = op.math.state_backward(states_ref[b, c, h, :, values], dS, m,
+                                       do_ref[b, rows, h, values].astype(F32), dot)
+    for ref, (name, width) in zip(grad_refs, written):
+      value, block = getattr(grads, name), _block(width, b, h, c, rows, values)
+      if width == "V":
+        ref[block] = value
+      else:  # this value block's part, at [vb]
+        ref[(vb, *block)] = value.reshape(ref.shape[-1]) if width == "chunk" else value
     return dS
 
   dh0_ref[b, h, :, values] = jax.lax.fori_loop(0, num_chunks, chunk,
@@ -219,12 +281,7 @@ def _state_backward_kernel(w_ref, u_ref, qg_ref, kg_ref, a_ref, decay_ref, state
 
 # ------------------------------------------------------------------------------------ wrappers
 
-def _config(v, interpret, chunk_size):
-  """Static settings shared by the four kernels."""
-  return dict(interpret=interpret, precision=precision_for(v.dtype, interpret), C=chunk_size)
-
-
-def triton_call(kernel, grid, in_specs, out_specs, out_shape, interpret, launch, **params):
+def _triton_call(kernel, grid, in_specs, out_specs, out_shape, interpret, launch, **params):
   """``pallas_call`` on the Triton backend; ``launch`` is (num_warps, num_stages)."""
   num_warps, num_stages = launch
   return pl.pallas_call(
@@ -234,123 +291,211 @@ def triton_call(kernel, grid, in_specs, out_specs, out_shape, interpret, launch,
                                                                   num_stages=num_stages))
 
 
-def token_spec(C, last):
-  """Blocks of one chunk of one head of a [B, T, HV, last] array."""
-  return pl.BlockSpec((None, C, None, last), lambda b, h, c: (b, c, h, 0))
+def _config(op, tokens, state, C, interpret):
+  """Static settings shared by the four kernels (``state``: h0 or dfinal, for K)."""
+  return dict(sizes=_sizes(op, tokens, state, C), interpret=interpret,
+              precision=precision_for(tokens[op.value_index].dtype, interpret))
 
 
-def _intra_specs(C, K, V):
+def _token_spec(C, width):
+  """Blocks of one chunk of one head of a [B, T, HV, width] array."""
+  return pl.BlockSpec((None, C, None, width), lambda b, h, c: (b, c, h, 0))
+
+
+def _input_specs(tokens, C):
+  """Blocks of the token inputs, then of the three [B, T, 1] packed-row masks."""
   mask = pl.BlockSpec((None, C, 1), lambda b, h, c: (b, c, 0))
-  return [token_spec(C, K), token_spec(C, K), token_spec(C, K), token_spec(C, V),
-          pl.BlockSpec((None, C, None), lambda b, h, c: (b, c, h)), mask, mask, mask]
+  return [_token_spec(C, x.shape[-1]) for x in tokens] + [mask] * 3
 
 
-def _matrix_specs(C, K, V):
-  """Blocks of W, U, Q Gamma, K exp(G_C - G), A_qk and the decay (or their cotangents)."""
-  return [token_spec(C, K), token_spec(C, V), token_spec(C, K), token_spec(C, K),
-          token_spec(C, C), pl.BlockSpec((None, None, None, K), lambda b, h, c: (b, c, h, 0))]
+def _layout(width, sizes: Sizes):
+  """(shape, block spec of one chunk of one head) of a chunk matrix of ``width``."""
+  B, T, HV, K, _, C = sizes
+  if width == "chunk":
+    return (B, T // C, HV, K), pl.BlockSpec((None, None, None, K), lambda b, h, c: (b, c, h, 0))
+  return (B, T, HV, getattr(sizes, width)), _token_spec(C, getattr(sizes, width))
 
 
-def _intra_forward(inputs, *, scale, C, interpret, precision):
-  q, k, g, v = inputs[:4]
-  B, T, HV, K = k.shape
-  V = v.shape[-1]
-  store = v.dtype
-  shapes = [jax.ShapeDtypeStruct((B, T, HV, K), store), jax.ShapeDtypeStruct((B, T, HV, V), store),
-            jax.ShapeDtypeStruct((B, T, HV, K), store), jax.ShapeDtypeStruct((B, T, HV, K), store),
-            jax.ShapeDtypeStruct((B, T, HV, C), F32),
-            jax.ShapeDtypeStruct((B, T // C, HV, K), F32)]
-  return triton_call(_intra_forward_kernel, (B, HV, T // C), _intra_specs(C, K, V),
-               _matrix_specs(C, K, V), shapes, interpret, LAUNCH["intra_forward"], scale=scale,
-               precision=precision)(*inputs)
+def _intra_forward(op, tokens, masks, *, scale, sizes, interpret, precision):
+  """The chunk matrices as a ``ChunkMatrices`` of arrays: stored, or the token inputs they are."""
+  store = tokens[op.value_index].dtype
+  names, fields = zip(*[(name, f) for name, f in zip(op.fields._fields, op.fields)
+                        if f.token is None])
+  layouts = [_layout(f.width, sizes) for f in fields]
+  shapes = [jax.ShapeDtypeStruct(shape, store if f.dtype is None else f.dtype)
+            for (shape, _), f in zip(layouts, fields)]
+  stored = _triton_call(
+      _intra_forward_kernel, (sizes.B, sizes.HV, sizes.T // sizes.C),
+      _input_specs(tokens, sizes.C), [spec for _, spec in layouts], shapes, interpret,
+      LAUNCH["intra_forward"], op=op, num_tokens=len(tokens), scale=scale,
+      precision=precision)(*tokens, *masks)
+  stored = dict(zip(names, stored))
+  return op.math.ChunkMatrices(*(stored[name] if f.token is None else tokens[f.token]
+                                 for name, f in zip(op.fields._fields, op.fields)))
 
 
-def _intra_backward(inputs, cotangents, *, scale, C, interpret, precision):
-  q, k, g, v, beta = inputs[:5]
-  B, T, HV, K = k.shape
-  V = v.shape[-1]
-  shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, g, beta)]
-  out_specs = [token_spec(C, K), token_spec(C, K), token_spec(C, V), token_spec(C, K),
-               pl.BlockSpec((None, C, None), lambda b, h, c: (b, c, h))]
-  return triton_call(_intra_backward_kernel, (B, HV, T // C),
-               _intra_specs(C, K, V) + _matrix_specs(C, K, V), out_specs, shapes, interpret,
-               LAUNCH["intra_backward"], scale=scale, precision=precision)(
-                   *inputs, *cotangents)
+def _intra_backward(op, tokens, masks, cotangents, *, scale, sizes, interpret, precision):
+  """The token inputs' gradients from the chunk matrices' cotangents."""
+  specs = _input_specs(tokens, sizes.C)
+  return _triton_call(
+      _intra_backward_kernel, (sizes.B, sizes.HV, sizes.T // sizes.C),
+      specs + [_layout(f.width, sizes)[1] for f in op.fields], specs[:len(tokens)],
+      [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in tokens], interpret,
+      LAUNCH["intra_backward"], op=op, num_tokens=len(tokens), scale=scale,
+      precision=precision)(*tokens, *masks, *cotangents)
 
 
-def value_block(V):
-  """Value channels per program of the state kernels (RWKV-7's too)."""
+def _value_block(V):
+  """Value channels per program of the state kernels."""
   return min(V, VALUE_BLOCK)
 
 
-def _state_forward(matrices, h0, out_dtype, *, keep_states, C, interpret, precision):
-  W, U = matrices[:2]
-  B, T, HV, K = W.shape
-  V = U.shape[-1]
-  BV = value_block(V)
+def _state_forward(op, matrices, h0, out_dtype, *, keep_states, sizes, interpret, precision):
+  """(o, the final state and, with ``keep_states``, the state before each chunk)."""
+  B, T, HV, K, V, C = sizes
+  BV = _value_block(V)
   shapes = [jax.ShapeDtypeStruct((B, T, HV, V), out_dtype),
             jax.ShapeDtypeStruct((B, HV, K, V), F32)]
   if keep_states:
     shapes.append(jax.ShapeDtypeStruct((B, T // C, HV, K, V), F32))
   whole = pl.no_block_spec
-  return triton_call(_state_forward_kernel, (B, HV, V // BV), [whole] * 7, [whole] * len(shapes),
-               shapes, interpret, LAUNCH["state_forward"], C=C, BV=BV, precision=precision)(
-                   *matrices, h0)
+  return _triton_call(_state_forward_kernel, (B, HV, V // BV), [whole] * (len(matrices) + 1),
+                      [whole] * len(shapes), shapes, interpret, LAUNCH["state_forward"], op=op,
+                      sizes=sizes, BV=BV, precision=precision, keep_states=keep_states)(
+                          *matrices, h0)
 
 
-def _state_backward(matrices, states, dO, dfinal, *, C, interpret, precision):
-  W, U = matrices[:2]
-  B, T, HV, K = W.shape
-  V = U.shape[-1]
-  BV = value_block(V)
+def _state_backward(op, matrices, states, dO, dfinal, *, sizes, interpret, precision):
+  """The cotangents of the chunk matrices (a ``ChunkMatrices``) and dh0."""
+  B, _, HV, K, V, _ = sizes
+  BV = _value_block(V)
   NV = V // BV
-  shapes = [jax.ShapeDtypeStruct((B, T, HV, V), F32),
-            jax.ShapeDtypeStruct((NV, B, T, HV, K), F32),
-            jax.ShapeDtypeStruct((NV, B, T, HV, K), F32),
-            jax.ShapeDtypeStruct((NV, B, T, HV, K), F32),
-            jax.ShapeDtypeStruct((NV, B, T, HV, C), F32),
-            jax.ShapeDtypeStruct((NV, B, T // C, HV, K), F32),
-            jax.ShapeDtypeStruct((B, HV, K, V), F32)]
+
+  def shape(f):  # "V": each program writes its own block; else one copy per value block
+    whole = _layout(f.width, sizes)[0]
+    return whole if f.width == "V" else (NV, *whole)
+
+  shapes = [jax.ShapeDtypeStruct(shape(f), F32) for f in op.fields if not f.cotangent_is_dO]
+  shapes.append(jax.ShapeDtypeStruct((B, HV, K, V), F32))
   whole = pl.no_block_spec
-  dU, dW, dQg, dKg, dA, ddecay, dh0 = triton_call(
-      _state_backward_kernel, (B, HV, NV), [whole] * 9, [whole] * 7, shapes, interpret,
-      LAUNCH["state_backward"], C=C, BV=BV, precision=precision)(
-          *matrices, states, dO, dfinal)
-  total = lambda x: jnp.sum(x, axis=0)  # over the value blocks
-  return (total(dW), dU, total(dQg), total(dKg), total(dA), total(ddecay)), dh0
+  *grads, dh0 = _triton_call(
+      _state_backward_kernel, (B, HV, NV), [whole] * (len(matrices) + 3), [whole] * len(shapes),
+      shapes, interpret, LAUNCH["state_backward"], op=op, sizes=sizes, BV=BV,
+      precision=precision)(*matrices, states, dO, dfinal)
+  grads = iter(grads)
+  cotangents = []
+  for f in op.fields:
+    if f.cotangent_is_dO:
+      cotangents.append(dO)
+    else:
+      grad = next(grads)
+      cotangents.append(grad if f.width == "V" else jnp.sum(grad, axis=0))  # over value blocks
+  return op.math.ChunkMatrices(*cotangents), dh0
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _kda(scale, C, interpret, q, k, g, v, beta, seg, carried, last, h0):
-  o, final, _ = _kda_forward(scale, C, interpret, (q, k, g, v, beta, seg, carried, last), h0,
-                             keep_states=False)
-  return o, final
-
-
-def _kda_forward(scale, C, interpret, inputs, h0, *, keep_states):
-  v = inputs[3]
-  config = _config(v, interpret, C)
-  matrices = _intra_forward(inputs, scale=scale, **config)
-  o, final, *states = _state_forward(matrices, h0, v.dtype, keep_states=keep_states, **config)
+def _forward(op, scale, C, interpret, tokens, masks, h0, *, keep_states):
+  config = _config(op, tokens, h0, C, interpret)
+  matrices = _intra_forward(op, tokens, masks, scale=scale, **config)
+  o, final, *states = _state_forward(op, matrices, h0, tokens[op.value_index].dtype,
+                                     keep_states=keep_states, **config)
   return o, final, (matrices, states[0] if keep_states else None)
 
 
-def _kda_fwd(scale, C, interpret, q, k, g, v, beta, seg, carried, last, h0):
-  inputs = (q, k, g, v, beta, seg, carried, last)
-  o, final, (matrices, states) = _kda_forward(scale, C, interpret, inputs, h0, keep_states=True)
-  return (o, final), (inputs, matrices, states)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _walk(op, scale, C, interpret, tokens, masks, h0):
+  o, final, _ = _forward(op, scale, C, interpret, tokens, masks, h0, keep_states=False)
+  return o, final
 
 
-def _kda_bwd(scale, C, interpret, residuals, cotangents):
-  inputs, matrices, states = residuals
+def _walk_fwd(op, scale, C, interpret, tokens, masks, h0):
+  o, final, (matrices, states) = _forward(op, scale, C, interpret, tokens, masks, h0,
+                                          keep_states=True)
+  return (o, final), (tokens, masks, matrices, states)
+
+
+def _walk_bwd(op, scale, C, interpret, residuals, cotangents):
+  tokens, masks, matrices, states = residuals
   dO, dfinal = cotangents
-  config = _config(inputs[3], interpret, C)
-  matrix_cotangents, dh0 = _state_backward(matrices, states, dO, dfinal, **config)
-  dq, dk, dv, dg, dbeta = _intra_backward(inputs, matrix_cotangents, scale=scale, **config)
-  return dq, dk, dg, dv, dbeta, None, None, None, dh0
+  config = _config(op, tokens, dfinal, C, interpret)
+  matrix_cotangents, dh0 = _state_backward(op, matrices, states, dO, dfinal, **config)
+  grads = _intra_backward(op, tokens, masks, matrix_cotangents, scale=scale, **config)
+  return tuple(grads), (None,) * len(masks), dh0
 
 
-_kda.defvjp(_kda_fwd, _kda_bwd)
+_walk.defvjp(_walk_fwd, _walk_bwd)
+
+
+def _kernel_inputs(tokens, initial_state, segment_index, chunk_size):
+  """The padded token inputs, the packed-row masks (segment, carried, last) and h0: time padded
+  to whole chunks, every width and h0's K and V to powers of two (zeros leave the state
+  unchanged)."""
+  if reason := unsupported(chunk_size):
+    raise ValueError(reason)
+  B, T = tokens[0].shape[:2]
+  Tp = -(-T // chunk_size) * chunk_size
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, Tp - T), (0, 0),
+                              (0, next_power_of_2(x.shape[-1]) - x.shape[-1])])
+  K, V = initial_state.shape[-2:]
+  h0 = jnp.pad(initial_state, [(0, 0), (0, 0), (0, next_power_of_2(K) - K),
+                               (0, next_power_of_2(V) - V)])
+  masks = chunk_math.packed_row_masks(segment_index, B, T, chunk_size)
+  return tuple(map(pad, tokens)), masks, h0
+
+
+def walk(op: TritonOp, tokens, initial_state, segment_index, *, scale: float, chunk_size: int,
+         interpret: bool | None):
+  """One op's chunkwise forward (and, through a ``custom_vjp``, backward) as the four kernels.
+
+  Args:
+    op: the op's ``TritonOp``.
+    tokens: the token inputs in the op's order, each [B, T, HV, width] (width 1 for a
+      per-token scalar such as beta).
+    initial_state: [B, HV, K, V] float32.
+    segment_index: None, or [B, T] non-decreasing int32.
+    scale, chunk_size, interpret: as ``scan``'s.
+
+  Returns:
+    o [B, T, HV, V] in v's dtype and the final state [B, HV, K, V] float32.
+  """
+  interpret = default_interpret() if interpret is None else interpret
+  padded, masks, h0 = _kernel_inputs(tokens, initial_state, segment_index, chunk_size)
+  o, final = _walk(op, float(scale), chunk_size, interpret, padded, masks, h0)
+  T, (K, V) = tokens[0].shape[1], initial_state.shape[-2:]
+  return o[:, :T, :, :V], final[:, :, :K, :V]
+
+
+def walk_stages(op: TritonOp, tokens, initial_state, *, scale: float, chunk_size: int,
+                interpret: bool | None):
+  """The four kernels of one forward and backward as separate jitted calls, for timing each.
+
+  Takes ``walk``'s arguments (no packing) and returns ``[(name, function, args)]`` in the order
+  they run: intra_forward, state_forward, state_backward, intra_backward. Each stage's arguments
+  are the earlier stages' real outputs (the output cotangent is o itself, nonzero data).
+  """
+  interpret = default_interpret() if interpret is None else interpret
+  tokens, masks, h0 = _kernel_inputs(tokens, initial_state, None, chunk_size)
+  config = _config(op, tokens, h0, chunk_size, interpret)
+  out_dtype = tokens[op.value_index].dtype
+  intra_forward = jax.jit(lambda x, m: _intra_forward(op, x, m, scale=scale, **config))
+  state_forward = jax.jit(lambda m, h: _state_forward(op, m, h, out_dtype, keep_states=True,
+                                                      **config))
+  state_backward = jax.jit(lambda m, s, dO, df: _state_backward(op, m, s, dO, df, **config))
+  intra_backward = jax.jit(lambda x, m, d: _intra_backward(op, x, m, d, scale=scale, **config))
+  matrices = intra_forward(tokens, masks)
+  o, final, states = state_forward(matrices, h0)
+  matrix_cotangents, _ = state_backward(matrices, states, o, final)
+  return [("intra_forward", intra_forward, (tokens, masks)),
+          ("state_forward", state_forward, (matrices, h0)),
+          ("state_backward", state_backward, (matrices, states, o, final)),
+          ("intra_backward", intra_backward, (tokens, masks, matrix_cotangents))]
+
+
+# ------------------------------------------------------------------------------------------ KDA
+
+KDA = TritonOp(primitives=primitives, math=chunk_math, value_index=3,
+               fields=chunk_math.ChunkMatrices(W=Field("K"), U=Field("V"), Qg=Field("K"),
+                                               Kg=Field("K"), A=Field("C", F32),
+                                               decay=Field("chunk", F32)))
 
 
 def scan(q, k, v, g, beta, initial_state, segment_index, *, scale: float, chunk_size: int = 64,
@@ -372,51 +517,14 @@ def scan(q, k, v, g, beta, initial_state, segment_index, *, scale: float, chunk_
   Returns:
     o [B, T, HV, V] in v's dtype and the final state [B, HV, K, V] float32.
   """
-  interpret = default_interpret() if interpret is None else interpret
-  inputs, h0 = _kernel_inputs(q, k, v, g, beta, initial_state, segment_index, chunk_size)
-  o, final = _kda(float(scale), chunk_size, interpret, *inputs, h0)
-  T, K, V = q.shape[1], k.shape[-1], v.shape[-1]
-  return o[:, :T, :, :V], final[:, :, :K, :V]
-
-
-def _kernel_inputs(q, k, v, g, beta, initial_state, segment_index, chunk_size):
-  """The kernels' inputs (q, k, g, v, beta, segment, carried, last) and h0: time padded to
-  whole chunks, K and V to powers of two (zeros leave the state unchanged)."""
-  if reason := unsupported(chunk_size):
-    raise ValueError(reason)
-  B, T, HV, K = k.shape
-  V = v.shape[-1]
-  Tp = -(-T // chunk_size) * chunk_size
-  Kp, Vp = next_power_of_2(K), next_power_of_2(V)
-  pad = lambda x, last: jnp.pad(x, [(0, 0), (0, Tp - T), (0, 0), (0, last - x.shape[-1])])
-  q, k, g = (pad(x, Kp) for x in (q, k, g))
-  v = pad(v, Vp)
-  beta = jnp.pad(beta, [(0, 0), (0, Tp - T), (0, 0)])
-  h0 = jnp.pad(initial_state, [(0, 0), (0, 0), (0, Kp - K), (0, Vp - V)])
-  masks = chunk_math.packed_row_masks(segment_index, B, T, chunk_size)
-  return (q, k, g, v, beta, *masks), h0
+  return walk(KDA, (q, k, g, v, beta[..., None]), initial_state, segment_index, scale=scale,
+              chunk_size=chunk_size, interpret=interpret)
 
 
 def stages(q, k, v, g, beta, initial_state, *, scale: float, chunk_size: int = 64,
            interpret: bool | None = None):
-  """The four kernels of one forward and backward as separate jitted calls, for timing each.
-
-  Takes ``scan``'s arguments (no packing) and returns ``[(name, function, args)]`` in the order
-  they run: intra_forward, state_forward, state_backward, intra_backward. Each stage's arguments
-  are the earlier stages' real outputs (the output cotangent is o itself, nonzero data).
-  """
-  interpret = default_interpret() if interpret is None else interpret
-  inputs, h0 = _kernel_inputs(q, k, v, g, beta, initial_state, None, chunk_size)
-  config = _config(v, interpret, chunk_size)
-  intra_forward = jax.jit(lambda *x: _intra_forward(x, scale=scale, **config))
-  state_forward = jax.jit(lambda m, h: _state_forward(m, h, v.dtype, keep_states=True,
-                                                      **config))
-  state_backward = jax.jit(lambda m, s, dO, df: _state_backward(m, s, dO, df, **config))
-  intra_backward = jax.jit(lambda x, d: _intra_backward(x, d, scale=scale, **config))
-  matrices = intra_forward(*inputs)
-  o, final, states = state_forward(matrices, h0)
-  matrix_cotangents, _ = state_backward(matrices, states, o, final)
-  return [("intra_forward", intra_forward, inputs),
-          ("state_forward", state_forward, (matrices, h0)),
-          ("state_backward", state_backward, (matrices, states, o, final)),
-          ("intra_backward", intra_backward, (inputs, matrix_cotangents))]
+  """KDA's four kernels as separate jitted calls (``walk_stages``): takes ``scan``'s arguments
+  (no packing), returns ``[(name, function, args)]`` for intra_forward, state_forward,
+  state_backward, intra_backward."""
+  return walk_stages(KDA, (q, k, g, v, beta[..., None]), initial_state, scale=scale,
+                     chunk_size=chunk_size, interpret=interpret)

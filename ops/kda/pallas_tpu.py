@@ -2,7 +2,7 @@
 
 Two kernels, each one walk over the chunks with the state in VMEM scratch; the mathematics is
 ``ops.kda._kernel_chunk``'s, shared with the GPU kernels. The walks take the op as a ``ChunkOp``
-(how to load a chunk, its chunk module, its gradients), so RWKV-7's TPU kernels
+(its primitives and its chunk module), so RWKV-7's TPU kernels
 (``ops.rwkv7.pallas_tpu``) are these same two kernels on its own chunk mathematics:
 
   forward    grid (B, HV, chunks), the chunk axis sequential ("arbitrary"), batch and heads
@@ -125,18 +125,15 @@ class ChunkOp(NamedTuple):
   ``ops.rwkv7.pallas_tpu``), for token inputs in the op's order, each [C, width] per chunk.
 
   primitives(dtype, interpret) -> the backend ``Primitives`` (dtype: v's).
-  load(values, segment, carried, last, prims, scale) -> the chunk (``values``: the token inputs
-    as float32 tiles).
-  math: the op's chunk module (``intra_forward``, ``state_forward``, ``state_backward``).
-  gradients(chunk, v, cotangents, scale) -> the token inputs' gradients, in their order, from the
-    cotangents of the chunk matrices.
+  math: the op's chunk module: ``load`` (the chunk from the token inputs as float32 tiles and
+    the packed-row masks), ``intra_forward``, ``state_forward``, ``state_backward`` and
+    ``token_gradients`` (the token inputs' gradients, in their order, from the cotangents of the
+    chunk matrices), shared with the GPU kernels.
   value_index: which token input is v.
   """
 
   primitives: Callable
-  load: Callable
   math: object
-  gradients: Callable
   value_index: int
 
 
@@ -153,7 +150,7 @@ def _forward_kernel(*refs, op: ChunkOp, num_tokens, scale, prims, keep_states):
     state_ref[...] = h0_ref[...]
 
   values = [ref[...].astype(F32) for ref in tokens]
-  chunk = op.load(values, seg_ref[...], carried_ref[...], last_ref[...], prims, scale)
+  chunk = op.math.load(values, seg_ref[...], carried_ref[...], last_ref[...], prims, scale)
   matrices = op.math.intra_forward(chunk, values[op.value_index])
   S = state_ref[...]
   if keep_states:
@@ -180,13 +177,13 @@ def _backward_kernel(*refs, op: ChunkOp, num_tokens, scale, prims):
     dstate_ref[...] = dfinal_ref[...]
 
   values = [ref[...].astype(F32) for ref in tokens]
-  chunk = op.load(values, seg_ref[...], carried_ref[...], last_ref[...], prims, scale)
+  chunk = op.math.load(values, seg_ref[...], carried_ref[...], last_ref[...], prims, scale)
   v = values[op.value_index]
   matrices = op.math.intra_forward(chunk, v)
   cotangents, dS = op.math.state_backward(states_ref[...], dstate_ref[...], matrices,
                                           do_ref[...].astype(F32), prims.dot)
   dstate_ref[...] = dS
-  for ref, value in zip(grad_refs, op.gradients(chunk, v, cotangents, scale)):
+  for ref, value in zip(grad_refs, op.math.token_gradients(chunk, v, cotangents, scale)):
     ref[...] = value.astype(ref.dtype)
 
   @pl.when(step == pl.num_programs(2) - 1)
@@ -303,19 +300,7 @@ def walk(op: ChunkOp, tokens, initial_state, segment_index, *, scale: float, chu
   return jnp.moveaxis(o, 1, 2)[:, :T], final
 
 
-def _load(values, segment, carried, last, prims, scale):
-  q, k, g, _, beta = values
-  return chunk_math.Chunk(q * scale, k, g, beta, segment, carried, last, prims,
-                          with_queries=True)
-
-
-def _gradients(chunk, v, cotangents, scale):
-  dq, dk, dv, dg, dbeta = chunk_math.intra_backward(chunk, v, cotangents)
-  return dq * scale, dk, dg, dv, dbeta
-
-
-KDA = ChunkOp(primitives=primitives, load=_load, math=chunk_math, gradients=_gradients,
-              value_index=3)
+KDA = ChunkOp(primitives=primitives, math=chunk_math, value_index=3)
 
 
 def scan(q, k, v, g, beta, initial_state, segment_index, *, scale: float, chunk_size: int = 64,

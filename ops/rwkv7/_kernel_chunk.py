@@ -190,3 +190,18 @@ def intra_backward(c: Chunk, v, d: ChunkMatrices):
   # G~_t = G_{t-1} and G = cumsum(w): dw_t = sum_{j >= t} dG_j + sum_{j > t} dG~_j.
   dw = c.prims.cumsum(dG + dG_before, reverse=True) - dG_before
   return dr, dw, dk, dv, da, db
+
+
+def load(tokens, segment, carried, last, prims: Primitives, scale: float) -> Chunk:
+  """The chunk from its token inputs (r, w, k, a, b, v) as float32 [C, width] tiles (r unscaled)
+  and the packed-row masks: what the kernels of both backends call. (The intra backward does not
+  read A_rb; ``pallas_call``'s dead-code elimination drops its work there.)"""
+  r, w, k, a, b, _ = tokens
+  return Chunk(r * scale, w, k, a, b, segment, carried, last, prims)
+
+
+def token_gradients(c: Chunk, v, cotangents, scale: float):
+  """The token inputs' gradients (dr, dw, dk, da, db, dv: their order, dr for the unscaled r)
+  from the cotangents of the chunk's ``ChunkMatrices``."""
+  dr, dw, dk, dv, da, db = intra_backward(c, v, cotangents)
+  return dr * scale, dw, dk, da, db, dv

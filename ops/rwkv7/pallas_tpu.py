@@ -74,18 +74,7 @@ def _primitives(dtype, interpret: bool):
                                                   precision=HIGHEST))
 
 
-def _load(values, segment, carried, last, prims, scale):
-  r, w, k, a, b, _ = values
-  return chunk_math.Chunk(r * scale, w, k, a, b, segment, carried, last, prims)
-
-
-def _gradients(chunk, v, cotangents, scale):
-  dr, dw, dk, dv, da, db = chunk_math.intra_backward(chunk, v, cotangents)
-  return dr * scale, dw, dk, da, db, dv
-
-
-RWKV7 = kda_tpu.ChunkOp(primitives=_primitives, load=_load, math=chunk_math,
-                        gradients=_gradients, value_index=5)
+RWKV7 = kda_tpu.ChunkOp(primitives=_primitives, math=chunk_math, value_index=5)
 
 
 def scan(r, w, k, v, a, b, initial_state, segment_index, *, scale: float, chunk_size: int = 64,
