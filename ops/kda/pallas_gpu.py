@@ -55,6 +55,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ops.kda import _kernel_chunk as chunk_math
+from ops.kda import _kernel_subchunk
 from ops.kda._step_common import next_power_of_2
 
 F32 = jnp.float32
@@ -156,12 +157,16 @@ class TritonOp(NamedTuple):
     ``ops.kda.pallas_tpu.ChunkOp``).
   value_index: which token input is v.
   fields: a ``math.ChunkMatrices`` of ``Field``s.
+  sub_chunks: None, or a module whose ``intra_forward`` forms the chunk matrices from 16-row
+    sub-chunks (``SUB``, ``load_rows``, ``intra_forward`` storing them by row blocks), for the
+    intra forward kernel; ``ops.kda._kernel_subchunk`` for KDA.
   """
 
   primitives: Callable
   math: object
   value_index: int
   fields: tuple
+  sub_chunks: object = None
 
 
 class Sizes(NamedTuple):
@@ -213,11 +218,34 @@ def _chunk(op, refs, num_tokens, scale, precision):
 
 
 def _intra_forward_kernel(*refs, op, num_tokens, scale, precision):
+  if op.sub_chunks is not None:
+    return _intra_forward_by_sub_chunks(refs, op, num_tokens, scale, precision)
   chunk, v, out_refs = _chunk(op, refs, num_tokens, scale, precision)
   m = op.math.intra_forward(chunk, v)
   stored = [value for value, f in zip(m, op.fields) if f.token is None]
   for ref, value in zip(out_refs, stored):
     ref[...] = value.reshape(ref.shape).astype(ref.dtype)
+
+
+def _intra_forward_by_sub_chunks(refs, op, num_tokens, scale, precision):
+  """The intra forward with ``op.sub_chunks``: each sub-chunk's rows loaded once, each output
+  written by [S, width] row blocks ([S, S] blocks for a "C" field) as soon as it is known."""
+  token_refs, mask_refs = refs[:num_tokens], refs[num_tokens:num_tokens + 3]
+  S = op.sub_chunks.SUB
+  rows = lambda b: pl.ds(b * S, S)
+  out_refs = dict(zip([name for name, f in zip(op.fields._fields, op.fields) if f.token is None],
+                      refs[num_tokens + 3:]))
+
+  def load(b):
+    tokens = [ref[rows(b), :].astype(F32) for ref in token_refs]
+    return op.sub_chunks.load_rows(tokens, *(ref[rows(b), :] for ref in mask_refs), scale)
+
+  def store(name, value, b, a=None):
+    ref = out_refs[name]
+    where = (Ellipsis,) if b is None else (rows(b), slice(None) if a is None else rows(a))
+    ref[where] = value.reshape(ref.shape if b is None else value.shape).astype(ref.dtype)
+
+  op.sub_chunks.intra_forward(load, token_refs[0].shape[0] // S, op.primitives(precision), store)
 
 
 def _intra_backward_kernel(*refs, op, num_tokens, scale, precision):
@@ -495,7 +523,8 @@ def walk_stages(op: TritonOp, tokens, initial_state, *, scale: float, chunk_size
 KDA = TritonOp(primitives=primitives, math=chunk_math, value_index=3,
                fields=chunk_math.ChunkMatrices(W=Field("K"), U=Field("V"), Qg=Field("K"),
                                                Kg=Field("K"), A=Field("C", F32),
-                                               decay=Field("chunk", F32)))
+                                               decay=Field("chunk", F32)),
+               sub_chunks=_kernel_subchunk)
 
 
 def scan(q, k, v, g, beta, initial_state, segment_index, *, scale: float, chunk_size: int = 64,
