@@ -178,11 +178,22 @@ def kda_counts(s: SeqSize, dtype, backward: bool) -> tuple[float, float]:
 
 def kda_stage_flops(stage: str, s: SeqSize, C: int = KDA_CHUNK) -> float:
   """Matrix-product FLOPs of one of ``ops.kda.pallas_gpu``'s four kernels (docs/kernels.md):
-  with L = log2(C) levels, a level's pair product is 2 C^2 d and an inverse step 2 C^3."""
+  with L = log2(C) levels, a level's pair product is 2 C^2 d and an inverse step 2 C^3. The
+  intra forward works on n = C / 16 sub-chunks (``ops.kda._kernel_subchunk``): per sub-chunk
+  log2(16) levels of two 2 S^2 d pair products and two 2 S^3 inverse steps, per pair of
+  sub-chunks two 2 S^2 d products, T's off-diagonal blocks sum_{a<b} (b - a + 1) products of
+  2 S^3, and W, U by blocks."""
   d, L = s.dim, C.bit_length() - 1
   product, inverse_step, state_product = 2 * C * C * d, 2 * C ** 3, 2 * C * d * d
+  S = min(C, 16)
+  n, levels_in_sub = C // S, S.bit_length() - 1
+  block, block_inverse = 2 * S * S * d, 2 * S ** 3
+  sub_chunk_forward = (n * levels_in_sub * 2 * (block + block_inverse)
+                       + n * (n - 1) // 2 * 2 * block
+                       + sum(b - a + 1 for b in range(n) for a in range(b)) * block_inverse
+                       + n * (n + 1) // 2 * 2 * block)
   per_chunk = {
-      "intra_forward": 2 * L * product + 2 * L * inverse_step + 2 * product,
+      "intra_forward": sub_chunk_forward,
       "state_forward": 3 * state_product + product,
       "state_backward": 7 * state_product + 2 * product,
       "intra_backward": L * product + 2 * L * inverse_step + 4 * product + 2 * inverse_step

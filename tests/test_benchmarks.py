@@ -153,3 +153,16 @@ def test_kernels_times_the_kernels_at_each_kernel_chunk():
   assert all(r["status"] == "ok" and r["check_max"] == 0.0 for r in bench.records[1:])
   assert built == [("xla", False, 64), ("pallas_gpu", False, 64), ("pallas_gpu", False, 16),
                    ("pallas_gpu", False, 32)]
+
+
+def test_kda_stage_flops_of_the_sub_chunk_forward():
+  """The intra forward's count by sub-chunks: at C = 16 (one sub-chunk) it is the whole-chunk
+  level split's, 2 L (2 C^2 d + 2 C^3) + 2 (2 C^2 d) with L = 4; at C = 64 it is far below the
+  level split's 2 L (2 C^2 d + 2 C^3) + 2 (2 C^2 d)."""
+  from benchmarks import kernels as kernels_bench
+  size = kernels_bench.SeqSize.parse("B1,T64,H1,D128")
+  d = 128
+  assert kernels_bench.kda_stage_flops("intra_forward", size, C=16) == 4 * (
+      2 * 4 * (2 * 16 * 16 * d + 2 * 16 ** 3) + 2 * 2 * 16 * 16 * d)
+  level_split_64 = 2 * 6 * (2 * 64 * 64 * d + 2 * 64 ** 3) + 2 * 2 * 64 * 64 * d
+  assert kernels_bench.kda_stage_flops("intra_forward", size, C=64) < level_split_64 / 3

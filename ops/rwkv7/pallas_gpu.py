@@ -42,7 +42,7 @@ from ops.kda import pallas_gpu as kda_gpu
 from ops.kda.pallas_gpu import F32, Field, default_interpret, unsupported
 from ops.rwkv7 import _kernel_chunk as chunk_math
 
-__all__ = ["default_interpret", "scan", "stages", "unsupported"]
+__all__ = ["default_interpret", "scan", "unsupported"]
 
 
 def _primitives(precision: kda_gpu.Precision):
@@ -85,11 +85,3 @@ def scan(r, w, k, v, a, b, initial_state, segment_index, *, scale: float, chunk_
   return kda_gpu.walk(RWKV7, (r, w, k, a, b, v), initial_state, segment_index, scale=scale,
                       chunk_size=chunk_size, interpret=interpret)
 
-
-def stages(r, w, k, v, a, b, initial_state, *, scale: float, chunk_size: int = 64,
-           interpret: bool | None = None):
-  """RWKV-7's four kernels as separate jitted calls (``ops.kda.pallas_gpu.walk_stages``): takes
-  ``scan``'s arguments (no packing), returns ``[(name, function, args)]`` for intra_forward,
-  state_forward, state_backward, intra_backward."""
-  return kda_gpu.walk_stages(RWKV7, (r, w, k, a, b, v), initial_state, scale=scale,
-                             chunk_size=chunk_size, interpret=interpret)
