@@ -102,6 +102,25 @@ def assert_lowers_to_triton(fn, *args) -> None:
   assert "triton" in jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
+def sub_chunk_matrices(module, rows, expected, prims) -> dict:
+  """A chunk's matrices from a GPU sub-chunk module (``ops.kda._kernel_subchunk``,
+  ``ops.rwkv7._kernel_subchunk``) as whole float32 arrays named and shaped like ``expected``'s
+  fields (a ``ChunkMatrices``); an entry the module never stores stays NaN. ``rows``: the
+  module's ``Rows`` fields as whole-chunk [C, width] arrays; ``prims``: the kernel's
+  ``Primitives``."""
+  S, chunk = module.SUB, rows[0].shape[0]
+  got = {name: np.full(getattr(expected, name).shape, np.nan, np.float32)
+         for name in expected._fields}
+
+  def store(name, value, b, a=None):
+    block = lambda i: slice(None) if i is None else slice(i * S, (i + 1) * S)
+    got[name][block(b), block(a)] = value
+
+  module.intra_forward(lambda b: module.Rows(*(x[b * S:(b + 1) * S] for x in rows)), chunk // S,
+                       prims, store)
+  return got
+
+
 def export_for_tpu(fn, *args):
   """``fn(*args)`` exported for a TPU from this host (``jax.export``: the Pallas -> Mosaic
   lowering accepts every primitive and block; libtpu's layout passes run only on a TPU), its

@@ -563,7 +563,7 @@ def test_sub_chunk_intra_forward_equals_the_level_split(seed, chunk, decay):
   decay keeps the products across sub-chunks (and across segments, masked) large."""
   from ops.kda import _kernel_chunk, _kernel_subchunk
   rng = np.random.default_rng(seed)
-  K, V, S = 32, 16, _kernel_subchunk.SUB
+  K, V = 32, 16
   q, k = (num.normal(rng, (chunk, K), scale=0.3) for _ in range(2))
   g = -num.uniform(rng, (chunk, K), 0.0, decay)
   v = num.normal(rng, (chunk, V))
@@ -572,16 +572,7 @@ def test_sub_chunk_intra_forward_equals_the_level_split(seed, chunk, decay):
   masks = [m[0] for m in _kernel_chunk.packed_row_masks(index, 1, chunk, chunk)]
   prims = pallas_gpu.primitives(pallas_gpu.precision_for(jnp.float32, interpret=True))
   expected = _kernel_chunk.intra_forward(_kernel_chunk.Chunk(q, k, g, beta, *masks, prims), v)
-  got = {name: np.full(getattr(expected, name).shape, np.nan, np.float32)
-         for name in expected._fields}
-
-  def store(name, value, b, a=None):
-    rows = slice(b * S, (b + 1) * S) if b is not None else slice(None)
-    got[name][(rows, slice(a * S, (a + 1) * S) if a is not None else slice(None))] = value
-
-  rows_of = lambda b: [x[b * S:(b + 1) * S] for x in (q, k, g, v, beta, *masks)]
-  _kernel_subchunk.intra_forward(lambda b: _kernel_subchunk.Rows(*rows_of(b)), chunk // S,
-                                 prims, store)
+  got = num.sub_chunk_matrices(_kernel_subchunk, (q, k, g, v, beta, *masks), expected, prims)
   for name in expected._fields:  # every entry written (NaN otherwise) and equal
     num.assert_close(getattr(expected, name), got[name], num.TOL_F32, name, floor=1e-30)
 

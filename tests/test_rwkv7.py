@@ -376,6 +376,31 @@ def _kernel_functions(kernels, dtype):
   return forward, jax.grad(loss, argnums=tuple(range(len(args)))), args
 
 
+
+@pytest.mark.parametrize("chunk, decay", [(64, 0.1), (64, 20.0), (16, 1.0)])
+@given(seed=num.seeds())
+def test_sub_chunk_intra_forward_equals_the_level_split(seed, chunk, decay):
+  """The GPU intra forward's 16-row sub-chunk form (``ops.rwkv7._kernel_subchunk``) gives the
+  chunk matrices of the whole-chunk form (``_kernel_chunk.intra_forward``): packed segments,
+  weak decay (large products across sub-chunks) and strong (up to -20 a token)."""
+  from ops.kda import _kernel_chunk as kda_chunk
+  from ops.kda import pallas_gpu as kda_gpu
+  from ops.rwkv7 import _kernel_chunk, _kernel_subchunk
+  rng = np.random.default_rng(seed)
+  K, V = 32, 16
+  r, k, a, b = (num.normal(rng, (chunk, K), scale=0.3) for _ in range(4))
+  w = -num.uniform(rng, (chunk, K), 0.0, decay)
+  v = num.normal(rng, (chunk, V))
+  index = jnp.asarray(np.sort(rng.integers(0, 3, (1, chunk))), jnp.int32)
+  masks = [m[0] for m in kda_chunk.packed_row_masks(index, 1, chunk, chunk)]
+  prims = pallas_gpu.RWKV7.primitives(kda_gpu.precision_for(jnp.float32, interpret=True))
+  expected = _kernel_chunk.intra_forward(_kernel_chunk.Chunk(r, w, k, a, b, *masks, prims), v)
+  got = num.sub_chunk_matrices(_kernel_subchunk, (r, w, k, a, b, v, *masks), expected, prims)
+  for name in expected._fields:  # every stored entry written (NaN otherwise) and equal
+    if name != "values":  # v itself: the state kernels read the input
+      num.assert_close(getattr(expected, name), got[name], num.TOL_F32, name, floor=1e-30)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_gpu_kernels_lower_to_triton(dtype):
   """Forward and backward lower through Pallas' Triton lowering for CUDA on this CPU machine

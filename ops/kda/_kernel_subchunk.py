@@ -48,6 +48,21 @@ class Rows(NamedTuple):
   last: object
 
 
+def same_segment(rows, columns):
+  """[S, S] float 0/1: row r of one sub-chunk and column i of another in the same segment, from
+  their [S, 1] segment indices."""
+  return (rows == columns.reshape(1, columns.shape[0])).astype(F32)
+
+
+def substitution_row(T, A_row, T_bb, dot, sign: float):
+  """Row b of T = (I + sign A)^-1 by blocks, given T's rows before it, row b of A's blocks
+  (A_row[c] for c <= b) and T_bb = (I + sign A_bb)^-1: for a < b,
+  T_ba = -sign T_bb sum_{a <= c < b} A_bc T_ca."""
+  b = len(T)
+  return [-sign * dot(T_bb, sum(dot(A_row[c], T[c][a], inverse=True) for c in range(a, b)),
+                      inverse=True) for a in range(b)] + [T_bb]
+
+
 def load_rows(tokens, segment, carried, last, scale: float) -> Rows:
   """A sub-chunk's ``Rows`` from its token inputs (q, k, g, v, beta) as float32 [S, width] tiles
   (q unscaled) and its packed-row masks."""
@@ -62,10 +77,9 @@ def intra_forward(load: Callable[[int], Rows], num_blocks: int, prims: Primitive
   live: row block b of W, U, Qg, Kg ([S, width]), block (b, a) of A ([S, S], zeros above the
   diagonal) and the decay ([1, K], b = None)."""
   dot = prims.dot
-  same = lambda rows, cols: (rows == cols.reshape(1, cols.shape[0])).astype(F32)
   G_end = 0.0
   kept = []  # per earlier sub-chunk: (G at its last row, its gated columns, segment, last)
-  rhs_k, rhs_v, A_kk, T = [], [], [], []  # A_kk[b][a], T[b][a] for a <= b
+  rhs_k, rhs_v, T = [], [], []  # T[b][a] for a <= b
   for b in range(num_blocks):
     x = load(b)
     G = G_end + prims.cumsum(x.g, reverse=False)
@@ -74,7 +88,7 @@ def intra_forward(load: Callable[[int], Rows], num_blocks: int, prims: Primitive
     kk_row = []
     for a, (G_m, columns, segment, _) in enumerate(kept):
       to_m = jnp.exp(G - G_m)
-      mask = same(x.segment, segment)
+      mask = same_segment(x.segment, segment)
       store("A", dot(x.q * to_m, columns, trans_b=True) * mask, b, a)
       kk_row.append(x.beta * dot(x.k * to_m, columns, trans_b=True) * mask)
     diagonal = jnp.sum(x.q * x.k, axis=1, keepdims=True) * eye(SUB)
@@ -82,10 +96,7 @@ def intra_forward(load: Callable[[int], Rows], num_blocks: int, prims: Primitive
     for a in range(b + 1, num_blocks):
       store("A", jnp.zeros((SUB, SUB), F32), b, a)
     kk_row.append(x.beta * P_kk * split.strict)
-    A_kk.append(kk_row)
-    T_bb = split.inverse(kk_row[b])
-    T.append([-dot(T_bb, sum(dot(A_kk[b][c], T[c][a], inverse=True) for c in range(a, b)),
-                   inverse=True) for a in range(b)] + [T_bb])
+    T.append(substitution_row(T, kk_row, split.inverse(kk_row[b]), dot, sign=1.0))
     gamma = jnp.exp(G)
     rhs_k.append(x.beta * x.k * gamma)
     rhs_v.append(x.beta * x.v)

@@ -6,8 +6,10 @@ chunk module, how to load a chunk, its gradients, and how each of its chunk matr
 between the kernels), so RWKV-7's GPU kernels (``ops.rwkv7.pallas_gpu``) are these same four on
 its own chunk mathematics. For KDA:
 
-  intra forward    grid (B, HV, chunks)   per chunk: G = cumsum(g), A_qk, A_kk, T = (I + A_kk)^-1,
-                                          W, U, Q*Gamma, K*exp(G_C - G), exp(G_C)
+  intra forward    grid (B, HV, chunks)   per chunk, by 16-row sub-chunks
+                                          (``ops.kda._kernel_subchunk``): G = cumsum(g), A_qk,
+                                          A_kk, T = (I + A_kk)^-1, W, U, Q*Gamma,
+                                          K*exp(G_C - G), exp(G_C)
   state forward    grid (B, HV, V/BV)     walks the chunks: V~ = U - W S, O = (Q Gamma) S + A_qk V~,
                                           S' = diag(exp G_C) S + Kg^T V~ (keeps S per chunk)
   state backward   grid (B, HV, V/BV)     walks the chunks backwards with dS: dU, dW, dQg, dKg,
@@ -159,7 +161,7 @@ class TritonOp(NamedTuple):
   fields: a ``math.ChunkMatrices`` of ``Field``s.
   sub_chunks: None, or a module whose ``intra_forward`` forms the chunk matrices from 16-row
     sub-chunks (``SUB``, ``load_rows``, ``intra_forward`` storing them by row blocks), for the
-    intra forward kernel; ``ops.kda._kernel_subchunk`` for KDA.
+    intra forward kernel (``ops.kda._kernel_subchunk``, ``ops.rwkv7._kernel_subchunk``).
   """
 
   primitives: Callable

@@ -5,9 +5,11 @@ RWKV-7's chunk mathematics (``ops.rwkv7._kernel_chunk``): work parallel over chu
 over the chunks that carries the state. This module is RWKV-7's ``TritonOp``: its primitives, how
 it loads a chunk, its gradients' order and how its chunk matrices are kept.
 
-  intra forward    grid (B, H, chunks)   per chunk: G, G~, A_ab, A_ak, A_rb, A_rk,
-                                         T = (I - A_ab)^-1, W, U = T (A_ak v), Y = A_rk v,
-                                         r exp(G), b and k times exp(G_C - G), exp(G_C)
+  intra forward    grid (B, H, chunks)   per chunk, by 16-row sub-chunks
+                                         (``ops.rwkv7._kernel_subchunk``): G, G~, A_ab, A_ak,
+                                         A_rb, A_rk, T = (I - A_ab)^-1, W, U = T (A_ak v),
+                                         Y = A_rk v, r exp(G), b and k times exp(G_C - G),
+                                         exp(G_C)
   state forward    grid (B, H, V/BV)     walks the chunks: X = U + W S, o = (r exp(G)) S + A_rb X
                                          + Y, S' = exp(G_C) S + (b exp(G_C - G))^T X
                                          + (k exp(G_C - G))^T v (keeps S per chunk)
@@ -41,6 +43,7 @@ import jax
 from ops.kda import pallas_gpu as kda_gpu
 from ops.kda.pallas_gpu import F32, Field, default_interpret, unsupported
 from ops.rwkv7 import _kernel_chunk as chunk_math
+from ops.rwkv7 import _kernel_subchunk
 
 __all__ = ["default_interpret", "scan", "unsupported"]
 
@@ -61,7 +64,8 @@ RWKV7 = kda_gpu.TritonOp(
     primitives=_primitives, math=chunk_math, value_index=5,
     fields=chunk_math.ChunkMatrices(
         W=_K, U=_V, Rg=_K, A=Field("C", F32), Y=Field("V", cotangent_is_dO=True), Bg=_K, Kg=_K,
-        values=Field("V", token=5), decay=Field("chunk", F32)))
+        values=Field("V", token=5), decay=Field("chunk", F32)),
+    sub_chunks=_kernel_subchunk)
 
 
 def scan(r, w, k, v, a, b, initial_state, segment_index, *, scale: float, chunk_size: int = 64,
