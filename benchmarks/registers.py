@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 OPS = ("kda", "rwkv7", "scan", "decode")
+CHUNKED = ("kda", "rwkv7")  # the ops that take --chunks
 ARCH = 90  # sm_90: H100 / H200
 
 
@@ -189,9 +190,9 @@ def report(ops: Sequence[str], chunks: Sequence[int]) -> list[dict]:
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     for op in ops:
-      for chunk in (chunks if op in ("kda", "rwkv7") else chunks[:1]):
+      for chunk in (chunks if op in CHUNKED else chunks[:1]):
         for kernel in triton_kernels(op, chunk):
-          row = dict(op=op, chunk=chunk if op in ("kda", "rwkv7") else None,
+          row = dict(op=op, chunk=chunk if op in CHUNKED else None,
                      kernel=kernel["name"], num_warps=kernel["num_warps"],
                      num_stages=kernel["num_stages"])
           row.update(compile_kernel(kernel, pathlib.Path(tmp)))

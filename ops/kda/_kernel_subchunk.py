@@ -6,7 +6,9 @@ kernel runs at 255 registers and spills at C = 64 (docs/kernels.md, register rep
 of its six levels is a full C x K x C product masked to its pairs. Here the chunk's n = C / 16
 sub-chunks are visited in order and every tile is [16, K] or [16, 16]:
 
-  diagonal blocks     the level split within each sub-chunk (levels 1, 2, 4, 8), as before;
+  diagonal blocks     ``Chunk`` on the sub-chunk alone (the level split, levels 1, 2, 4, 8, and
+                      T_bb): its products depend on differences of G within the sub-chunk only,
+                      so its sub-chunk-local gate gives them exactly;
   off-diagonal blocks rows of sub-chunk b against columns of an earlier sub-chunk a: with m the
                       last row of a, exp(G_r - G_i) = exp(G_r - G_m) exp(G_m - G_i), both
                       exponents <= 0 (the cumulative log gate only falls), so each block is one
@@ -29,7 +31,7 @@ from typing import Callable, NamedTuple
 
 import jax.numpy as jnp
 
-from ops.kda._kernel_chunk import F32, LevelSplit, Primitives, eye, last_row
+from ops.kda._kernel_chunk import F32, Chunk, Primitives, eye, last_row
 
 SUB = 16  # rows per sub-chunk: the smallest tile Triton's tensor-core products take
 
@@ -82,9 +84,8 @@ def intra_forward(load: Callable[[int], Rows], num_blocks: int, prims: Primitive
   rhs_k, rhs_v, T = [], [], []  # T[b][a] for a <= b
   for b in range(num_blocks):
     x = load(b)
-    G = G_end + prims.cumsum(x.g, reverse=False)
-    split = LevelSplit(G, x.g, x.segment, x.carried, x.last, prims)
-    P_qk, P_kk = split.products([(x.q, x.k, 0), (x.k, x.k, 0)])
+    c = Chunk(x.q, x.k, x.g, x.beta, x.segment, x.carried, x.last, prims)
+    G = G_end + c.G
     kk_row = []
     for a, (G_m, columns, segment, _) in enumerate(kept):
       to_m = jnp.exp(G - G_m)
@@ -92,11 +93,11 @@ def intra_forward(load: Callable[[int], Rows], num_blocks: int, prims: Primitive
       store("A", dot(x.q * to_m, columns, trans_b=True) * mask, b, a)
       kk_row.append(x.beta * dot(x.k * to_m, columns, trans_b=True) * mask)
     diagonal = jnp.sum(x.q * x.k, axis=1, keepdims=True) * eye(SUB)
-    store("A", (P_qk + diagonal) * split.lower, b, b)
+    store("A", (c.P_qk + diagonal) * c.lower, b, b)
     for a in range(b + 1, num_blocks):
       store("A", jnp.zeros((SUB, SUB), F32), b, a)
-    kk_row.append(x.beta * P_kk * split.strict)
-    T.append(substitution_row(T, kk_row, split.inverse(kk_row[b]), dot, sign=1.0))
+    kk_row.append(c.A_kk)
+    T.append(substitution_row(T, kk_row, c.T, dot, sign=1.0))
     gamma = jnp.exp(G)
     rhs_k.append(x.beta * x.k * gamma)
     rhs_v.append(x.beta * x.v)
