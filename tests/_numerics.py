@@ -121,6 +121,28 @@ def sub_chunk_matrices(module, rows, expected, prims) -> dict:
   return got
 
 
+def sub_chunk_gradients(module, tokens, masks, cotangents, prims, scale: float) -> dict:
+  """The token gradients from a GPU sub-chunk module's ``intra_backward`` as whole [C, width]
+  float32 arrays by name; rows never stored stay NaN. ``tokens``: the chunk's token inputs and
+  ``masks`` its (segment, carried, last), each [C, width]; ``cotangents``: a ``ChunkMatrices``
+  of whole-chunk cotangents."""
+  S, chunk = module.SUB, tokens[0].shape[0]
+  block = lambda i: slice(None) if i is None else slice(i * S, (i + 1) * S)
+  got = {}
+
+  def cotangent(name, b, a=None):
+    x = getattr(cotangents, name)
+    return x if b is None else x[block(b), block(a)] if a is not None else x[block(b)]
+
+  def store(name, value, b):
+    got.setdefault(name, np.full((chunk, value.shape[1]), np.nan, np.float32))[block(b)] = value
+
+  load = lambda b: module.load_rows([x[block(b)] for x in tokens], *(m[block(b)] for m in masks),
+                                    scale)
+  module.intra_backward(load, cotangent, chunk // S, prims, store, scale)
+  return got
+
+
 def export_for_tpu(fn, *args):
   """``fn(*args)`` exported for a TPU from this host (``jax.export``: the Pallas -> Mosaic
   lowering accepts every primitive and block; libtpu's layout passes run only on a TPU), its

@@ -577,6 +577,35 @@ def test_sub_chunk_intra_forward_equals_the_level_split(seed, chunk, decay):
     num.assert_close(getattr(expected, name), got[name], num.TOL_F32, name, floor=1e-30)
 
 
+@pytest.mark.parametrize("chunk, decay", [(64, 0.1), (64, 20.0), (32, 1.0)])
+@given(seed=num.seeds())
+def test_sub_chunk_intra_backward_equals_the_level_split(seed, chunk, decay):
+  """The GPU intra backward's 16-row sub-chunk form (``ops.kda._kernel_subchunk``) gives the
+  token gradients of the whole-chunk level split (``_kernel_chunk.token_gradients``) from random
+  cotangents of every chunk matrix, packed segments and strong decay included."""
+  from ops.kda import _kernel_chunk, _kernel_subchunk
+  rng = np.random.default_rng(seed)
+  K, V = 32, 16
+  q, k = (num.normal(rng, (chunk, K), scale=0.3) for _ in range(2))
+  g = -num.uniform(rng, (chunk, K), 0.0, decay)
+  v = num.normal(rng, (chunk, V))
+  beta = num.uniform(rng, (chunk, 1), 0.0, 1.0)
+  index = jnp.asarray(np.sort(rng.integers(0, 3, (1, chunk))), jnp.int32)
+  masks = [m[0] for m in _kernel_chunk.packed_row_masks(index, 1, chunk, chunk)]
+  prims = pallas_gpu.primitives(pallas_gpu.precision_for(jnp.float32, interpret=True))
+  cotangents = _kernel_chunk.ChunkMatrices(
+      W=num.normal(rng, (chunk, K)), U=num.normal(rng, (chunk, V)), Qg=num.normal(rng, (chunk, K)),
+      Kg=num.normal(rng, (chunk, K)), A=num.normal(rng, (chunk, chunk)),
+      decay=num.normal(rng, (1, K)))
+  scale = 0.7
+  chunk_math = _kernel_chunk.load((q, k, g, v, beta), *masks, prims, scale)
+  expected = _kernel_chunk.token_gradients(chunk_math, v, cotangents, scale)
+  got = num.sub_chunk_gradients(_kernel_subchunk, (q, k, g, v, beta), masks, cotangents, prims,
+                                scale)
+  for name, value in zip(_kernel_subchunk.GRADIENTS, expected):
+    num.assert_close(value, got[name], num.TOL_F32, name)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_tpu_kernels_lower_to_mosaic(dtype):
   """Forward and backward lower to Mosaic for a TPU on this CPU machine (``jax.export``); an

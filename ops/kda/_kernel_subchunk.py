@@ -31,9 +31,10 @@ from typing import Callable, NamedTuple
 
 import jax.numpy as jnp
 
-from ops.kda._kernel_chunk import F32, Chunk, Primitives, eye, last_row
+from ops.kda._kernel_chunk import F32, Chunk, LevelSplit, Primitives, eye, iota, last_row
 
 SUB = 16  # rows per sub-chunk: the smallest tile Triton's tensor-core products take
+GRADIENTS = ("dq", "dk", "dg", "dv", "dbeta")  # intra_backward's outputs, in the token order
 
 
 class Rows(NamedTuple):
@@ -110,3 +111,134 @@ def intra_forward(load: Callable[[int], Rows], num_blocks: int, prims: Primitive
   for b, (G_m, columns, _, last) in enumerate(kept):
     store("Kg", last * columns * jnp.exp(G_end - G_m), b)
   store("decay", last_row(carried) * jnp.exp(G_end), None)
+
+
+def intra_backward(load: Callable[[int], Rows], cotangent: Callable, num_blocks: int,
+                   prims: Primitives, store: Callable, scale: float) -> None:
+  """The token gradients of one chunk from the cotangents of its matrices, by sub-chunks: the
+  values of ``_kernel_chunk.token_gradients``, handed to ``store(name, value, b)`` as row block
+  b of each of ``GRADIENTS`` ([S, width]; dq for the unscaled q; dbeta [S, 1]).
+
+  ``load(b)`` gives sub-chunk b's ``Rows`` (called twice a sub-chunk, once per pass over the
+  rows); ``cotangent(name, b, a=None)`` row block b of a matrix's cotangent ([S, width]; block
+  (b, a) of "A", [S, S]; the [1, K] "decay" for b = None).
+
+  Three passes, so that only [S, S] blocks and a few [S, K] tiles stay live:
+    1. over the sub-chunks in order: G, the off-diagonal P_kk blocks, T by block substitution
+       and dT = dW (beta k Gamma)^T + dU (beta v)^T by blocks (rows b of T and dT need
+       sub-chunks <= b only);
+    2. [S, S] blocks only: dA_kk = -T^T dT T^T on A_kk's support (as Z = dT T^T, then T^T Z)
+       and its part of dbeta;
+    3. over the sub-chunks in reverse: sub-chunk j's diagonal block by the level split; each
+       block (j, a) with an earlier a once, for both of its factors: the rows of j against a's
+       gated columns (kept from pass 1), and a's columns against j's gated rows, summed into
+       a's column cotangent until a's turn; the cotangents through W, U, Q Gamma,
+       K exp(G_C - G) and exp(G_C); dg as the reverse cumulative sum carried over from the
+       later sub-chunks. The reference rows m of the off-diagonal factors need no cotangent: a
+       pair's weight exp(G_r - G_m) exp(G_m - G_i) does not depend on G_m.
+  """
+  dot = prims.dot
+  n = num_blocks
+  eye_part = lambda x: jnp.sum(jnp.where(iota(x.shape, 0) == iota(x.shape, 1), x, 0.0), axis=1,
+                               keepdims=True)
+
+  # Pass 1.
+  starts, ends = [], []  # G before and at the end of each sub-chunk, [1, K]
+  columns = []  # each sub-chunk's gated columns k exp(G_m - G), m its last row
+  segments, carried, betas = [], [], []
+  P_kk, T, dT = [], [], []  # blocks [b][a], a <= b; P_kk on A_kk's support
+  rhs_k, rhs_v = [], []
+  through_end = []  # per sub-chunk: the sum over rows of dKg k exp(G_m - G), [1, K]
+  G_start = 0.0
+  for b in range(n):
+    x = load(b)
+    c = Chunk(x.q, x.k, x.g, x.beta, x.segment, x.carried, x.last, prims)
+    G = G_start + c.G
+    kk_row = [dot(x.k * jnp.exp(G - ends[a]), columns[a], trans_b=True)
+              * same_segment(x.segment, segments[a]) for a in range(b)] + [c.P_kk * c.strict]
+    T.append(substitution_row(T, [x.beta * P for P in kk_row[:-1]] + [c.A_kk], c.T, dot,
+                              sign=1.0))
+    gamma = jnp.exp(G)
+    rhs_k.append(x.beta * x.k * gamma)
+    rhs_v.append(x.beta * x.v)
+    dW, dU = x.carried * cotangent("W", b), cotangent("U", b)
+    dT.append([dot(dW, rhs_k[a], trans_b=True) + dot(dU, rhs_v[a], trans_b=True)
+               for a in range(b + 1)])
+    G_end = last_row(G)
+    columns.append(x.k * jnp.exp(G_end - G))
+    through_end.append(jnp.sum(x.last * cotangent("Kg", b) * columns[b], axis=0,
+                               keepdims=True))
+    starts.append(G_start)
+    ends.append(G_end)
+    segments.append(x.segment)
+    carried.append(x.carried)
+    betas.append(x.beta)
+    P_kk.append(kk_row)
+    G_start = G_end
+  G_C = G_start
+  dG_C = (sum(e * jnp.exp(G_C - G_m) for e, G_m in zip(through_end, ends))
+          + cotangent("decay", None) * last_row(carried[-1]) * jnp.exp(G_C))
+
+  # Pass 2.
+  Z = [[sum(dot(dT[m][i], T[a][i], trans_b=True, inverse=True) for i in range(a + 1))
+        for a in range(m + 1)] for m in range(n)]
+  strictly_lower = iota((SUB, SUB), 0) > iota((SUB, SUB), 1)
+  support = lambda b, a: jnp.where(strictly_lower | (a < b), same_segment(segments[b],
+                                                                          segments[a]), 0.0)
+  dA_kk = [[-sum(dot(T[m][b], Z[m][a], trans_a=True, inverse=True) for m in range(b, n))
+            * support(b, a) for a in range(b + 1)] for b in range(n)]
+  dbeta_kk = [sum(jnp.sum(d * P, axis=1, keepdims=True) for d, P in zip(dA_kk[b], P_kk[b]))
+              for b in range(n)]
+
+  # Pass 3.
+  dG_after = 0.0  # the sum of dG over the later sub-chunks
+  dY = [0.0] * n  # the cotangent of each sub-chunk's gated columns from the later rows
+  for j in reversed(range(n)):
+    x = load(j)
+    split = LevelSplit(prims.cumsum(x.g, reverse=False), x.g, x.segment, x.carried, x.last,
+                       prims)
+    G = starts[j] + split.G
+    gamma = jnp.exp(G)
+    dP_kk = [x.beta * d for d in dA_kk[j]]
+    dA_qk_jj = cotangent("A", j, j) * split.lower
+    (dq, dk_row), (dk_qk, dk_kk), (dG_row,), dG = split.products_backward(
+        [(x.q, x.k, 0), (x.k, x.k, 0)], [dA_qk_jj, dP_kk[j]])
+    dk = dk_row + dk_qk + dk_kk
+    dG = dG + dG_row
+    on_diagonal = eye_part(dA_qk_jj)
+    dq = dq + on_diagonal * x.k
+    dk = dk + on_diagonal * x.q
+    for a in range(j):  # block (j, a): j's gated rows against a's gated columns
+      to_m = jnp.exp(G - ends[a])
+      q_rows, k_rows = x.q * to_m, x.k * to_m
+      dA_qk = cotangent("A", j, a) * same_segment(x.segment, segments[a])
+      dX_q, dX_k = dot(dA_qk, columns[a]), dot(dP_kk[a], columns[a])
+      dq = dq + dX_q * to_m
+      dk = dk + dX_k * to_m
+      dG = dG + q_rows * dX_q + k_rows * dX_k
+      dY[a] = dY[a] + dot(dA_qk, q_rows, trans_a=True) + dot(dP_kk[a], k_rows, trans_a=True)
+    column = x.k * jnp.exp(ends[j] - G)
+    dk = dk + dY[j] * jnp.exp(ends[j] - G)
+    dG = dG - dY[j] * column
+
+    dX_w = sum(dot(T[b][j], carried[b] * cotangent("W", b), trans_a=True) for b in range(j, n))
+    dX_u = sum(dot(T[b][j], cotangent("U", b), trans_a=True) for b in range(j, n))
+    dbeta = (dbeta_kk[j] + jnp.sum(dX_w * x.k * gamma, axis=1, keepdims=True)
+             + jnp.sum(dX_u * x.v, axis=1, keepdims=True))
+    dk = dk + dX_w * x.beta * gamma
+    dG = dG + dX_w * x.beta * x.k * gamma
+    dQg = cotangent("Qg", j) * x.carried
+    dq = dq + dQg * gamma
+    dG = dG + dQg * x.q * gamma
+    dKg = cotangent("Kg", j) * x.last
+    to_end = jnp.exp(G_C - G)
+    dk = dk + dKg * to_end
+    dG = dG - dKg * x.k * to_end
+    if j == n - 1:
+      dG = dG + jnp.where(iota(dG.shape, 0) == SUB - 1, dG_C, 0.0)
+    store("dq", dq * scale, j)
+    store("dk", dk, j)
+    store("dg", prims.cumsum(dG, reverse=True) + dG_after, j)
+    store("dv", dX_u * x.beta, j)
+    store("dbeta", dbeta, j)
+    dG_after = dG_after + jnp.sum(dG, axis=0, keepdims=True)

@@ -14,8 +14,9 @@ its own chunk mathematics. For KDA:
                                           S' = diag(exp G_C) S + Kg^T V~ (keeps S per chunk)
   state backward   grid (B, HV, V/BV)     walks the chunks backwards with dS: dU, dW, dQg, dKg,
                                           dA_qk, d exp(G_C) (summed over V blocks outside)
-  intra backward   grid (B, HV, chunks)   recomputes the chunk's matrices (without A_qk) and takes
-                                          those cotangents to dq, dk, dv, dg, dbeta
+  intra backward   grid (B, HV, chunks)   per chunk, by 16-row sub-chunks (KDA): recomputes
+                                          the chunk's matrices (without A_qk) and takes those
+                                          cotangents to dq, dk, dv, dg, dbeta
 
 Stable pair products without a secondary loop (SPEC 3.5). The pair products
 sum_d x_rd y_id exp(G_rd - G_id) (i < r) are split by the highest bit in which r and i differ:
@@ -161,7 +162,9 @@ class TritonOp(NamedTuple):
   fields: a ``math.ChunkMatrices`` of ``Field``s.
   sub_chunks: None, or a module whose ``intra_forward`` forms the chunk matrices from 16-row
     sub-chunks (``SUB``, ``load_rows``, ``intra_forward`` storing them by row blocks), for the
-    intra forward kernel (``ops.kda._kernel_subchunk``, ``ops.rwkv7._kernel_subchunk``).
+    intra forward kernel (``ops.kda._kernel_subchunk``, ``ops.rwkv7._kernel_subchunk``); where
+    it also has ``intra_backward`` (and ``GRADIENTS``, their names in the token order), the
+    intra backward kernel takes it too (KDA's).
   """
 
   primitives: Callable
@@ -251,12 +254,42 @@ def _intra_forward_by_sub_chunks(refs, op, num_tokens, scale, precision):
 
 
 def _intra_backward_kernel(*refs, op, num_tokens, scale, precision):
+  if hasattr(op.sub_chunks, "intra_backward"):
+    return _intra_backward_by_sub_chunks(refs, op, num_tokens, scale, precision)
   chunk, v, rest = _chunk(op, refs, num_tokens, scale, precision)
   num_fields = len(op.fields)
   cotangents = op.math.ChunkMatrices(*(_as_tile(ref[...].astype(F32), f.width)
                                        for ref, f in zip(rest[:num_fields], op.fields)))
   for ref, value in zip(rest[num_fields:], op.math.token_gradients(chunk, v, cotangents, scale)):
     ref[...] = value.astype(ref.dtype)
+
+
+def _intra_backward_by_sub_chunks(refs, op, num_tokens, scale, precision):
+  """The intra backward with ``op.sub_chunks.intra_backward``: the rows and the cotangents read
+  by [S, width] row blocks ([S, S] blocks of a "C" field), each gradient written by row blocks."""
+  token_refs, mask_refs = refs[:num_tokens], refs[num_tokens:num_tokens + 3]
+  num_fields = len(op.fields)
+  cotangent_refs = dict(zip(op.fields._fields, zip(refs[num_tokens + 3:][:num_fields],
+                                                   op.fields)))
+  grad_refs = dict(zip(op.sub_chunks.GRADIENTS, refs[num_tokens + 3 + num_fields:]))
+  S = op.sub_chunks.SUB
+  rows = lambda b: pl.ds(b * S, S)
+
+  def load(b):
+    tokens = [ref[rows(b), :].astype(F32) for ref in token_refs]
+    return op.sub_chunks.load_rows(tokens, *(ref[rows(b), :] for ref in mask_refs), scale)
+
+  def cotangent(name, b, a=None):
+    ref, field = cotangent_refs[name]
+    if b is None:
+      return _as_tile(ref[...].astype(F32), field.width)
+    return ref[rows(b), rows(a) if a is not None else slice(None)].astype(F32)
+
+  def store(name, value, b):
+    grad_refs[name][rows(b), :] = value.astype(grad_refs[name].dtype)
+
+  op.sub_chunks.intra_backward(load, cotangent, token_refs[0].shape[0] // S,
+                               op.primitives(precision), store, scale)
 
 
 def _state_forward_kernel(*refs, op, sizes, BV, precision, keep_states):
