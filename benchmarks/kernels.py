@@ -34,6 +34,9 @@ What is timed, on whatever device JAX sees (meant for an NVIDIA H200), in one ta
 
 ``--kernel-chunks 32,16`` also times the KDA and RWKV-7 kernels at those chunk sizes (rows
 "pallas_gpu C32", ...), checked like the default rows; the nominal counts stay the C = 64 ones.
+``--scan-block-ds 4,8`` likewise times the scan's "pallas_gpu" kernel at those channels per
+program (rows "pallas_gpu d4", ...; ``ops.selective_scan.pallas_gpu.selective_scan(...,
+block_d=)`` called directly, as the public function leaves block_d to ``default_block_d``).
 
 How: every JAX case is compiled once (``jax.jit(...).lower(...).compile()``), called once (that
 output feeds the check below), warmed up ``--warmup`` more times and timed over ``--iters`` calls
@@ -108,6 +111,7 @@ from benchmarks import harness, peers  # noqa: E402
 from benchmarks import selective_scan as scan_bench  # noqa: E402
 from ops.kda import _prepare, kda, kda_step, pallas_gpu  # noqa: E402
 from ops.rwkv7 import rwkv7  # noqa: E402
+from ops.selective_scan import pallas_gpu as scan_gpu  # noqa: E402
 from ops.selective_scan import selective_scan  # noqa: E402
 
 OPS = ("kda", "attention", "decode", "scan", "rwkv7", "kda-parts")
@@ -345,10 +349,23 @@ def decode_fn(form: str, backward: bool = False) -> Callable:
   return step
 
 
-def scan_fn(form: str, backward: bool) -> Callable:
+def scan_fn(form: str, backward: bool, block_d: int | None = None) -> Callable:
+  """``selective_scan`` in ``form``; with ``block_d``, the "pallas_gpu" kernel called directly
+  at that many channels per program (the public function has no such argument)."""
+
   def forward(inputs, cotangent=None):
     del cotangent
-    return selective_scan(**inputs, delta_softplus=True, implementation=form)
+    if block_d is None:
+      return selective_scan(**inputs, delta_softplus=True, implementation=form)
+    if form != "pallas_gpu":
+      raise ValueError(f"block_d applies to the pallas_gpu kernel only, not {form!r}")
+    B, C = inputs["B"], inputs["C"]
+    if B.ndim == 3:  # [batch, time, state]: one group
+      B, C = B[:, :, None], C[:, :, None]
+    out, _ = scan_gpu.selective_scan(inputs["u"], inputs["delta"], inputs["A"], B, C, inputs["D"],
+                                     inputs["z"], inputs["delta_bias"], True, None, None,
+                                     block_d=block_d)
+    return out
   return harness.with_backward(forward) if backward else forward
 
 
@@ -461,32 +478,33 @@ class Bench:
 
   def jax_forms(self, make_record: Callable, make_fn: Callable, args: tuple, dtype,
                 passes: Sequence[str], tokens: int, check_form: str,
-                names: dict[str, Sequence[str] | None], chunked: bool = False) -> dict:
+                names: dict[str, Sequence[str] | None],
+                variants: tuple[str, str, Sequence[int]] | None = None) -> dict:
     """Times every ``--implementations`` form (``make_fn(form, backward)``) on ``args``, checking
     the kernels against ``check_form`` first; returns ``check_form``'s outputs by pass (named
-    leaves), for checking the peers. For a ``chunked`` op the kernels also run at each other
-    ``--kernel-chunks`` size (``make_fn(form, backward, chunk_size)``), as form "<form> C<size>"."""
+    leaves), for checking the peers. ``variants = (keyword, label, values)``: the kernels also
+    run at each value of one keyword argument (``make_fn(form, backward, keyword=value)``), as
+    form "<form> <label><value>" (``--kernel-chunks``, ``--scan-block-ds``)."""
     expected: dict[str, dict] = {}
     forms = [(f, None) for f in FORMS  # in this order, so "xla" is run (and kept) first
              if f in self.args.implementations and (f != "xla" or check_form == "xla")]
-    if chunked:
-      forms += [(f, c) for f, _ in forms if f in KERNEL_FORMS.values()
-                for c in self.args.kernel_chunks]
+    keyword, label, values = variants or (None, None, ())
+    forms += [(f, v) for f, _ in forms if f in KERNEL_FORMS.values() for v in values]
 
     def named(out, pass_name):
       return _leaves(out, names.get(pass_name), prefix="d" if pass_name == "fwd+bwd" else "")
 
-    for form, chunk_size in forms:
+    for form, value in forms:
       for pass_name in passes:
         backward = pass_name == "fwd+bwd"
-        rec = make_record(form if chunk_size is None else f"{form} C{chunk_size}", pass_name)
+        rec = make_record(form if value is None else f"{form} {label}{value}", pass_name)
         reason = self.slow(form, tokens)
         if reason:
           rec["status"] = reason
           self.emit(rec)
           continue
-        fn = (make_fn(form, backward) if chunk_size is None
-              else make_fn(form, backward, chunk_size=chunk_size))
+        fn = (make_fn(form, backward) if value is None
+              else make_fn(form, backward, **{keyword: value}))
         try:
           compiled, compile_s, out = run_once(fn, args)
         except Exception as error:  # noqa: BLE001 - a missing form or a failed compile: a row
@@ -586,7 +604,8 @@ def _run_chunked(bench: Bench, op: str, size: SeqSize, make_inputs: Callable, co
   make_record = lambda impl, p: bench.record(op, size, dtype, impl, p,
                                              counts(size, dtype, p == "fwd+bwd"), **shape)
   expected = bench.jax_forms(make_record, make_fn, (inputs, cotangents), dtype, harness.PASSES,
-                             size.batch * size.time, "xla", STATE_OUTPUTS, chunked=True)
+                             size.batch * size.time, "xla", STATE_OUTPUTS,
+                             variants=("chunk_size", "C", bench.args.kernel_chunks))
   for pass_name in harness.PASSES:
     backward = pass_name == "fwd+bwd"
     bench.peer(make_record(fla_name, pass_name),
@@ -658,28 +677,33 @@ def run_scan(bench: Bench, sizes: Sequence[ScanSize]) -> None:
       make_record = lambda impl, p: bench.record(
           "scan", size, dtype, impl, p, scan_counts(size, dtype, p == "fwd+bwd"))
       bench.jax_forms(make_record, scan_fn, (inputs, cotangent), dtype, harness.PASSES,
-                      size.batch * size.time, "xla", {"fwd": ("out",), "fwd+bwd": None})
+                      size.batch * size.time, "xla", {"fwd": ("out",), "fwd+bwd": None},
+                      variants=("block_d", "d", bench.args.scan_block_ds))
       del inputs, cotangent
 
 
 def run_kda_parts(bench: Bench, sizes: Sequence[SeqSize]) -> None:
-  """Each of the GPU KDA kernels timed alone (``ops.kda.pallas_gpu.stages``), bf16 inputs; bytes
-  are the stage's arguments and outputs."""
+  """Each of the GPU KDA kernels timed alone (``ops.kda.pallas_gpu.stages``), bf16 inputs, at
+  the default chunk and each ``--kernel-chunks`` size; bytes are the stage's arguments and
+  outputs (FLOPs the C = 64 counts)."""
   dtype = jnp.bfloat16
   for size in sizes:
     inputs, _ = kda_inputs(size, dtype)
     shape = dict(batch=size.batch, time=size.time, heads=size.heads, dim=size.dim)
     prepared = _prepare(inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["beta"],
                         size.heads, size.heads, size.dim, None, True, for_kernel=True)
-    for name, fn, args in pallas_gpu.stages(*prepared, inputs["initial_state"],
-                                            scale=size.dim ** -0.5):
-      out = jax.block_until_ready(fn(*args))
-      nbytes = sum(x.nbytes for x in jax.tree.leaves((args, out)))
-      rec = bench.record("kda-parts", size, dtype, f"pallas_gpu {name}",
-                         "bwd" if "backward" in name else "fwd",
-                         (kda_stage_flops(name, size), nbytes), **shape)
-      rec.update(time_compiled(fn, args, bench.args.warmup, bench.args.iters))
-      bench.emit(rec)
+    for chunk_size in [None] + bench.args.kernel_chunks:
+      form = "pallas_gpu" if chunk_size is None else f"pallas_gpu C{chunk_size}"
+      for name, fn, args in pallas_gpu.stages(*prepared, inputs["initial_state"],
+                                              scale=size.dim ** -0.5,
+                                              chunk_size=chunk_size or 64):
+        out = jax.block_until_ready(fn(*args))
+        nbytes = sum(x.nbytes for x in jax.tree.leaves((args, out)))
+        rec = bench.record("kda-parts", size, dtype, f"{form} {name}",
+                           "bwd" if "backward" in name else "fwd",
+                           (kda_stage_flops(name, size), nbytes), **shape)
+        rec.update(time_compiled(fn, args, bench.args.warmup, bench.args.iters))
+        bench.emit(rec)
     del inputs, prepared
 
 
@@ -710,6 +734,10 @@ def add_ratios(records: list[dict]) -> None:
 
 # ---------------------------------------------------------------------------------------- CLI
 
+def _ints(text: str) -> list[int]:
+  return [int(c) for c in text.split(",")]
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--ops", default=",".join(DEFAULT_OPS),
@@ -725,9 +753,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="scan sizes like B2,L4096,D2048,N16")
   parser.add_argument("--rwkv7-sizes", nargs="+", type=SeqSize.parse,
                       help="RWKV-7 sizes like B4,T8192,H32,D64")
-  parser.add_argument("--kernel-chunks", type=lambda text: [int(c) for c in text.split(",")],
-                      default=[], help="KDA and RWKV-7: also time the kernels at these chunk "
-                      "sizes (comma-separated; rows '<form> C<size>'), beside the default 64")
+  parser.add_argument("--kernel-chunks", type=_ints, default=[],
+                      help="KDA and RWKV-7: also time the kernels at these chunk sizes "
+                      "(comma-separated; rows '<form> C<size>'), beside the default 64")
+  parser.add_argument("--scan-block-ds", type=_ints, default=[],
+                      help="scan: also time the pallas_gpu kernel at these channels per program "
+                      "(comma-separated powers of two; rows 'pallas_gpu d<block_d>'), beside the "
+                      "default (ops.selective_scan.pallas_gpu.default_block_d)")
   parser.add_argument("--scan-dtypes", nargs="+", choices=("float32", "bfloat16"),
                       default=["float32", "bfloat16"], help="dtypes of the scan's activations")
   parser.add_argument("--implementations", nargs="+", choices=FORMS, default=None,

@@ -147,12 +147,50 @@ def test_kernels_times_the_kernels_at_each_kernel_chunk():
   x = jnp.arange(4.0)
   make_record = lambda impl, p: bench.record("rwkv7", "B1", jnp.float32, impl, p, (1.0, 1.0))
   bench.jax_forms(make_record, make_fn, (x,), jnp.float32, ("fwd",), 4, "xla", {"fwd": None},
-                  chunked=True)
+                  variants=("chunk_size", "C", args.kernel_chunks))
   assert [r["implementation"] for r in bench.records] == [
       "xla", "pallas_gpu", "pallas_gpu C16", "pallas_gpu C32"]
   assert all(r["status"] == "ok" and r["check_max"] == 0.0 for r in bench.records[1:])
   assert built == [("xla", False, 64), ("pallas_gpu", False, 64), ("pallas_gpu", False, 16),
                    ("pallas_gpu", False, 32)]
+
+
+def test_kernels_times_the_scan_kernel_at_each_block_d(monkeypatch):
+  """``--scan-block-ds`` adds scan rows "pallas_gpu d<block_d>", each built with that block_d and
+  checked against "xla" like the default rows; ``scan_fn`` then calls the GPU kernel itself at
+  that block_d (the public ``selective_scan`` has no such argument)."""
+  from benchmarks import kernels as kernels_bench
+  args = kernels_bench.parse_args(["--smoke", "--ops", "scan", "--scan-dtypes", "float32",
+                                   "--implementations", "xla", "pallas_gpu",
+                                   "--scan-block-ds", "4,8"])
+  bench = kernels_bench.Bench(args)
+  scan_fn, built = kernels_bench.scan_fn, []
+
+  def make_fn(form, backward, block_d=None):
+    built.append((form, backward, block_d))
+    return lambda inputs, cotangent: inputs["u"] * 2.0
+
+  monkeypatch.setattr(kernels_bench, "scan_fn", make_fn)
+  kernels_bench.run_scan(bench, args.scan_sizes[:1])
+  assert [r["implementation"] for r in bench.records] == [
+      impl for impl in ("xla", "pallas_gpu", "pallas_gpu d4", "pallas_gpu d8") for _ in range(2)]
+  assert all(r["status"] == "ok" and r["check_max"] == 0.0 for r in bench.records[2:])
+  assert [b for b in built if not b[1]] == [("xla", False, None), ("pallas_gpu", False, None),
+                                            ("pallas_gpu", False, 4), ("pallas_gpu", False, 8)]
+
+  calls = []
+
+  def kernel(u, delta, A, B, C, *rest, block_d):
+    calls.append((B.shape, block_d))
+    return u, None
+
+  monkeypatch.setattr(kernels_bench.scan_gpu, "selective_scan", kernel)
+  inputs, cotangent = kernels_bench.scan_inputs(args.scan_sizes[0], jnp.float32)
+  assert scan_fn("pallas_gpu", False, block_d=4)(inputs) is inputs["u"]
+  batch, time, state = inputs["B"].shape
+  assert calls == [((batch, time, 1, state), 4)]
+  with pytest.raises(ValueError, match="block_d"):
+    scan_fn("pallas_tpu", True, block_d=4)(inputs, cotangent)
 
 
 def test_kda_stage_flops_of_the_sub_chunk_forward():

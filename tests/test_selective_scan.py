@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
+from unittest import mock
 
 import chex
 import jax
@@ -280,6 +281,43 @@ class TestPallasGpuAgreement(AgreementBase):
     """Several channel blocks per group (dB, dC summed over blocks) and chunks of 4 tokens."""
     case = Case(batch=2, time=11, channels=8, state=4, groups=2, with_segment_ids=True, seed=2)
     _check_kernel_settings(pallas_gpu, case, block_d=2, chunk=4)
+
+  def test_default_block_d_splits_a_group(self):
+    """A small grid through the public function: ``default_block_d`` takes 4 of a group's 16
+    channels per program in both kernels (the group's divisor alone would give 16), so dB and
+    dC sum over four blocks."""
+    case = Case(batch=1, time=9, channels=16, state=4, groups=1, seed=3)
+    for kernel in ("forward", "backward"):
+      assert pallas_gpu.default_block_d(case.batch, case.channels, case.groups, kernel) == 4
+    self._check(case)
+
+  def test_forward_and_backward_block_d_differ(self):
+    """With rules that give the forward 2 and the backward 8 channels per program, the backward
+    reads the forward's chunk states and finds each block's group of B and C at its own
+    blocking."""
+    case = Case(batch=1, time=6, channels=16, state=4, groups=2, seed=4)
+    rules = {"forward": (2, 1), "backward": (8, 1)}
+    with mock.patch.dict(pallas_gpu.BLOCK_D_RULES, rules):
+      assert [pallas_gpu.default_block_d(case.batch, case.channels, case.groups, kernel)
+              for kernel in rules] == [2, 8]
+      self._check(case)
+
+
+def test_default_block_d():
+  """Per kernel, the most channels per program (a power of two, at most the kernel's most,
+  dividing channels / groups) whose grid of batch * channels / block_d programs reaches the
+  kernel's target, but at least MIN_BLOCK_D unless the group's divisor is smaller."""
+  block_d = pallas_gpu.default_block_d
+  assert pallas_gpu.BLOCK_D_RULES == {"forward": (8, 2048), "backward": (32, 512)}
+  assert pallas_gpu.MIN_BLOCK_D == 4
+  forward = lambda *args: block_d(*args, kernel="forward")
+  backward = lambda *args: block_d(*args, kernel="backward")
+  assert (forward(2, 2048), backward(2, 2048)) == (4, 8)  # the measured bests at B2 D2048
+  assert (forward(8, 2048), backward(8, 2048)) == (8, 32)  # and at B8 D2048
+  assert (forward(64, 2048), backward(64, 2048)) == (8, 32)  # capped by each kernel's most
+  assert backward(64, 2048, 256) == 8  # 8 channels per group cap it
+  assert (forward(1, 64), backward(1, 64)) == (4, 4)  # the floor
+  assert forward(1, 6) == 2 and backward(4, 14, 2) == 1  # divisors below the floor
 
 
 def _kernel_call(module, case: Case, **options):

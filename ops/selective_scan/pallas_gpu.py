@@ -2,11 +2,14 @@
 
 One forward kernel does the whole op: the discretisation (``delta_bias``, softplus), the scan,
 the C readout, the D skip and the SiLU(z) gate. Each program owns one batch row and a block of
-``block_d`` channels, keeps the state [block_d, state] in float32 registers and walks time in
-order: an outer ``fori_loop`` over chunks of ``chunk`` tokens and, inside it, a Python loop
-unrolled over the chunk's tokens, so the loads of later tokens (which do not depend on the state)
-can be issued early. The state leaves the chip only as the final state and, when a gradient is
-wanted, as the state entering each chunk (``time / chunk`` states per row, the residual).
+``block_d`` channels (by default ``default_block_d``, per kernel: the most, up to 8 for the
+forward and 32 for the backward, that still give the grid the kernel's target number of
+programs, but at least 4), keeps the state [block_d, state] in float32
+registers and walks time in order: an outer ``fori_loop`` over chunks of ``chunk`` tokens and,
+inside it, a Python loop unrolled over the chunk's tokens, so the loads of later tokens (which
+do not depend on the state) can be issued early. The state leaves the chip only as the final
+state and, when a gradient is wanted, as the state entering each chunk (``time / chunk`` states
+per row, the residual).
 
 The backward kernel (``jax.custom_vjp``) has the same grid and walks the chunks in reverse: it
 recomputes a chunk's states from the saved entering state (each token's state a separate value,
@@ -30,12 +33,14 @@ z and out (2 bytes each in bfloat16) per channel plus B and C (n values each) pe
 n = 16 that is 16 ``exp`` and ~80 FLOPs per 8 bytes, so with enough programs in flight the
 special-function (``exp``) rate would bound it before HBM bandwidth. In practice the grid is
 small (``batch x channels / block_d`` programs of 1-2 warps) and each program's tokens depend on
-each other through the state, so the per-token dependency chain (latency) bounds it. Measured
-once on an H200 (jax 0.11.2; batch 8, time 2048, channels 1536, state 16, bfloat16, with D, z,
-delta_bias and softplus): forward 1.2 ms (``"xla"``: 5.1 ms), forward and backward 4.2 ms
-(``"xla"``: 23.3 ms); 200 MB of token traffic in 1.2 ms is ~0.17 TB/s and 4e8 ``exp`` ~0.3 T/s,
-both far below the chip's rates, as a latency bound predicts. The backward does about twice the
-forward's arithmetic (recompute plus adjoint) and also reads the output cotangent.
+each other through the state, so the per-token dependency chain (latency) bounds it; hence the
+smaller channel blocks of ``default_block_d`` when the batch is small, so that each
+multiprocessor holds several programs. Measured once on an H200 (jax 0.11.2; batch 8, time
+2048, channels 1536, state 16, bfloat16, with D, z, delta_bias and softplus; block_d 32):
+forward 1.2 ms (``"xla"``: 5.1 ms), forward and backward 4.2 ms (``"xla"``: 23.3 ms); 200 MB of
+token traffic in 1.2 ms is ~0.17 TB/s and 4e8 ``exp`` ~0.3 T/s, both far below the chip's rates,
+as a latency bound predicts. The backward does about twice the forward's arithmetic (recompute
+plus adjoint) and also reads the output cotangent.
 
 Padding: time is padded to a multiple of ``chunk`` (padded tokens get a zero step, so they leave
 the state unchanged) and the state size to a power of two (A, B, C padded with zeros, so padded
@@ -55,11 +60,16 @@ from jax.experimental.pallas import triton as plgpu_triton
 
 from ops.selective_scan import _kernel_math as km
 
-# Defaults from a small H200 sweep (the shape measured in the docstring) of block_d in
-# {16, 32, 64}, warps in {1, 2, 4, 8} and chunk in {4, 8, 16}; differences between the better
-# settings were within ~25% and not re-measured. num_stages (1 or 2) made no difference and is
-# left to Triton.
-BLOCK_D = 32  # channels per program (the largest power of two <= this dividing channels/groups)
+# Defaults from H200 sweeps: block_d in {4, 8, 16, 32} by benchmarks.kernels --scan-block-ds
+# (docs/kernels.md), and earlier warps in {1, 2, 4, 8} and chunk in {4, 8, 16} (differences
+# within ~25%, not re-measured). num_stages (1 or 2) made no difference and is left to Triton.
+BLOCK_D = 32  # the most channels per program (a power of two dividing channels / groups)
+MIN_BLOCK_D = 4  # the fewest channels per program that default_block_d picks to fill the grid
+# Per kernel, (the most channels per program, the programs wanted in the grid). Measured at B2
+# L4096 and B8 L8192, D2048 N16: the one-warp forward was fastest with 1,024-2,048 programs of 4
+# or 8 channels (16 channels took 255 registers and ran slowest), the two-warp backward with
+# about 512 programs (8 channels at B2, 32 at B8).
+BLOCK_D_RULES = {"forward": (8, 2048), "backward": (BLOCK_D, 512)}
 CHUNK = 8  # tokens per unrolled step of the time loop, and per saved state
 NUM_WARPS_FORWARD = 1
 NUM_WARPS_BACKWARD = 2
@@ -74,8 +84,9 @@ class _Config:
 
   time: int  # tokens before padding; later tokens are padding
   chunk: int
-  block_d: int
+  block_d: int  # channels per program of the forward kernel
   blocks_per_group: int  # channel blocks per group of B and C
+  backward_block_d: int  # channels per program of the backward kernel
   delta_softplus: bool
   num_warps_forward: int
   num_warps_backward: int
@@ -243,6 +254,9 @@ def _forward(cfg: _Config, u, delta, A, B, C, D, z, delta_bias, keep, h0, *, sav
 
 
 def _scan_bwd(cfg, residuals, cotangents):
+  cfg = dataclasses.replace(cfg, block_d=cfg.backward_block_d,
+                            blocks_per_group=cfg.blocks_per_group * cfg.block_d
+                            // cfg.backward_block_d)
   u, delta, A, B, C, D, z, delta_bias, keep, h0, chunk_states = residuals
   dout, dfinal = cotangents
   batch, time, channels = u.shape
@@ -286,8 +300,23 @@ def _largest_power_of_two_divisor(n: int, cap: int) -> int:
   return block
 
 
+def default_block_d(batch: int, channels: int, groups: int = 1, kernel: str = "forward") -> int:
+  """Channels per program of ``kernel`` ("forward" or "backward", ``BLOCK_D_RULES``) for
+  ``batch`` rows of ``channels`` in ``groups`` groups of B and C.
+
+  The largest power of two up to the kernel's most that divides ``channels / groups`` and whose
+  grid of ``batch * channels / block_d`` programs reaches the kernel's target, but not below
+  ``MIN_BLOCK_D`` (nor above the largest power-of-two divisor of ``channels / groups``).
+  """
+  most, target = BLOCK_D_RULES[kernel]
+  block_d = _largest_power_of_two_divisor(channels // groups, most)
+  while block_d > MIN_BLOCK_D and batch * (channels // block_d) < target:
+    block_d //= 2
+  return block_d
+
+
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, keep, initial_state, *,
-                   block_d: int = BLOCK_D, chunk: int = CHUNK,
+                   block_d: int | None = None, chunk: int = CHUNK,
                    num_warps_forward: int = NUM_WARPS_FORWARD,
                    num_warps_backward: int = NUM_WARPS_BACKWARD, interpret: bool | None = None):
   """The fused selective scan, differentiable in every float input.
@@ -301,7 +330,8 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, keep, in
     delta_softplus: apply softplus to delta + delta_bias.
     keep: [batch, time] float32, 0 where the state restarts before the token, or None.
     initial_state: [batch, channels, state] or None (zeros).
-    block_d: the most channels per program (a power of two).
+    block_d: the most channels per program of both kernels (a power of two; the largest one
+      <= this dividing channels / groups is used); None: each kernel's ``default_block_d``.
     chunk: tokens per unrolled time step and per saved state of the backward.
     num_warps_forward, num_warps_backward: Triton's warps per program of each kernel.
     interpret: run the kernels in the Pallas interpreter; None: only on CPU.
@@ -312,9 +342,14 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, keep, in
   """
   batch, time, channels = u.shape
   groups, state = B.shape[2], A.shape[1]
-  block_d = _largest_power_of_two_divisor(channels // groups, block_d)
+  if block_d is None:
+    block_d, backward_block_d = (default_block_d(batch, channels, groups, kernel)
+                                 for kernel in ("forward", "backward"))
+  else:
+    block_d = backward_block_d = _largest_power_of_two_divisor(channels // groups, block_d)
   cfg = _Config(time=time, chunk=chunk, block_d=block_d,
-                blocks_per_group=channels // groups // block_d, delta_softplus=delta_softplus,
+                blocks_per_group=channels // groups // block_d,
+                backward_block_d=backward_block_d, delta_softplus=delta_softplus,
                 num_warps_forward=num_warps_forward, num_warps_backward=num_warps_backward,
                 interpret=jax.default_backend() == "cpu" if interpret is None else interpret)
   pad_t = -time % chunk
