@@ -47,6 +47,10 @@ def assert_close(ref, x, tol: float, name: str = "value", floor: float = 0.0) ->
 
 
 TOL_F32 = 1e-5
+# A chunk's gate gradient (a reverse cumulative sum over the chunk) at strong decay (-20 a token):
+# against a float64 evaluation each float32 form is off by about 1e-5 (measured 2026-11-30), so
+# two forms may differ by twice that.
+TOL_F32_GATE = 3e-5
 TOL_BF16 = 1e-2
 
 

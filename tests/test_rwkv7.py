@@ -401,6 +401,37 @@ def test_sub_chunk_intra_forward_equals_the_level_split(seed, chunk, decay):
       num.assert_close(getattr(expected, name), got[name], num.TOL_F32, name, floor=1e-30)
 
 
+@pytest.mark.parametrize("chunk, decay", [(64, 0.1), (64, 20.0), (32, 1.0)])
+@given(seed=num.seeds())
+def test_sub_chunk_intra_backward_equals_the_level_split(seed, chunk, decay):
+  """The GPU intra backward's 16-row sub-chunk form (``ops.rwkv7._kernel_subchunk``) gives the
+  token gradients of the whole-chunk form (``_kernel_chunk.token_gradients``) from random
+  cotangents of every chunk matrix: packed segments, weak and strong decay."""
+  from ops.kda import _kernel_chunk as kda_chunk
+  from ops.kda import pallas_gpu as kda_gpu
+  from ops.rwkv7 import _kernel_chunk, _kernel_subchunk
+  rng = np.random.default_rng(seed)
+  K, V = 32, 16
+  r, k, a, b = (num.normal(rng, (chunk, K), scale=0.3) for _ in range(4))
+  w = -num.uniform(rng, (chunk, K), 0.0, decay)
+  v = num.normal(rng, (chunk, V))
+  index = jnp.asarray(np.sort(rng.integers(0, 3, (1, chunk))), jnp.int32)
+  masks = [m[0] for m in kda_chunk.packed_row_masks(index, 1, chunk, chunk)]
+  prims = pallas_gpu.RWKV7.primitives(kda_gpu.precision_for(jnp.float32, interpret=True))
+  widths = dict(W=K, U=V, Rg=K, A=chunk, Y=V, Bg=K, Kg=K, values=V)
+  cotangents = _kernel_chunk.ChunkMatrices(
+      **{name: num.normal(rng, (chunk, width)) for name, width in widths.items()},
+      decay=num.normal(rng, (1, K)))
+  scale = 0.7
+  tokens = (r, w, k, a, b, v)
+  expected = _kernel_chunk.token_gradients(_kernel_chunk.load(tokens, *masks, prims, scale), v,
+                                           cotangents, scale)
+  got = num.sub_chunk_gradients(_kernel_subchunk, tokens, masks, cotangents, prims, scale)
+  for name, value in zip(_kernel_subchunk.GRADIENTS, expected):
+    num.assert_close(value, got[name], num.TOL_F32_GATE if name == "dw" else num.TOL_F32,
+                     name)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_gpu_kernels_lower_to_triton(dtype):
   """Forward and backward lower through Pallas' Triton lowering for CUDA on this CPU machine

@@ -1,5 +1,7 @@
-"""KDA's intra-chunk forward on 16-row sub-chunks: the GPU kernel's register-sized form of
-``_kernel_chunk.intra_forward`` (same ``ChunkMatrices``, same mathematics, SPEC 3.4-3.5).
+"""KDA's intra-chunk forward and backward on 16-row sub-chunks: the GPU kernels' register-sized
+form of ``_kernel_chunk.intra_forward`` and ``token_gradients`` (same ``ChunkMatrices``, same
+gradients, same mathematics, SPEC 3.4-3.6). Below, the forward; ``intra_backward`` describes its
+three passes.
 
 Why: the level split on whole [C, K] and [C, C] tiles holds so many of them that the Triton
 kernel runs at 255 registers and spills at C = 64 (docs/kernels.md, register report), and each
@@ -66,6 +68,18 @@ def substitution_row(T, A_row, T_bb, dot, sign: float):
                       inverse=True) for a in range(b)] + [T_bb]
 
 
+def block_inverse_backward(T, dT, dot, sign: float, support: Callable):
+  """The cotangent of A for T = (I + sign A)^-1 by [S, S] blocks: -sign T^T dT T^T on A's
+  support, from the lower blocks T[b][a] and dT[b][a] (a <= b; dT's upper blocks do not matter,
+  T's being zero whatever A is) and ``support(b, a)``, block (b, a) of A's 0/1 support. Returned
+  as blocks [b][a], a <= b: Z = dT T^T first, then T^T Z, 20 block products each at 4 blocks."""
+  n = len(T)
+  Z = [[sum(dot(dT[m][i], T[a][i], trans_b=True, inverse=True) for i in range(a + 1))
+        for a in range(m + 1)] for m in range(n)]
+  return [[-sign * sum(dot(T[m][b], Z[m][a], trans_a=True, inverse=True) for m in range(b, n))
+           * support(b, a) for a in range(b + 1)] for b in range(n)]
+
+
 def load_rows(tokens, segment, carried, last, scale: float) -> Rows:
   """A sub-chunk's ``Rows`` from its token inputs (q, k, g, v, beta) as float32 [S, width] tiles
   (q unscaled) and its packed-row masks."""
@@ -127,7 +141,7 @@ def intra_backward(load: Callable[[int], Rows], cotangent: Callable, num_blocks:
     1. over the sub-chunks in order: G, the off-diagonal P_kk blocks, T by block substitution
        and dT = dW (beta k Gamma)^T + dU (beta v)^T by blocks (rows b of T and dT need
        sub-chunks <= b only);
-    2. [S, S] blocks only: dA_kk = -T^T dT T^T on A_kk's support (as Z = dT T^T, then T^T Z)
+    2. [S, S] blocks only: dA_kk = -T^T dT T^T on A_kk's support (``block_inverse_backward``)
        and its part of dbeta;
     3. over the sub-chunks in reverse: sub-chunk j's diagonal block by the level split; each
        block (j, a) with an earlier a once, for both of its factors: the rows of j against a's
@@ -180,13 +194,9 @@ def intra_backward(load: Callable[[int], Rows], cotangent: Callable, num_blocks:
           + cotangent("decay", None) * last_row(carried[-1]) * jnp.exp(G_C))
 
   # Pass 2.
-  Z = [[sum(dot(dT[m][i], T[a][i], trans_b=True, inverse=True) for i in range(a + 1))
-        for a in range(m + 1)] for m in range(n)]
   strictly_lower = iota((SUB, SUB), 0) > iota((SUB, SUB), 1)
-  support = lambda b, a: jnp.where(strictly_lower | (a < b), same_segment(segments[b],
-                                                                          segments[a]), 0.0)
-  dA_kk = [[-sum(dot(T[m][b], Z[m][a], trans_a=True, inverse=True) for m in range(b, n))
-            * support(b, a) for a in range(b + 1)] for b in range(n)]
+  dA_kk = block_inverse_backward(T, dT, dot, sign=1.0, support=lambda b, a: jnp.where(
+      strictly_lower | (a < b), same_segment(segments[b], segments[a]), 0.0))
   dbeta_kk = [sum(jnp.sum(d * P, axis=1, keepdims=True) for d, P in zip(dA_kk[b], P_kk[b]))
               for b in range(n)]
 

@@ -14,20 +14,22 @@ its own chunk mathematics. For KDA:
                                           S' = diag(exp G_C) S + Kg^T V~ (keeps S per chunk)
   state backward   grid (B, HV, V/BV)     walks the chunks backwards with dS: dU, dW, dQg, dKg,
                                           dA_qk, d exp(G_C) (summed over V blocks outside)
-  intra backward   grid (B, HV, chunks)   per chunk, by 16-row sub-chunks (KDA): recomputes
+  intra backward   grid (B, HV, chunks)   per chunk, by 16-row sub-chunks: recomputes
                                           the chunk's matrices (without A_qk) and takes those
                                           cotangents to dq, dk, dv, dg, dbeta
 
-Stable pair products without a secondary loop (SPEC 3.5). The pair products
-sum_d x_rd y_id exp(G_rd - G_id) (i < r) are split by the highest bit in which r and i differ:
-at level s (s = 1, 2, ..., C/2) row r lies in an odd block of s rows and column i in the block
-just before it. With m the last row of i's block (so i <= m < r),
-exp(G_r - G_i) = exp(G_r - G_m) exp(G_m - G_i): both exponents are <= 0 because the cumulative
-log decay only falls, so nothing overflows, and at each level the product is one C x K x C
-matrix product of gated rows and gated columns, masked to the level's pairs. The unit
-lower-triangular inverse uses the same levels: T_2s = T_s - T_s (A masked to level s) T_s is the
-2 x 2 block inverse [[L11^-1, 0], [-L22^-1 L21 L11^-1, L22^-1]] at every scale, two matrix
-products a level, no power series.
+Stable pair products without a secondary loop (SPEC 3.5), by sub-chunks
+(``ops.kda._kernel_subchunk`` has the details). The pair products
+sum_d x_rd y_id exp(G_rd - G_id) (i < r) of two 16-row sub-chunks are one [16, K] x [K, 16]
+product of gated rows and gated columns, both referenced at m, the last row of the earlier
+sub-chunk: exp(G_r - G_i) = exp(G_r - G_m) exp(G_m - G_i), both exponents <= 0 because the
+cumulative log decay only falls, so nothing overflows. Within a sub-chunk the same holds level
+by level (``_kernel_chunk.LevelSplit``: at level s row r lies in an odd block of s rows and
+column i in the block just before it), and the unit lower-triangular inverse of each diagonal
+block uses the same levels (T_2s = T_s - T_s (A masked to level s) T_s, the 2 x 2 block inverse
+at every scale); across sub-chunks T follows by block forward substitution. (The TPU kernels,
+``ops.kda.pallas_tpu``, take the level split on the whole chunk, which suits the MXU; at C = 64
+it held too many tiles for a Triton program's registers.)
 
 Why the Triton backend (a plain ``pallas_call`` on GPU would go to Mosaic GPU): every kernel here,
 KDA's and RWKV-7's alike, is a sequence of small matrix products (C = 64 rows, K, V <= 128) and
@@ -40,11 +42,13 @@ Precision: with float32 inputs the products run as three TF32 passes (``TF32_TF3
 float32 accuracy); with 16-bit inputs as one TF32 pass (errors near 3e-4 relative, far under
 bf16's rounding). In interpret mode (CPU) they are exact float32 products.
 
-Cost per chunk and head (C = 64, K = V = 128): the intra forward does 6 levels x 2 products
-(C K C) plus 6 x 2 inverse products (C C C) plus W and U (C C K, C C V): about 11 MFLOP; the
-state forward 3 C K V + C C V products: about 7 MFLOP. Bytes: inputs once (beta as a [C, 1]
-column), the chunk matrices (W, U, Q Gamma, K exp(G_C - G) in v's dtype, A_qk and exp(G_C)
-float32) written once and read once per value block.
+Cost per chunk and head (C = 64, K = V = 128; counts and measurements in docs/kernels.md): the
+intra forward does 10 block products of 16 x K x 16 per pair type, 4 level-split 16 x 16
+inverses with 16 block products of 16 x 16 x 16, and W and U (C C K, C C V): about 5 MFLOP; the
+state forward 3 C K V + C C V products: about 7 MFLOP; the intra backward recomputes the
+forward's products and takes about twice their work again. Bytes: inputs once (beta as a
+[C, 1] column), the chunk matrices (W, U, Q Gamma, K exp(G_C - G) in v's dtype, A_qk and
+exp(G_C) float32) written once and read once per value block.
 """
 
 from __future__ import annotations
@@ -155,23 +159,21 @@ class TritonOp(NamedTuple):
   ``ops.rwkv7.pallas_gpu``), for token inputs in the op's order, each [B, T, HV, width].
 
   primitives(precision) -> the chunk module's ``Primitives``.
-  math: the op's chunk module, shared with the TPU kernels (``ChunkMatrices``, ``load``,
-    ``intra_forward``, ``state_forward``, ``state_backward``, ``token_gradients``; see
-    ``ops.kda.pallas_tpu.ChunkOp``).
+  math: the op's chunk module, shared with the TPU kernels; the state kernels take its
+    ``ChunkMatrices``, ``state_forward`` and ``state_backward``.
   value_index: which token input is v.
   fields: a ``math.ChunkMatrices`` of ``Field``s.
-  sub_chunks: None, or a module whose ``intra_forward`` forms the chunk matrices from 16-row
-    sub-chunks (``SUB``, ``load_rows``, ``intra_forward`` storing them by row blocks), for the
-    intra forward kernel (``ops.kda._kernel_subchunk``, ``ops.rwkv7._kernel_subchunk``); where
-    it also has ``intra_backward`` (and ``GRADIENTS``, their names in the token order), the
-    intra backward kernel takes it too (KDA's).
+  sub_chunks: the module forming the chunk matrices and the token gradients from 16-row
+    sub-chunks, for the intra kernels (``SUB``, ``GRADIENTS``: the gradients' names in the
+    token order, ``load_rows``, ``intra_forward`` and ``intra_backward``;
+    ``ops.kda._kernel_subchunk``, ``ops.rwkv7._kernel_subchunk``).
   """
 
   primitives: Callable
   math: object
   value_index: int
   fields: tuple
-  sub_chunks: object = None
+  sub_chunks: object
 
 
 class Sizes(NamedTuple):
@@ -213,71 +215,42 @@ def _load_matrices(op, refs, b, h, c, rows, values):
 
 # ------------------------------------------------------------------------------------ kernels
 
-def _chunk(op, refs, num_tokens, scale, precision):
-  """(the chunk, v, the remaining refs) from the token refs and the three packed-row masks."""
-  values = [ref[...].astype(F32) for ref in refs[:num_tokens]]
-  seg_ref, carried_ref, last_ref = refs[num_tokens:num_tokens + 3]
-  chunk = op.math.load(values, seg_ref[...], carried_ref[...], last_ref[...],
-                       op.primitives(precision), scale)
-  return chunk, values[op.value_index], refs[num_tokens + 3:]
-
-
-def _intra_forward_kernel(*refs, op, num_tokens, scale, precision):
-  if op.sub_chunks is not None:
-    return _intra_forward_by_sub_chunks(refs, op, num_tokens, scale, precision)
-  chunk, v, out_refs = _chunk(op, refs, num_tokens, scale, precision)
-  m = op.math.intra_forward(chunk, v)
-  stored = [value for value, f in zip(m, op.fields) if f.token is None]
-  for ref, value in zip(out_refs, stored):
-    ref[...] = value.reshape(ref.shape).astype(ref.dtype)
-
-
-def _intra_forward_by_sub_chunks(refs, op, num_tokens, scale, precision):
-  """The intra forward with ``op.sub_chunks``: each sub-chunk's rows loaded once, each output
-  written by [S, width] row blocks ([S, S] blocks for a "C" field) as soon as it is known."""
+def _sub_chunk_rows(op, refs, num_tokens, scale):
+  """(S, rows(b): sub-chunk b's slice, load(b): its ``Rows``) of a chunk's token and mask refs."""
   token_refs, mask_refs = refs[:num_tokens], refs[num_tokens:num_tokens + 3]
   S = op.sub_chunks.SUB
   rows = lambda b: pl.ds(b * S, S)
-  out_refs = dict(zip([name for name, f in zip(op.fields._fields, op.fields) if f.token is None],
-                      refs[num_tokens + 3:]))
 
   def load(b):
     tokens = [ref[rows(b), :].astype(F32) for ref in token_refs]
     return op.sub_chunks.load_rows(tokens, *(ref[rows(b), :] for ref in mask_refs), scale)
+
+  return S, rows, load
+
+
+def _intra_forward_kernel(*refs, op, num_tokens, scale, precision):
+  """Each sub-chunk's rows loaded once, each chunk matrix written by [S, width] row blocks
+  ([S, S] blocks for a "C" field) as soon as it is known."""
+  S, rows, load = _sub_chunk_rows(op, refs, num_tokens, scale)
+  out_refs = dict(zip([name for name, f in zip(op.fields._fields, op.fields) if f.token is None],
+                      refs[num_tokens + 3:]))
 
   def store(name, value, b, a=None):
     ref = out_refs[name]
     where = (Ellipsis,) if b is None else (rows(b), slice(None) if a is None else rows(a))
     ref[where] = value.reshape(ref.shape if b is None else value.shape).astype(ref.dtype)
 
-  op.sub_chunks.intra_forward(load, token_refs[0].shape[0] // S, op.primitives(precision), store)
+  op.sub_chunks.intra_forward(load, refs[0].shape[0] // S, op.primitives(precision), store)
 
 
 def _intra_backward_kernel(*refs, op, num_tokens, scale, precision):
-  if hasattr(op.sub_chunks, "intra_backward"):
-    return _intra_backward_by_sub_chunks(refs, op, num_tokens, scale, precision)
-  chunk, v, rest = _chunk(op, refs, num_tokens, scale, precision)
-  num_fields = len(op.fields)
-  cotangents = op.math.ChunkMatrices(*(_as_tile(ref[...].astype(F32), f.width)
-                                       for ref, f in zip(rest[:num_fields], op.fields)))
-  for ref, value in zip(rest[num_fields:], op.math.token_gradients(chunk, v, cotangents, scale)):
-    ref[...] = value.astype(ref.dtype)
-
-
-def _intra_backward_by_sub_chunks(refs, op, num_tokens, scale, precision):
-  """The intra backward with ``op.sub_chunks.intra_backward``: the rows and the cotangents read
-  by [S, width] row blocks ([S, S] blocks of a "C" field), each gradient written by row blocks."""
-  token_refs, mask_refs = refs[:num_tokens], refs[num_tokens:num_tokens + 3]
+  """The rows and the cotangents read by [S, width] row blocks ([S, S] blocks of a "C" field),
+  each gradient written by row blocks."""
+  S, rows, load = _sub_chunk_rows(op, refs, num_tokens, scale)
   num_fields = len(op.fields)
   cotangent_refs = dict(zip(op.fields._fields, zip(refs[num_tokens + 3:][:num_fields],
                                                    op.fields)))
   grad_refs = dict(zip(op.sub_chunks.GRADIENTS, refs[num_tokens + 3 + num_fields:]))
-  S = op.sub_chunks.SUB
-  rows = lambda b: pl.ds(b * S, S)
-
-  def load(b):
-    tokens = [ref[rows(b), :].astype(F32) for ref in token_refs]
-    return op.sub_chunks.load_rows(tokens, *(ref[rows(b), :] for ref in mask_refs), scale)
 
   def cotangent(name, b, a=None):
     ref, field = cotangent_refs[name]
@@ -288,8 +261,8 @@ def _intra_backward_by_sub_chunks(refs, op, num_tokens, scale, precision):
   def store(name, value, b):
     grad_refs[name][rows(b), :] = value.astype(grad_refs[name].dtype)
 
-  op.sub_chunks.intra_backward(load, cotangent, token_refs[0].shape[0] // S,
-                               op.primitives(precision), store, scale)
+  op.sub_chunks.intra_backward(load, cotangent, refs[0].shape[0] // S, op.primitives(precision),
+                               store, scale)
 
 
 def _state_forward_kernel(*refs, op, sizes, BV, precision, keep_states):

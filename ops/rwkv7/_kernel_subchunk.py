@@ -1,6 +1,7 @@
-"""RWKV-7's intra-chunk forward on 16-row sub-chunks, for the GPU kernel: the same
-``ChunkMatrices`` as ``_kernel_chunk.intra_forward``, built as KDA's are
-(``ops.kda._kernel_subchunk``: why, and the block structure).
+"""RWKV-7's intra-chunk forward and backward on 16-row sub-chunks, for the GPU kernels: the same
+``ChunkMatrices`` as ``_kernel_chunk.intra_forward`` and the same gradients as
+``_kernel_chunk.token_gradients``, built as KDA's are (``ops.kda._kernel_subchunk``: why, and
+the block structure).
 
 Per sub-chunk b (G, G~ the chunk's inclusive and exclusive cumulative log decay):
 
@@ -23,10 +24,12 @@ from typing import Callable, NamedTuple
 import jax.numpy as jnp
 
 from ops.kda._kernel_chunk import F32, Primitives, iota, last_row
-from ops.kda._kernel_subchunk import SUB, same_segment, substitution_row
-from ops.rwkv7._kernel_chunk import Chunk
+from ops.kda._kernel_subchunk import SUB, block_inverse_backward, same_segment, substitution_row
+from ops.rwkv7._kernel_chunk import Chunk, _diagonal
 
-__all__ = ["SUB", "Rows", "load_rows", "intra_forward"]
+__all__ = ["SUB", "GRADIENTS", "Rows", "load_rows", "intra_forward", "intra_backward"]
+
+GRADIENTS = ("dr", "dw", "dk", "da", "db", "dv")  # intra_backward's outputs, in the token order
 
 
 class Rows(NamedTuple):
@@ -98,3 +101,151 @@ def intra_forward(load: Callable[[int], Rows], num_blocks: int, prims: Primitive
     store("Bg", b_cols * to_end, blk)
     store("Kg", k_cols * to_end, blk)
   store("decay", last_row(carried) * jnp.exp(G_end), None)
+
+
+def intra_backward(load: Callable[[int], Rows], cotangent: Callable, num_blocks: int,
+                   prims: Primitives, store: Callable, scale: float) -> None:
+  """The token gradients of one chunk from the cotangents of its matrices, by sub-chunks: the
+  values of ``_kernel_chunk.token_gradients``, handed to ``store(name, value, b)`` as row block
+  b of each of ``GRADIENTS`` (dr for the unscaled r). ``load`` and ``cotangent`` as KDA's
+  (``ops.kda._kernel_subchunk.intra_backward``), whose three passes this follows:
+
+    1. in order: G, G~, the off-diagonal blocks of the four pair products, T by block
+       substitution, Z = A_ak v and dT = dW (a exp(G~))^T + dU Z^T by blocks;
+    2. [S, S] blocks only: dA_ab = T^T dT T^T on A_ab's support;
+    3. in reverse: dZ = T^T dU and from it dA_ak = dZ v^T, dA_rk = dY v^T; each sub-chunk's
+       diagonal block by the level split; each off-diagonal block once for both factors (rows
+       now, columns summed until their turn), dv likewise; the cotangents through W, r exp(G),
+       b and k times exp(G_C - G) and exp(G_C); dw = reverse-cumsum(dG + dG~) - dG~, carried
+       over from the later sub-chunks.
+  """
+  dot = prims.dot
+  n = num_blocks
+  first_row = iota((SUB, 1), 0) == 0
+
+  # Pass 1.
+  starts, ends = [], []  # G before and at the end of each sub-chunk, [1, K]
+  b_cols, k_cols, values = [], [], []  # b and k times exp(G_m - G) (m the last row), v
+  segments, carried = [], []
+  A_ak, A_rk, T, dT = [], [], [], []  # blocks [j][a], a <= j
+  rhs_w, ak_v = [], []  # a exp(G~), A_ak v by sub-chunk
+  through_end = []  # per sub-chunk: the sum over rows of (dBg b + dKg k) exp(G_m - G), [1, K]
+  G_start = 0.0
+  for j in range(n):
+    x = load(j)
+    c = Chunk(x.r, x.w, x.k, x.a, x.b, x.segment, x.carried, x.last, prims)
+    G = G_start + c.G
+    G_before = jnp.where(first_row, G_start, G_start + c.G_before)
+    ab_row, ak_row, rk_row = [], [], []
+    for a in range(j):
+      mask = same_segment(x.segment, segments[a])
+      strict_rows, rows = jnp.exp(G_before - ends[a]), jnp.exp(G - ends[a])
+      ab_row.append(dot(x.a * strict_rows, b_cols[a], trans_b=True) * mask)
+      ak_row.append(dot(x.a * strict_rows, k_cols[a], trans_b=True) * mask)
+      rk_row.append(dot(x.r * rows, k_cols[a], trans_b=True) * mask)
+    ab_row.append(c.A_ab)
+    ak_row.append(c.A_ak)
+    rk_row.append(c.A_rk)
+    T.append(substitution_row(T, ab_row, c.T, dot, sign=-1.0))
+    ak_v.append(sum(dot(A, v) for A, v in zip(ak_row, values + [x.v])))
+    rhs_w.append(x.a * jnp.exp(G_before))
+    dW, dU = x.carried * cotangent("W", j), cotangent("U", j)
+    dT.append([dot(dW, rhs_w[a], trans_b=True) + dot(dU, ak_v[a], trans_b=True)
+               for a in range(j + 1)])
+    G_end = last_row(G)
+    to_m = jnp.exp(G_end - G)
+    b_cols.append(x.b * to_m)
+    k_cols.append(x.k * to_m)
+    through_end.append(jnp.sum(x.last * (cotangent("Bg", j) * b_cols[j]
+                                         + cotangent("Kg", j) * k_cols[j]), axis=0,
+                               keepdims=True))
+    A_ak.append(ak_row)
+    A_rk.append(rk_row)
+    starts.append(G_start)
+    ends.append(G_end)
+    values.append(x.v)
+    segments.append(x.segment)
+    carried.append(x.carried)
+    G_start = G_end
+  G_C = G_start
+  dG_C = (sum(e * jnp.exp(G_C - G_m) for e, G_m in zip(through_end, ends))
+          + cotangent("decay", None) * last_row(carried[-1]) * jnp.exp(G_C))
+
+  # Pass 2.
+  t, i = iota((SUB, SUB), 0), iota((SUB, SUB), 1)
+
+  def support(j, a, strict):  # block (j, a) of a pair product's support, i < t or i <= t
+    below = (t > i) if strict else (t >= i)
+    return jnp.where(below | (a < j), same_segment(segments[j], segments[a]), 0.0)
+
+  dA_ab = block_inverse_backward(T, dT, dot, sign=-1.0,
+                                 support=lambda j, a: support(j, a, strict=True))
+
+  # Pass 3.
+  after = 0.0  # the sum of dG + dG~ over the later sub-chunks
+  d_cols = [(0.0, 0.0)] * n  # the cotangents of each sub-chunk's gated b and k columns
+  dv = [0.0] * n  # each sub-chunk's dv, summed from the later rows
+  for j in reversed(range(n)):
+    x = load(j)
+    c = Chunk(x.r, x.w, x.k, x.a, x.b, x.segment, x.carried, x.last, prims)
+    G, G_before = starts[j] + c.G, starts[j] + c.G_before
+    gamma, gamma_before = jnp.exp(G), jnp.exp(G_before)
+    dZ = sum(dot(T[b][j], cotangent("U", b), trans_a=True) for b in range(j, n))
+    dY_j = cotangent("Y", j)
+    dA_ak = [dot(dZ, values[a], trans_b=True) * support(j, a, strict=True)
+             for a in range(j + 1)]
+    dA_rk = [dot(dY_j, values[a], trans_b=True) * support(j, a, strict=False)
+             for a in range(j + 1)]
+    dA_rb = [cotangent("A", j, a) * support(j, a, strict=False) for a in range(j + 1)]
+    for a in range(j + 1):
+      dv[a] = dv[a] + dot(A_ak[j][a], dZ, trans_a=True) + dot(A_rk[j][a], dY_j, trans_a=True)
+
+    (da_b, da_k, dr_b, dr_k), (db_a, dk_a, db_r, dk_r), (dG_before, dG_row), dG = (
+        c.products_backward(c.pairs, [dA_ab[j][j], dA_ak[j], dA_rb[j], dA_rk[j]],
+                            c.row_gates))
+    on_rb, on_rk = _diagonal(dA_rb[j]), _diagonal(dA_rk[j])
+    dr = dr_b + dr_k + on_rb * x.b + on_rk * x.k
+    da = da_b + da_k
+    db = db_a + db_r + on_rb * x.r
+    dk = dk_a + dk_r + on_rk * x.r
+    dG = dG + dG_row
+    for a in range(j):  # block (j, a): j's gated rows against a's gated columns
+      strict_rows, rows = jnp.exp(G_before - ends[a]), jnp.exp(G - ends[a])
+      a_rows, r_rows = x.a * strict_rows, x.r * rows
+      dA_b, dA_k = (dot(dA_ab[j][a], b_cols[a]) + dot(dA_ak[a], k_cols[a]),
+                    dot(dA_rb[a], b_cols[a]) + dot(dA_rk[a], k_cols[a]))
+      da = da + dA_b * strict_rows
+      dr = dr + dA_k * rows
+      dG_before = dG_before + a_rows * dA_b
+      dG = dG + r_rows * dA_k
+      db_cols, dk_cols = d_cols[a]
+      d_cols[a] = (db_cols + dot(dA_ab[j][a], a_rows, trans_a=True)
+                   + dot(dA_rb[a], r_rows, trans_a=True),
+                   dk_cols + dot(dA_ak[a], a_rows, trans_a=True)
+                   + dot(dA_rk[a], r_rows, trans_a=True))
+    db_cols, dk_cols = d_cols[j]
+    to_m = jnp.exp(ends[j] - G)
+    db = db + db_cols * to_m
+    dk = dk + dk_cols * to_m
+    dG = dG - (db_cols * x.b + dk_cols * x.k) * to_m
+
+    dX = sum(dot(T[b][j], carried[b] * cotangent("W", b), trans_a=True) for b in range(j, n))
+    da = da + dX * gamma_before
+    dG_before = dG_before + dX * x.a * gamma_before
+    dRg = x.carried * cotangent("Rg", j)
+    dr = dr + dRg * gamma
+    dG = dG + dRg * x.r * gamma
+    dBg, dKg = x.last * cotangent("Bg", j), x.last * cotangent("Kg", j)
+    to_end = jnp.exp(G_C - G)
+    db = db + dBg * to_end
+    dk = dk + dKg * to_end
+    dG = dG - (dBg * x.b + dKg * x.k) * to_end
+    if j == n - 1:
+      dG = dG + jnp.where(iota(dG.shape, 0) == SUB - 1, dG_C, 0.0)
+    store("dr", dr * scale, j)
+    store("dw", prims.cumsum(dG + dG_before, reverse=True) + after - dG_before, j)
+    store("dk", dk, j)
+    store("da", da, j)
+    store("db", db, j)
+    store("dv", dv[j] + cotangent("values", j), j)
+    after = after + jnp.sum(dG + dG_before, axis=0, keepdims=True)

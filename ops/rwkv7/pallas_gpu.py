@@ -16,8 +16,9 @@ it loads a chunk, its gradients' order and how its chunk matrices are kept.
   state backward   grid (B, H, V/BV)     walks the chunks backwards with dS: the cotangents of
                                          those matrices (summed over V blocks outside) and dv's
                                          part through the state
-  intra backward   grid (B, H, chunks)   recomputes the chunk's matrices and takes those
-                                         cotangents (dY is dO itself) to dr, dw, dk, dv, da, db
+  intra backward   grid (B, H, chunks)   per chunk, by 16-row sub-chunks: recomputes the
+                                         chunk's matrices and takes those cotangents (dY is dO
+                                         itself) to dr, dw, dk, dv, da, db
 
 Why the Triton backend: KDA's (``ops.kda.pallas_gpu``), the same kernels; so are the launch
 settings (``ops.kda.pallas_gpu.LAUNCH``), not yet tuned for RWKV-7.
