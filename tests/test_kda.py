@@ -554,6 +554,20 @@ def test_gpu_kernels_lower_to_triton(dtype):
     num.assert_lowers_to_triton(fn, *args)
 
 
+def _sub_chunk_case(rng, chunk: int, decay: float, K: int = 32, V: int = 16):
+  """One chunk's random token inputs (q, k, g, v, beta) as [chunk, width] float32, its packed-row
+  masks (three segments drawn) and the interpret-mode GPU primitives, for the sub-chunk tests."""
+  from ops.kda import _kernel_chunk
+  q, k = (num.normal(rng, (chunk, K), scale=0.3) for _ in range(2))
+  g = -num.uniform(rng, (chunk, K), 0.0, decay)
+  v = num.normal(rng, (chunk, V))
+  beta = num.uniform(rng, (chunk, 1), 0.0, 1.0)
+  index = jnp.asarray(np.sort(rng.integers(0, 3, (1, chunk))), jnp.int32)
+  masks = [m[0] for m in _kernel_chunk.packed_row_masks(index, 1, chunk, chunk)]
+  prims = pallas_gpu.primitives(pallas_gpu.precision_for(jnp.float32, interpret=True))
+  return (q, k, g, v, beta), masks, prims
+
+
 @pytest.mark.parametrize("chunk, decay", [(64, 0.1), (64, 20.0), (16, 1.0)])
 @given(seed=num.seeds())
 def test_sub_chunk_intra_forward_equals_the_level_split(seed, chunk, decay):
@@ -564,13 +578,7 @@ def test_sub_chunk_intra_forward_equals_the_level_split(seed, chunk, decay):
   from ops.kda import _kernel_chunk, _kernel_subchunk
   rng = np.random.default_rng(seed)
   K, V = 32, 16
-  q, k = (num.normal(rng, (chunk, K), scale=0.3) for _ in range(2))
-  g = -num.uniform(rng, (chunk, K), 0.0, decay)
-  v = num.normal(rng, (chunk, V))
-  beta = num.uniform(rng, (chunk, 1), 0.0, 1.0)
-  index = jnp.asarray(np.sort(rng.integers(0, 3, (1, chunk))), jnp.int32)
-  masks = [m[0] for m in _kernel_chunk.packed_row_masks(index, 1, chunk, chunk)]
-  prims = pallas_gpu.primitives(pallas_gpu.precision_for(jnp.float32, interpret=True))
+  (q, k, g, v, beta), masks, prims = _sub_chunk_case(rng, chunk, decay, K, V)
   expected = _kernel_chunk.intra_forward(_kernel_chunk.Chunk(q, k, g, beta, *masks, prims), v)
   got = num.sub_chunk_matrices(_kernel_subchunk, (q, k, g, v, beta, *masks), expected, prims)
   for name in expected._fields:  # every entry written (NaN otherwise) and equal
@@ -586,13 +594,7 @@ def test_sub_chunk_intra_backward_equals_the_level_split(seed, chunk, decay):
   from ops.kda import _kernel_chunk, _kernel_subchunk
   rng = np.random.default_rng(seed)
   K, V = 32, 16
-  q, k = (num.normal(rng, (chunk, K), scale=0.3) for _ in range(2))
-  g = -num.uniform(rng, (chunk, K), 0.0, decay)
-  v = num.normal(rng, (chunk, V))
-  beta = num.uniform(rng, (chunk, 1), 0.0, 1.0)
-  index = jnp.asarray(np.sort(rng.integers(0, 3, (1, chunk))), jnp.int32)
-  masks = [m[0] for m in _kernel_chunk.packed_row_masks(index, 1, chunk, chunk)]
-  prims = pallas_gpu.primitives(pallas_gpu.precision_for(jnp.float32, interpret=True))
+  (q, k, g, v, beta), masks, prims = _sub_chunk_case(rng, chunk, decay, K, V)
   cotangents = _kernel_chunk.ChunkMatrices(
       W=num.normal(rng, (chunk, K)), U=num.normal(rng, (chunk, V)), Qg=num.normal(rng, (chunk, K)),
       Kg=num.normal(rng, (chunk, K)), A=num.normal(rng, (chunk, chunk)),

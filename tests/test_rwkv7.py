@@ -377,23 +377,30 @@ def _kernel_functions(kernels, dtype):
 
 
 
-@pytest.mark.parametrize("chunk, decay", [(64, 0.1), (64, 20.0), (16, 1.0)])
-@given(seed=num.seeds())
-def test_sub_chunk_intra_forward_equals_the_level_split(seed, chunk, decay):
-  """The GPU intra forward's 16-row sub-chunk form (``ops.rwkv7._kernel_subchunk``) gives the
-  chunk matrices of the whole-chunk form (``_kernel_chunk.intra_forward``): packed segments,
-  weak decay (large products across sub-chunks) and strong (up to -20 a token)."""
+def _sub_chunk_case(rng, chunk: int, decay: float, K: int = 32, V: int = 16):
+  """One chunk's random token inputs (r, w, k, a, b, v) as [chunk, width] float32, its packed-row
+  masks (three segments drawn) and the interpret-mode GPU primitives, for the sub-chunk tests."""
   from ops.kda import _kernel_chunk as kda_chunk
   from ops.kda import pallas_gpu as kda_gpu
-  from ops.rwkv7 import _kernel_chunk, _kernel_subchunk
-  rng = np.random.default_rng(seed)
-  K, V = 32, 16
   r, k, a, b = (num.normal(rng, (chunk, K), scale=0.3) for _ in range(4))
   w = -num.uniform(rng, (chunk, K), 0.0, decay)
   v = num.normal(rng, (chunk, V))
   index = jnp.asarray(np.sort(rng.integers(0, 3, (1, chunk))), jnp.int32)
   masks = [m[0] for m in kda_chunk.packed_row_masks(index, 1, chunk, chunk)]
   prims = pallas_gpu.RWKV7.primitives(kda_gpu.precision_for(jnp.float32, interpret=True))
+  return (r, w, k, a, b, v), masks, prims
+
+
+@pytest.mark.parametrize("chunk, decay", [(64, 0.1), (64, 20.0), (16, 1.0)])
+@given(seed=num.seeds())
+def test_sub_chunk_intra_forward_equals_the_level_split(seed, chunk, decay):
+  """The GPU intra forward's 16-row sub-chunk form (``ops.rwkv7._kernel_subchunk``) gives the
+  chunk matrices of the whole-chunk form (``_kernel_chunk.intra_forward``): packed segments,
+  weak decay (large products across sub-chunks) and strong (up to -20 a token)."""
+  from ops.rwkv7 import _kernel_chunk, _kernel_subchunk
+  rng = np.random.default_rng(seed)
+  K, V = 32, 16
+  (r, w, k, a, b, v), masks, prims = _sub_chunk_case(rng, chunk, decay, K, V)
   expected = _kernel_chunk.intra_forward(_kernel_chunk.Chunk(r, w, k, a, b, *masks, prims), v)
   got = num.sub_chunk_matrices(_kernel_subchunk, (r, w, k, a, b, v, *masks), expected, prims)
   for name in expected._fields:  # every stored entry written (NaN otherwise) and equal
@@ -407,17 +414,10 @@ def test_sub_chunk_intra_backward_equals_the_level_split(seed, chunk, decay):
   """The GPU intra backward's 16-row sub-chunk form (``ops.rwkv7._kernel_subchunk``) gives the
   token gradients of the whole-chunk form (``_kernel_chunk.token_gradients``) from random
   cotangents of every chunk matrix: packed segments, weak and strong decay."""
-  from ops.kda import _kernel_chunk as kda_chunk
-  from ops.kda import pallas_gpu as kda_gpu
   from ops.rwkv7 import _kernel_chunk, _kernel_subchunk
   rng = np.random.default_rng(seed)
   K, V = 32, 16
-  r, k, a, b = (num.normal(rng, (chunk, K), scale=0.3) for _ in range(4))
-  w = -num.uniform(rng, (chunk, K), 0.0, decay)
-  v = num.normal(rng, (chunk, V))
-  index = jnp.asarray(np.sort(rng.integers(0, 3, (1, chunk))), jnp.int32)
-  masks = [m[0] for m in kda_chunk.packed_row_masks(index, 1, chunk, chunk)]
-  prims = pallas_gpu.RWKV7.primitives(kda_gpu.precision_for(jnp.float32, interpret=True))
+  (r, w, k, a, b, v), masks, prims = _sub_chunk_case(rng, chunk, decay, K, V)
   widths = dict(W=K, U=V, Rg=K, A=chunk, Y=V, Bg=K, Kg=K, values=V)
   cotangents = _kernel_chunk.ChunkMatrices(
       **{name: num.normal(rng, (chunk, width)) for name, width in widths.items()},
