@@ -426,10 +426,10 @@ class AgreementBase:
   """
 
   implementation: str
-  # Whether the form reads its inputs in their own dtype (the Pallas kernels: L2-normalised q and
-  # k are rounded back to it, as fla's l2norm does, and the GPU kernels store their chunk
-  # matrices in it): then float32 results (the final state, float32 gradients) from bfloat16
-  # inputs carry bfloat16 rounding and are held to 1e-2, not 1e-5.
+  # Whether the form reads its inputs in their own dtype (the Pallas kernels; the GPU kernels
+  # also store W, Q Gamma and K exp(G_C - G) in it): then float32 results (the final state,
+  # float32 gradients) from bfloat16 inputs carry bfloat16 rounding and are held to 1e-2, not
+  # 1e-5.
   keeps_input_dtype = False
 
   @given(case=cases())

@@ -80,10 +80,13 @@ def _prepare(q, k, v, g, beta, H, HV, K, scale, use_qk_l2norm_in_kernel, *, for_
   """q, k repeated to the value heads (head axis -2) and L2-normalised if asked.
 
   By default every input comes back float32 with q scaled. ``for_kernel`` keeps each input's
-  dtype (the normalisation still runs in float32) and leaves q unscaled: the Pallas kernels
-  read the narrow inputs and apply the scale themselves.
+  dtype and leaves q unscaled: the Pallas kernels read the narrow inputs and apply the scale
+  themselves. Normalised q and k stay float32 even then: rounded back to bfloat16 they would
+  add a rounding the reference does not have, which shows where q . k cancels.
   """
   dtypes = [x.dtype if for_kernel else jnp.float32 for x in (q, k, v, g, beta)]
+  if use_qk_l2norm_in_kernel:
+    dtypes[:2] = [jnp.float32] * 2
   q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
   if use_qk_l2norm_in_kernel:
     q32, k32 = _l2_normalize(q32), _l2_normalize(k32)

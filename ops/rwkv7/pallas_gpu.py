@@ -60,11 +60,11 @@ def _primitives(precision: kda_gpu.Precision):
   return kda_gpu.primitives(precision)._replace(shift=shift)
 
 
-_K, _V = Field("K"), Field("V")
+_K = Field("K")
 RWKV7 = kda_gpu.TritonOp(
     primitives=_primitives, math=chunk_math, value_index=5,
     fields=chunk_math.ChunkMatrices(
-        W=_K, U=_V, Rg=_K, A=Field("C", F32), Y=Field("V", cotangent_is_dO=True), Bg=_K, Kg=_K,
+        W=_K, U=Field("V", F32), Rg=_K, A=Field("C", F32), Y=Field("V", cotangent_is_dO=True), Bg=_K, Kg=_K,
         values=Field("V", token=5), decay=Field("chunk", F32)),
     sub_chunks=_kernel_subchunk)
 
