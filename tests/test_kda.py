@@ -556,31 +556,61 @@ def test_gpu_kernels_lower_to_triton(dtype):
 
 def _sub_chunk_case(rng, chunk: int, decay: float, K: int = 32, V: int = 16):
   """One chunk's random token inputs (q, k, g, v, beta) as [chunk, width] float32, its packed-row
-  masks (three segments drawn) and the interpret-mode GPU primitives, for the sub-chunk tests."""
+  masks (one to three segments drawn: with three, pairs two sub-chunks apart nearly always
+  straddle a segment and are masked) and the interpret-mode GPU primitives, for the sub-chunk
+  tests."""
   from ops.kda import _kernel_chunk
   q, k = (num.normal(rng, (chunk, K), scale=0.3) for _ in range(2))
   g = -num.uniform(rng, (chunk, K), 0.0, decay)
   v = num.normal(rng, (chunk, V))
   beta = num.uniform(rng, (chunk, 1), 0.0, 1.0)
-  index = jnp.asarray(np.sort(rng.integers(0, 3, (1, chunk))), jnp.int32)
+  index = jnp.asarray(np.sort(rng.integers(0, rng.integers(1, 4), (1, chunk))), jnp.int32)
   masks = [m[0] for m in _kernel_chunk.packed_row_masks(index, 1, chunk, chunk)]
   prims = pallas_gpu.primitives(pallas_gpu.precision_for(jnp.float32, interpret=True))
   return (q, k, g, v, beta), masks, prims
 
 
+def _three_step_forward(tokens, masks, prims):
+  """A chunk's matrices (whole float32 arrays by ``ChunkMatrices`` name) and T from the GPU
+  forward's three steps (``_kernel_subchunk``: ``pair_rows`` for each sub-chunk, then
+  ``inverse_blocks`` and ``chunk_outputs``), as its three kernels run them; M's blocks above the
+  diagonal, never stored, stay NaN (and must never be read)."""
+  from ops.kda import _kernel_subchunk as sub
+  S, chunk = sub.SUB, tokens[0].shape[0]
+  n = chunk // S
+  block = lambda b: slice(b * S, (b + 1) * S)
+  rows = sub.load_rows(tokens, *masks, scale=1.0)
+  load = lambda a: sub.Rows(*(x[block(int(a))] for x in rows))
+  square = {name: np.full((chunk, chunk), np.nan, np.float32) for name in ("A", "M", "T")}
+  with jax.disable_jit():  # the sub-chunk loops run in Python, with concrete indices
+    for j in range(n):
+      def store(name, value, a, j=j):
+        square[name][block(j), block(int(a))] = value
+      sub.pair_rows(load, j, n, prims, store)
+  M = square["M"]
+  sub.inverse_blocks(lambda b, a: M[block(b), block(a)], n, prims,
+                     lambda value, b, a: square["T"].__setitem__((block(b), block(a)), value))
+  got = {"A": square["A"]}
+  sub.chunk_outputs(rows, square["T"], prims,
+                    lambda name, value: got.__setitem__(name, np.asarray(value)))
+  return got, square["T"]
+
+
 @pytest.mark.parametrize("chunk, decay", [(64, 0.1), (64, 20.0), (16, 1.0)])
 @given(seed=num.seeds())
 def test_sub_chunk_intra_forward_equals_the_level_split(seed, chunk, decay):
-  """The GPU intra forward's 16-row sub-chunk form (``ops.kda._kernel_subchunk``) gives the
-  chunk matrices of the whole-chunk level split (``_kernel_chunk.intra_forward``), packed
+  """The GPU intra forward's three steps on 16-row sub-chunks (``ops.kda._kernel_subchunk``)
+  give T and the chunk matrices of the whole-chunk level split (``_kernel_chunk``), packed
   segments and strong decay (up to -20 a token, exp(-1280) across a chunk) included; the weak
   decay keeps the products across sub-chunks (and across segments, masked) large."""
-  from ops.kda import _kernel_chunk, _kernel_subchunk
+  from ops.kda import _kernel_chunk
   rng = np.random.default_rng(seed)
   K, V = 32, 16
   (q, k, g, v, beta), masks, prims = _sub_chunk_case(rng, chunk, decay, K, V)
-  expected = _kernel_chunk.intra_forward(_kernel_chunk.Chunk(q, k, g, beta, *masks, prims), v)
-  got = num.sub_chunk_matrices(_kernel_subchunk, (q, k, g, v, beta, *masks), expected, prims)
+  whole = _kernel_chunk.Chunk(q, k, g, beta, *masks, prims)
+  expected = _kernel_chunk.intra_forward(whole, v)
+  got, T = _three_step_forward((q, k, g, v, beta), masks, prims)
+  num.assert_close(whole.T, T, num.TOL_F32, "T")
   for name in expected._fields:  # every entry written (NaN otherwise) and equal
     num.assert_close(getattr(expected, name), got[name], num.TOL_F32, name, floor=1e-30)
 

@@ -379,13 +379,15 @@ def _kernel_functions(kernels, dtype):
 
 def _sub_chunk_case(rng, chunk: int, decay: float, K: int = 32, V: int = 16):
   """One chunk's random token inputs (r, w, k, a, b, v) as [chunk, width] float32, its packed-row
-  masks (three segments drawn) and the interpret-mode GPU primitives, for the sub-chunk tests."""
+  masks (one to three segments drawn: with three, pairs two sub-chunks apart nearly always
+  straddle a segment and are masked) and the interpret-mode GPU primitives, for the sub-chunk
+  tests."""
   from ops.kda import _kernel_chunk as kda_chunk
   from ops.kda import pallas_gpu as kda_gpu
   r, k, a, b = (num.normal(rng, (chunk, K), scale=0.3) for _ in range(4))
   w = -num.uniform(rng, (chunk, K), 0.0, decay)
   v = num.normal(rng, (chunk, V))
-  index = jnp.asarray(np.sort(rng.integers(0, 3, (1, chunk))), jnp.int32)
+  index = jnp.asarray(np.sort(rng.integers(0, rng.integers(1, 4), (1, chunk))), jnp.int32)
   masks = [m[0] for m in kda_chunk.packed_row_masks(index, 1, chunk, chunk)]
   prims = pallas_gpu.RWKV7.primitives(kda_gpu.precision_for(jnp.float32, interpret=True))
   return (r, w, k, a, b, v), masks, prims

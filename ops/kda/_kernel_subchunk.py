@@ -6,22 +6,21 @@ three passes.
 Why: the level split on whole [C, K] and [C, C] tiles holds so many of them that the Triton
 kernel runs at 255 registers and spills at C = 64 (docs/kernels.md, register report), and each
 of its six levels is a full C x K x C product masked to its pairs. Here the chunk's n = C / 16
-sub-chunks are visited in order and every tile is [16, K] or [16, 16]:
+sub-chunks are the unit, and the forward is three steps, each a kernel of its own on the GPU
+(``ops.kda.pallas_gpu``), so that every program is short and many run at once:
 
-  diagonal blocks     ``Chunk`` on the sub-chunk alone (the level split, levels 1, 2, 4, 8, and
-                      T_bb): its products depend on differences of G within the sub-chunk only,
-                      so its sub-chunk-local gate gives them exactly;
-  off-diagonal blocks rows of sub-chunk b against columns of an earlier sub-chunk a: with m the
-                      last row of a, exp(G_r - G_i) = exp(G_r - G_m) exp(G_m - G_i), both
-                      exponents <= 0 (the cumulative log gate only falls), so each block is one
-                      [16, K] x [K, 16] product of gated rows and gated columns, all its pairs
-                      strictly lower;
-  T = (I + A_kk)^-1   block forward substitution: T_bb by the level split, and for a < b
-                      T_ba = -T_bb sum_{a <= c < b} A_bc T_ca;
-  outputs             per sub-chunk b, stored as soon as known: W_b = carried T_b. (beta k
-                      Gamma) and U_b = T_b. (beta v) (T's row b needs sub-chunks <= b only),
-                      Q Gamma, the blocks of A_qk; after the last, K exp(G_C - G) = each column
-                      factor times exp(G_C - G_m), and exp(G_C).
+  ``pair_rows``       one program per sub-chunk j: row block j of A_qk and A_kk. The diagonal
+                      block by ``Chunk`` on the sub-chunk alone (the level split, levels 1, 2,
+                      4, 8), whose products depend on differences of G within it only, and its
+                      inverse T_jj; each earlier sub-chunk a as one [16, K] x [K, 16] product of
+                      gated rows and gated columns referenced at m, the last row of a:
+                      exp(G_r - G_i) = exp(G_r - G_m) exp(G_m - G_i), both exponents <= 0 (the
+                      cumulative log gate only falls), all its pairs strictly lower;
+  ``inverse_blocks``  one program per chunk, [16, 16] blocks only: T = (I + A_kk)^-1 by block
+                      forward substitution, T_ba = -T_bb sum_{a <= c < b} A_bc T_ca;
+  ``chunk_outputs``   one program per chunk on whole [C, width] tiles: W = carried T (beta k
+                      Gamma) and U = T (beta v) as two C x C x width products, Q Gamma,
+                      K exp(G_C - G) and exp(G_C).
 
 The pair products cost n (n + 1) / 2 block products instead of log2(C) full ones: 10 against 6
 C x K x C at C = 64, i.e. 0.63 M against 6.3 M multiply-adds per pair type and head (K = 128).
@@ -31,6 +30,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from ops.kda._kernel_chunk import F32, Chunk, LevelSplit, Primitives, eye, iota, last_row
@@ -87,44 +87,72 @@ def load_rows(tokens, segment, carried, last, scale: float) -> Rows:
   return Rows(q * scale, k, g, v, beta, segment, carried, last)
 
 
-def intra_forward(load: Callable[[int], Rows], num_blocks: int, prims: Primitives,
-                  store: Callable) -> None:
-  """The chunk's matrices from its ``num_blocks`` sub-chunks (``load(b)``, each loaded once),
-  handed to ``store(name, value, b, a=None)`` as soon as they are known, so that few tiles stay
-  live: row block b of W, U, Qg, Kg ([S, width]), block (b, a) of A ([S, S], zeros above the
-  diagonal) and the decay ([1, K], b = None)."""
+def pair_rows(load: Callable, j, num_blocks: int, prims: Primitives, store: Callable) -> None:
+  """Row block j of A_qk and of M, the pair kernel's work for sub-chunk j (``j`` may be traced:
+  the earlier sub-chunks are a loop), each [S, S] block (j, a) handed to
+  ``store(name, value, a)``: "A" for A_qk (zeros above the diagonal), "M" for A_kk below the
+  diagonal and T_jj = (I + A_kk,jj)^-1 on it (M's blocks above the diagonal are not stored).
+
+  ``load(a)`` gives sub-chunk a's ``Rows``. The earlier sub-chunks a = j - 1, ..., 0 are visited
+  backwards carrying ``since``, the sum of g over the sub-chunks between a and j, so that with
+  m the last row of a: G_r - G_m = (local cumulative gate of j at r) + since and
+  G_m - G_i = (a's total) - (a's local cumulative gate at i), both <= 0, and no absolute G is
+  needed.
+  """
   dot = prims.dot
-  G_end = 0.0
-  kept = []  # per earlier sub-chunk: (G at its last row, its gated columns, segment, last)
-  rhs_k, rhs_v, T = [], [], []  # T[b][a] for a <= b
+  x = load(j)
+  c = Chunk(x.q, x.k, x.g, x.beta, x.segment, x.carried, x.last, prims)
+  diagonal = jnp.sum(x.q * x.k, axis=1, keepdims=True) * eye(SUB)
+  store("A", (c.P_qk + diagonal) * c.lower, j)
+  store("M", c.T, j)
+
+  def earlier(step, since):
+    a = j - 1 - step
+    y = load(a)
+    local = prims.cumsum(y.g, reverse=False)
+    total = last_row(local)
+    columns = y.k * jnp.exp(total - local)
+    to_m = jnp.exp(c.G + since)
+    mask = same_segment(x.segment, y.segment)
+    store("A", dot(x.q * to_m, columns, trans_b=True) * mask, a)
+    store("M", x.beta * dot(x.k * to_m, columns, trans_b=True) * mask, a)
+    return since + total
+
+  jax.lax.fori_loop(0, j, earlier, jnp.zeros((1, x.g.shape[1]), F32))
+  zeros = jnp.zeros((SUB, SUB), F32)
+
+  def later(a, carry):
+    store("A", zeros, a)
+    return carry
+
+  jax.lax.fori_loop(j + 1, num_blocks, later, 0)
+
+
+def inverse_blocks(load: Callable, num_blocks: int, prims: Primitives, store: Callable) -> None:
+  """T = (I + A_kk)^-1 by block forward substitution from M's blocks (``load(b, a)``, a <= b:
+  T_bb on the diagonal, A_kk below it, as ``pair_rows`` stores them), each [S, S] block of T
+  handed to ``store(value, b, a)``, zeros above the diagonal."""
+  T = []
   for b in range(num_blocks):
-    x = load(b)
-    c = Chunk(x.q, x.k, x.g, x.beta, x.segment, x.carried, x.last, prims)
-    G = G_end + c.G
-    kk_row = []
-    for a, (G_m, columns, segment, _) in enumerate(kept):
-      to_m = jnp.exp(G - G_m)
-      mask = same_segment(x.segment, segment)
-      store("A", dot(x.q * to_m, columns, trans_b=True) * mask, b, a)
-      kk_row.append(x.beta * dot(x.k * to_m, columns, trans_b=True) * mask)
-    diagonal = jnp.sum(x.q * x.k, axis=1, keepdims=True) * eye(SUB)
-    store("A", (c.P_qk + diagonal) * c.lower, b, b)
-    for a in range(b + 1, num_blocks):
-      store("A", jnp.zeros((SUB, SUB), F32), b, a)
-    kk_row.append(c.A_kk)
-    T.append(substitution_row(T, kk_row, c.T, dot, sign=1.0))
-    gamma = jnp.exp(G)
-    rhs_k.append(x.beta * x.k * gamma)
-    rhs_v.append(x.beta * x.v)
-    store("W", x.carried * sum(dot(T[b][a], rhs_k[a]) for a in range(b + 1)), b)
-    store("U", sum(dot(T[b][a], rhs_v[a]) for a in range(b + 1)), b)
-    store("Qg", x.carried * x.q * gamma, b)
-    G_end = last_row(G)
-    kept.append((G_end, x.k * jnp.exp(G_end - G), x.segment, x.last))
-    carried = x.carried
-  for b, (G_m, columns, _, last) in enumerate(kept):
-    store("Kg", last * columns * jnp.exp(G_end - G_m), b)
-  store("decay", last_row(carried) * jnp.exp(G_end), None)
+    row = [load(b, a) for a in range(b + 1)]
+    T.append(substitution_row(T, row, row[b], prims.dot, sign=1.0))
+    for a in range(num_blocks):
+      store(T[b][a] if a <= b else jnp.zeros((SUB, SUB), F32), b, a)
+
+
+def chunk_outputs(x: Rows, T, prims: Primitives, store: Callable) -> None:
+  """The chunk matrices that follow from T, for the whole chunk's ``Rows`` x ([C, width]) and
+  T = (I + A_kk)^-1 [C, C], each handed to ``store(name, value)``: W = carried T (beta k
+  Gamma), U = T (beta v), Qg = carried q Gamma, Kg = last k exp(G_C - G) ([C, width]) and the
+  decay carried_C exp(G_C) ([1, K])."""
+  G = prims.cumsum(x.g, reverse=False)
+  gamma = jnp.exp(G)
+  store("W", x.carried * prims.dot(T, x.beta * x.k * gamma))
+  store("U", prims.dot(T, x.beta * x.v))
+  store("Qg", x.carried * x.q * gamma)
+  G_C = last_row(G)
+  store("Kg", x.last * x.k * jnp.exp(G_C - G))
+  store("decay", last_row(x.carried) * jnp.exp(G_C))
 
 
 def intra_backward(load: Callable[[int], Rows], cotangent: Callable, num_blocks: int,

@@ -70,7 +70,8 @@ from ops.kda._step_common import next_power_of_2
 F32 = jnp.float32
 VALUE_BLOCK = 64
 LAUNCH = {"intra_forward": (8, 1), "intra_backward": (8, 1), "state_forward": (4, 2),
-          "state_backward": (4, 2)}  # (num_warps, num_stages), measured in docs/kernels.md
+          "state_backward": (4, 2), "pair_rows": (2, 1), "inverse_blocks": (1, 1),
+          "chunk_outputs": (8, 1)}  # (num_warps, num_stages), measured in docs/kernels.md
 
 
 def default_interpret() -> bool:
@@ -169,6 +170,9 @@ class TritonOp(NamedTuple):
     sub-chunks, for the intra kernels (``SUB``, ``GRADIENTS``: the gradients' names in the
     token order, ``load_rows``, ``intra_forward`` and ``intra_backward``;
     ``ops.kda._kernel_subchunk``, ``ops.rwkv7._kernel_subchunk``).
+  intra_forward: None, or the op's own intra forward in place of the one kernel over
+    ``sub_chunks.intra_forward``: called as ``_intra_forward`` is, it returns the
+    ``ChunkMatrices`` of arrays (KDA's: ``_kda_intra_forward``, three kernels).
   """
 
   primitives: Callable
@@ -176,6 +180,7 @@ class TritonOp(NamedTuple):
   value_index: int
   fields: tuple
   sub_chunks: object
+  intra_forward: Callable | None = None
 
 
 class Sizes(NamedTuple):
@@ -265,6 +270,45 @@ def _intra_backward_kernel(*refs, op, num_tokens, scale, precision):
 
   op.sub_chunks.intra_backward(load, cotangent, refs[0].shape[0] // S, op.primitives(precision),
                                store, scale)
+
+
+def _pair_rows_kernel(*refs, num_tokens, scale, precision):
+  """KDA's sub-chunk j = program_id(3) of a chunk (``_kernel_subchunk.pair_rows``): its row
+  blocks [S, C] of A_qk and of M."""
+  S, rows, load = _sub_chunk_rows(KDA, refs, num_tokens, scale)
+  outs = dict(zip(("A", "M"), refs[num_tokens + 3:]))
+
+  def store(name, value, a):
+    outs[name][:, rows(a)] = value
+
+  _kernel_subchunk.pair_rows(load, pl.program_id(3), refs[0].shape[0] // S, primitives(precision),
+                             store)
+
+
+def _inverse_blocks_kernel(m_ref, t_ref, *, precision):
+  """A chunk's T [C, C] from its M (``_kernel_subchunk.inverse_blocks``)."""
+  S = _kernel_subchunk.SUB
+  rows = lambda b: pl.ds(b * S, S)
+
+  def store(value, b, a):
+    t_ref[rows(b), rows(a)] = value
+
+  _kernel_subchunk.inverse_blocks(lambda b, a: m_ref[rows(b), rows(a)], m_ref.shape[0] // S,
+                                  primitives(precision), store)
+
+
+def _chunk_outputs_kernel(*refs, num_tokens, scale, precision):
+  """A chunk's W, U, Qg, Kg and decay from its rows and T (``_kernel_subchunk.chunk_outputs``)."""
+  token_refs, mask_refs = refs[:num_tokens], refs[num_tokens:num_tokens + 3]
+  t_ref, out_refs = refs[num_tokens + 3], dict(zip(_CHUNK_OUTPUTS, refs[num_tokens + 4:]))
+  x = _kernel_subchunk.load_rows([ref[...].astype(F32) for ref in token_refs],
+                                 *(ref[...] for ref in mask_refs), scale)
+
+  def store(name, value):
+    ref = out_refs[name]
+    ref[...] = value.reshape(ref.shape).astype(ref.dtype)
+
+  _kernel_subchunk.chunk_outputs(x, t_ref[...], primitives(precision), store)
 
 
 def _state_forward_kernel(*refs, op, sizes, BV, precision, keep_states):
@@ -372,6 +416,42 @@ def _intra_forward(op, tokens, masks, *, scale, sizes, interpret, precision):
                                  for name, f in zip(op.fields._fields, op.fields)))
 
 
+_CHUNK_OUTPUTS = ("W", "U", "Qg", "Kg", "decay")
+
+
+def _kda_intra_forward(op, tokens, masks, *, scale, sizes, interpret, precision):
+  """KDA's chunk matrices (a ``ChunkMatrices`` of arrays) from three kernels: the pair rows
+  (grid B x HV x chunks x C/16: A_qk and M = A_kk with T's diagonal blocks), the block inverse
+  (grid B x HV x chunks: T from M) and the chunk outputs (the same grid: W, U, Qg, Kg, decay
+  from T); M and T pass through memory as float32 [B, T, HV, C]."""
+  B, T, HV, _, _, C = sizes
+  n = C // _kernel_subchunk.SUB
+  grid = (B, HV, T // C)
+  square = _token_spec(C, C)
+  per_sub_chunk = lambda spec: pl.BlockSpec(spec.block_shape,
+                                            lambda b, h, c, j: spec.index_map(b, h, c))
+  row_block = pl.BlockSpec((None, _kernel_subchunk.SUB, None, C),
+                           lambda b, h, c, j: (b, c * n + j, h, 0))
+  inputs = _input_specs(tokens, C)
+  params = dict(num_tokens=len(tokens), scale=scale, precision=precision)
+  A, M = _triton_call(
+      _pair_rows_kernel, (*grid, n), [per_sub_chunk(spec) for spec in inputs], [row_block] * 2,
+      [jax.ShapeDtypeStruct((B, T, HV, C), F32)] * 2, interpret, LAUNCH["pair_rows"],
+      **params)(*tokens, *masks)
+  T_inverse = _triton_call(
+      _inverse_blocks_kernel, grid, [square], square, jax.ShapeDtypeStruct(M.shape, F32),
+      interpret, LAUNCH["inverse_blocks"], precision=precision)(M)
+  fields = [getattr(op.fields, name) for name in _CHUNK_OUTPUTS]
+  layouts = [_layout(f.width, sizes) for f in fields]
+  store = tokens[op.value_index].dtype
+  outputs = _triton_call(
+      _chunk_outputs_kernel, grid, inputs + [square], [spec for _, spec in layouts],
+      [jax.ShapeDtypeStruct(shape, store if f.dtype is None else f.dtype)
+       for (shape, _), f in zip(layouts, fields)], interpret, LAUNCH["chunk_outputs"],
+      **params)(*tokens, *masks, T_inverse)
+  return op.math.ChunkMatrices(A=A, **dict(zip(_CHUNK_OUTPUTS, outputs)))
+
+
 def _intra_backward(op, tokens, masks, cotangents, *, scale, sizes, interpret, precision):
   """The token inputs' gradients from the chunk matrices' cotangents."""
   specs = _input_specs(tokens, sizes.C)
@@ -433,7 +513,7 @@ def _state_backward(op, matrices, states, dO, dfinal, *, sizes, interpret, preci
 
 def _forward(op, scale, C, interpret, tokens, masks, h0, *, keep_states):
   config = _config(op, tokens, h0, C, interpret)
-  matrices = _intra_forward(op, tokens, masks, scale=scale, **config)
+  matrices = (op.intra_forward or _intra_forward)(op, tokens, masks, scale=scale, **config)
   o, final, *states = _state_forward(op, matrices, h0, tokens[op.value_index].dtype,
                                      keep_states=keep_states, **config)
   return o, final, (matrices, states[0] if keep_states else None)
@@ -514,7 +594,8 @@ def walk_stages(op: TritonOp, tokens, initial_state, *, scale: float, chunk_size
   tokens, masks, h0 = _kernel_inputs(tokens, initial_state, None, chunk_size)
   config = _config(op, tokens, h0, chunk_size, interpret)
   out_dtype = tokens[op.value_index].dtype
-  intra_forward = jax.jit(lambda x, m: _intra_forward(op, x, m, scale=scale, **config))
+  intra_forward = jax.jit(lambda x, m: (op.intra_forward or _intra_forward)(
+      op, x, m, scale=scale, **config))
   state_forward = jax.jit(lambda m, h: _state_forward(op, m, h, out_dtype, keep_states=True,
                                                       **config))
   state_backward = jax.jit(lambda m, s, dO, df: _state_backward(op, m, s, dO, df, **config))
@@ -534,7 +615,7 @@ KDA = TritonOp(primitives=primitives, math=chunk_math, value_index=3,
                fields=chunk_math.ChunkMatrices(W=Field("K"), U=Field("V", F32), Qg=Field("K"),
                                                Kg=Field("K"), A=Field("C", F32),
                                                decay=Field("chunk", F32)),
-               sub_chunks=_kernel_subchunk)
+               sub_chunks=_kernel_subchunk, intra_forward=_kda_intra_forward)
 
 
 def scan(q, k, v, g, beta, initial_state, segment_index, *, scale: float, chunk_size: int = 64,
