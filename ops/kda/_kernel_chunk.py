@@ -95,6 +95,16 @@ def eye(C: int):
   return (iota((C, C), 0) == iota((C, C), 1)).astype(F32)
 
 
+def unit_lower_inverse(A, dot):
+  """(I + A)^-1 for a strictly lower-triangular A [C, C] (C a power of two), one 2 x 2 block
+  step per level with ``dot`` (a ``Primitives.dot``)."""
+  C = A.shape[0]
+  T = eye(C)
+  for s in levels(C):
+    T = T - dot(dot(T, A * level_mask(C, s), inverse=True), T, inverse=True)
+  return T
+
+
 class LevelSplit:
   """The level split of one chunk's cumulative log gate: pair products and the unit
   lower-triangular inverse, level by level; and the chunk's packed-row masks.
@@ -168,12 +178,8 @@ class LevelSplit:
     return dx, dy, dR, dG
 
   def inverse(self, A):
-    """(I + A)^-1 for the strictly lower-triangular A [C, C], one 2 x 2 block step per level."""
-    dot = self.prims.dot
-    T = eye(self.C)
-    for s in levels(self.C):
-      T = T - dot(dot(T, A * level_mask(self.C, s), inverse=True), T, inverse=True)
-    return T
+    """(I + A)^-1 for the strictly lower-triangular A [C, C] (``unit_lower_inverse``)."""
+    return unit_lower_inverse(A, self.prims.dot)
 
 
 class Chunk(LevelSplit):

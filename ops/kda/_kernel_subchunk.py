@@ -11,16 +11,17 @@ sub-chunks are the unit, and the forward is three steps, each a kernel of its ow
 
   ``pair_rows``       one program per sub-chunk j: row block j of A_qk and A_kk. The diagonal
                       block by ``Chunk`` on the sub-chunk alone (the level split, levels 1, 2,
-                      4, 8), whose products depend on differences of G within it only, and its
-                      inverse T_jj; each earlier sub-chunk a as one [16, K] x [K, 16] product of
-                      gated rows and gated columns referenced at m, the last row of a:
+                      4, 8), whose products depend on differences of G within it only; each
+                      earlier sub-chunk a as one [16, K] x [K, 16] product of gated rows and
+                      gated columns referenced at m, the last row of a:
                       exp(G_r - G_i) = exp(G_r - G_m) exp(G_m - G_i), both exponents <= 0 (the
                       cumulative log gate only falls), all its pairs strictly lower;
-  ``inverse_blocks``  one program per chunk, [16, 16] blocks only: T = (I + A_kk)^-1 by block
-                      forward substitution, T_ba = -T_bb sum_{a <= c < b} A_bc T_ca;
-  ``chunk_outputs``   one program per chunk on whole [C, width] tiles: W = carried T (beta k
-                      Gamma) and U = T (beta v) as two C x C x width products, Q Gamma,
-                      K exp(G_C - G) and exp(G_C).
+  ``inverse_blocks``  one program per chunk, [16, 16] blocks only: T = (I + A_kk)^-1, the
+                      diagonal blocks' inverses T_bb by the level split, then block forward
+                      substitution, T_ba = -T_bb sum_{a <= c < b} A_bc T_ca;
+  ``chunk_outputs``   one program per chunk and 64-column block: W = carried T (beta k
+                      Gamma) and U = T (beta v) as C x C x 64 products, Q Gamma,
+                      K exp(G_C - G) and exp(G_C), each column-wise in k, g and v.
 
 The pair products cost n (n + 1) / 2 block products instead of log2(C) full ones: 10 against 6
 C x K x C at C = 64, i.e. 0.63 M against 6.3 M multiply-adds per pair type and head (K = 128).
@@ -33,10 +34,12 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ops.kda._kernel_chunk import F32, Chunk, LevelSplit, Primitives, eye, iota, last_row
+from ops.kda._kernel_chunk import (F32, Chunk, LevelSplit, Primitives, eye, iota, last_row,
+                                   unit_lower_inverse)
 
 SUB = 16  # rows per sub-chunk: the smallest tile Triton's tensor-core products take
 GRADIENTS = ("dq", "dk", "dg", "dv", "dbeta")  # intra_backward's outputs, in the token order
+SAVED = ("inverse",)  # the forward's [C, C] results intra_backward reads, by keyword (T)
 
 
 class Rows(NamedTuple):
@@ -90,8 +93,8 @@ def load_rows(tokens, segment, carried, last, scale: float) -> Rows:
 def pair_rows(load: Callable, j, num_blocks: int, prims: Primitives, store: Callable) -> None:
   """Row block j of A_qk and of M, the pair kernel's work for sub-chunk j (``j`` may be traced:
   the earlier sub-chunks are a loop), each [S, S] block (j, a) handed to
-  ``store(name, value, a)``: "A" for A_qk (zeros above the diagonal), "M" for A_kk below the
-  diagonal and T_jj = (I + A_kk,jj)^-1 on it (M's blocks above the diagonal are not stored).
+  ``store(name, value, a)``: "A" for A_qk (zeros above the diagonal), "M" for A_kk (its
+  blocks above the diagonal are not stored).
 
   ``load(a)`` gives sub-chunk a's ``Rows``. The earlier sub-chunks a = j - 1, ..., 0 are visited
   backwards carrying ``since``, the sum of g over the sub-chunks between a and j, so that with
@@ -104,7 +107,7 @@ def pair_rows(load: Callable, j, num_blocks: int, prims: Primitives, store: Call
   c = Chunk(x.q, x.k, x.g, x.beta, x.segment, x.carried, x.last, prims)
   diagonal = jnp.sum(x.q * x.k, axis=1, keepdims=True) * eye(SUB)
   store("A", (c.P_qk + diagonal) * c.lower, j)
-  store("M", c.T, j)
+  store("M", c.A_kk, j)
 
   def earlier(step, since):
     a = j - 1 - step
@@ -129,13 +132,15 @@ def pair_rows(load: Callable, j, num_blocks: int, prims: Primitives, store: Call
 
 
 def inverse_blocks(load: Callable, num_blocks: int, prims: Primitives, store: Callable) -> None:
-  """T = (I + A_kk)^-1 by block forward substitution from M's blocks (``load(b, a)``, a <= b:
-  T_bb on the diagonal, A_kk below it, as ``pair_rows`` stores them), each [S, S] block of T
-  handed to ``store(value, b, a)``, zeros above the diagonal."""
+  """T = (I + A_kk)^-1 from A_kk's blocks (``load(b, a)``, a <= b, as ``pair_rows`` stores
+  them): each diagonal block's inverse T_bb by the level split, then block forward
+  substitution; each [S, S] block of T handed to ``store(value, b, a)``, zeros above the
+  diagonal."""
   T = []
   for b in range(num_blocks):
     row = [load(b, a) for a in range(b + 1)]
-    T.append(substitution_row(T, row, row[b], prims.dot, sign=1.0))
+    T_bb = unit_lower_inverse(row[b], prims.dot)
+    T.append(substitution_row(T, row, T_bb, prims.dot, sign=1.0))
     for a in range(num_blocks):
       store(T[b][a] if a <= b else jnp.zeros((SUB, SUB), F32), b, a)
 
@@ -144,7 +149,8 @@ def chunk_outputs(x: Rows, T, prims: Primitives, store: Callable) -> None:
   """The chunk matrices that follow from T, for the whole chunk's ``Rows`` x ([C, width]) and
   T = (I + A_kk)^-1 [C, C], each handed to ``store(name, value)``: W = carried T (beta k
   Gamma), U = T (beta v), Qg = carried q Gamma, Kg = last k exp(G_C - G) ([C, width]) and the
-  decay carried_C exp(G_C) ([1, K])."""
+  decay carried_C exp(G_C) ([1, K]). Each is a column-wise function of x's columns, so x may
+  hold a block of the key and value columns (the outputs are then that block's)."""
   G = prims.cumsum(x.g, reverse=False)
   gamma = jnp.exp(G)
   store("W", x.carried * prims.dot(T, x.beta * x.k * gamma))
@@ -156,19 +162,22 @@ def chunk_outputs(x: Rows, T, prims: Primitives, store: Callable) -> None:
 
 
 def intra_backward(load: Callable[[int], Rows], cotangent: Callable, num_blocks: int,
-                   prims: Primitives, store: Callable, scale: float) -> None:
+                   prims: Primitives, store: Callable, scale: float, *,
+                   inverse: Callable) -> None:
   """The token gradients of one chunk from the cotangents of its matrices, by sub-chunks: the
   values of ``_kernel_chunk.token_gradients``, handed to ``store(name, value, b)`` as row block
   b of each of ``GRADIENTS`` ([S, width]; dq for the unscaled q; dbeta [S, 1]).
 
   ``load(b)`` gives sub-chunk b's ``Rows`` (called twice a sub-chunk, once per pass over the
   rows); ``cotangent(name, b, a=None)`` row block b of a matrix's cotangent ([S, width]; block
-  (b, a) of "A", [S, S]; the [1, K] "decay" for b = None).
+  (b, a) of "A", [S, S]; the [1, K] "decay" for b = None); ``inverse(b, a)`` block (b, a) of
+  T = (I + A_kk)^-1 as the forward saved it (a <= b, [S, S]; ``SAVED``), read where it is
+  used (passes 2 and 3) rather than kept live.
 
   Three passes, so that only [S, S] blocks and a few [S, K] tiles stay live:
-    1. over the sub-chunks in order: G, the off-diagonal P_kk blocks, T by block substitution
-       and dT = dW (beta k Gamma)^T + dU (beta v)^T by blocks (rows b of T and dT need
-       sub-chunks <= b only);
+    1. over the sub-chunks in order: G, the off-diagonal P_kk blocks and
+       dT = dW (beta k Gamma)^T + dU (beta v)^T by blocks (row b of dT needs sub-chunks <= b
+       only);
     2. [S, S] blocks only: dA_kk = -T^T dT T^T on A_kk's support (``block_inverse_backward``)
        and its part of dbeta;
     3. over the sub-chunks in reverse: sub-chunk j's diagonal block by the level split; each
@@ -188,7 +197,7 @@ def intra_backward(load: Callable[[int], Rows], cotangent: Callable, num_blocks:
   starts, ends = [], []  # G before and at the end of each sub-chunk, [1, K]
   columns = []  # each sub-chunk's gated columns k exp(G_m - G), m its last row
   segments, carried, betas = [], [], []
-  P_kk, T, dT = [], [], []  # blocks [b][a], a <= b; P_kk on A_kk's support
+  P_kk, dT = [], []  # blocks [b][a], a <= b; P_kk on A_kk's support
   rhs_k, rhs_v = [], []
   through_end = []  # per sub-chunk: the sum over rows of dKg k exp(G_m - G), [1, K]
   G_start = 0.0
@@ -198,8 +207,6 @@ def intra_backward(load: Callable[[int], Rows], cotangent: Callable, num_blocks:
     G = G_start + c.G
     kk_row = [dot(x.k * jnp.exp(G - ends[a]), columns[a], trans_b=True)
               * same_segment(x.segment, segments[a]) for a in range(b)] + [c.P_kk * c.strict]
-    T.append(substitution_row(T, [x.beta * P for P in kk_row[:-1]] + [c.A_kk], c.T, dot,
-                              sign=1.0))
     gamma = jnp.exp(G)
     rhs_k.append(x.beta * x.k * gamma)
     rhs_v.append(x.beta * x.v)
@@ -223,6 +230,7 @@ def intra_backward(load: Callable[[int], Rows], cotangent: Callable, num_blocks:
 
   # Pass 2.
   strictly_lower = iota((SUB, SUB), 0) > iota((SUB, SUB), 1)
+  T = [[inverse(b, a) for a in range(b + 1)] for b in range(n)]
   dA_kk = block_inverse_backward(T, dT, dot, sign=1.0, support=lambda b, a: jnp.where(
       strictly_lower | (a < b), same_segment(segments[b], segments[a]), 0.0))
   dbeta_kk = [sum(jnp.sum(d * P, axis=1, keepdims=True) for d, P in zip(dA_kk[b], P_kk[b]))
@@ -259,8 +267,9 @@ def intra_backward(load: Callable[[int], Rows], cotangent: Callable, num_blocks:
     dk = dk + dY[j] * jnp.exp(ends[j] - G)
     dG = dG - dY[j] * column
 
-    dX_w = sum(dot(T[b][j], carried[b] * cotangent("W", b), trans_a=True) for b in range(j, n))
-    dX_u = sum(dot(T[b][j], cotangent("U", b), trans_a=True) for b in range(j, n))
+    dX_w = sum(dot(inverse(b, j), carried[b] * cotangent("W", b), trans_a=True)
+               for b in range(j, n))
+    dX_u = sum(dot(inverse(b, j), cotangent("U", b), trans_a=True) for b in range(j, n))
     dbeta = (dbeta_kk[j] + jnp.sum(dX_w * x.k * gamma, axis=1, keepdims=True)
              + jnp.sum(dX_u * x.v, axis=1, keepdims=True))
     dk = dk + dX_w * x.beta * gamma

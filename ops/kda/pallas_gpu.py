@@ -1,22 +1,29 @@
 """Chunkwise KDA as Pallas GPU kernels (implementation ``"pallas_gpu"``), SPEC 3.3-3.6.
 
-Four kernels, in fla's split (SPEC 3.4, 3.6) between work that is parallel over chunks and the
+Four stages, in fla's split (SPEC 3.4, 3.6) between work that is parallel over chunks and the
 one walk over the chunks that carries the state. The kernels take the op as a ``TritonOp`` (its
 chunk module, how to load a chunk, its gradients, and how each of its chunk matrices is kept
-between the kernels), so RWKV-7's GPU kernels (``ops.rwkv7.pallas_gpu``) are these same four on
-its own chunk mathematics. For KDA:
+between the kernels), so RWKV-7's GPU kernels (``ops.rwkv7.pallas_gpu``) are these same stages on
+its own chunk mathematics. For KDA (``ops.kda._kernel_subchunk`` has the sub-chunk details):
 
-  intra forward    grid (B, HV, chunks)   per chunk, by 16-row sub-chunks
-                                          (``ops.kda._kernel_subchunk``): G = cumsum(g), A_qk,
-                                          A_kk, T = (I + A_kk)^-1, W, U, Q*Gamma,
-                                          K*exp(G_C - G), exp(G_C)
+  intra forward    three kernels:
+    pair rows      grid (B, HV, chunks, C/16)  one 16-row sub-chunk each: its rows of A_qk and
+                                               A_kk
+    block inverse  grid (B, HV, chunks)        T = (I + A_kk)^-1 on [16, 16] blocks (saved for
+                                               the intra backward)
+    chunk outputs  grid (B, HV, chunks, K/64)  W = T (beta k Gamma), U = T (beta v), Q*Gamma,
+                                               K*exp(G_C - G), exp(G_C), by 64-column blocks
   state forward    grid (B, HV, V/BV)     walks the chunks: V~ = U - W S, O = (Q Gamma) S + A_qk V~,
                                           S' = diag(exp G_C) S + Kg^T V~ (keeps S per chunk)
   state backward   grid (B, HV, V/BV)     walks the chunks backwards with dS: dU, dW, dQg, dKg,
                                           dA_qk, d exp(G_C) (summed over V blocks outside)
-  intra backward   grid (B, HV, chunks)   per chunk, by 16-row sub-chunks: recomputes
-                                          the chunk's matrices (without A_qk) and takes those
-                                          cotangents to dq, dk, dv, dg, dbeta
+  intra backward   grid (B, HV, chunks)   per chunk, by 16-row sub-chunks: recomputes the
+                                          gated products (not T, which the forward saved) and
+                                          takes the cotangents to dq, dk, dv, dg, dbeta
+
+RWKV-7's intra forward is one kernel per chunk (``_intra_forward``) that forms its matrices by
+sub-chunks in order; KDA's was too, until splitting it let many short programs share each
+multiprocessor (docs/kernels.md, version 5).
 
 Stable pair products without a secondary loop (SPEC 3.5), by sub-chunks
 (``ops.kda._kernel_subchunk`` has the details). The pair products
@@ -47,7 +54,8 @@ intra forward does 10 block products of 16 x K x 16 per pair type, 4 level-split
 inverses with 16 block products of 16 x 16 x 16, and W and U (C C K, C C V): about 5 MFLOP; the
 state forward 3 C K V + C C V products: about 7 MFLOP; the intra backward recomputes the
 forward's products and takes about twice their work again. Bytes: inputs once (beta as a
-[C, 1] column), the chunk matrices (W, Q Gamma, K exp(G_C - G) in v's dtype, U, A_qk and
+[C, 1] column; the intra forward's kernels read them twice), A_kk and T (float32 [C, C]) written
+and read once, the chunk matrices (W, Q Gamma, K exp(G_C - G) in v's dtype, U, A_qk and
 exp(G_C) float32) written once and read once per value block. U stays float32 because the
 gradients take it into sums that can cancel (dA_qk = dO U^T): rounded to bfloat16 it made a
 one-token dq 1.6% off the reference at the gradient's usual size.
@@ -71,7 +79,7 @@ F32 = jnp.float32
 VALUE_BLOCK = 64
 LAUNCH = {"intra_forward": (8, 1), "intra_backward": (8, 1), "state_forward": (4, 2),
           "state_backward": (4, 2), "pair_rows": (2, 1), "inverse_blocks": (1, 1),
-          "chunk_outputs": (8, 1)}  # (num_warps, num_stages), measured in docs/kernels.md
+          "chunk_outputs": (4, 1)}  # (num_warps, num_stages), measured in docs/kernels.md
 
 
 def default_interpret() -> bool:
@@ -168,11 +176,13 @@ class TritonOp(NamedTuple):
   fields: a ``math.ChunkMatrices`` of ``Field``s.
   sub_chunks: the module forming the chunk matrices and the token gradients from 16-row
     sub-chunks, for the intra kernels (``SUB``, ``GRADIENTS``: the gradients' names in the
-    token order, ``load_rows``, ``intra_forward`` and ``intra_backward``;
+    token order, ``SAVED``: the forward's [C, C] results its ``intra_backward`` reads by
+    keyword, ``load_rows``, ``intra_forward`` and ``intra_backward``;
     ``ops.kda._kernel_subchunk``, ``ops.rwkv7._kernel_subchunk``).
   intra_forward: None, or the op's own intra forward in place of the one kernel over
     ``sub_chunks.intra_forward``: called as ``_intra_forward`` is, it returns the
-    ``ChunkMatrices`` of arrays (KDA's: ``_kda_intra_forward``, three kernels).
+    ``ChunkMatrices`` of arrays and the [B, T, HV, C] arrays named by ``sub_chunks.SAVED``
+    (KDA's: ``_kda_intra_forward``, three kernels, saving T).
   """
 
   primitives: Callable
@@ -254,10 +264,13 @@ def _intra_backward_kernel(*refs, op, num_tokens, scale, precision):
   """The rows and the cotangents read by [S, width] row blocks ([S, S] blocks of a "C" field),
   each gradient written by row blocks."""
   S, rows, load = _sub_chunk_rows(op, refs, num_tokens, scale)
-  num_fields = len(op.fields)
+  num_fields, num_saved = len(op.fields), len(op.sub_chunks.SAVED)
   cotangent_refs = dict(zip(op.fields._fields, zip(refs[num_tokens + 3:][:num_fields],
                                                    op.fields)))
-  grad_refs = dict(zip(op.sub_chunks.GRADIENTS, refs[num_tokens + 3 + num_fields:]))
+  saved_refs = refs[num_tokens + 3 + num_fields:][:num_saved]
+  grad_refs = dict(zip(op.sub_chunks.GRADIENTS, refs[num_tokens + 3 + num_fields + num_saved:]))
+  saved = {name: lambda b, a, ref=ref: ref[rows(b), rows(a)]
+           for name, ref in zip(op.sub_chunks.SAVED, saved_refs)}
 
   def cotangent(name, b, a=None):
     ref, field = cotangent_refs[name]
@@ -269,7 +282,7 @@ def _intra_backward_kernel(*refs, op, num_tokens, scale, precision):
     grad_refs[name][rows(b), :] = value.astype(grad_refs[name].dtype)
 
   op.sub_chunks.intra_backward(load, cotangent, refs[0].shape[0] // S, op.primitives(precision),
-                               store, scale)
+                               store, scale, **saved)
 
 
 def _pair_rows_kernel(*refs, num_tokens, scale, precision):
@@ -399,7 +412,8 @@ def _layout(width, sizes: Sizes):
 
 
 def _intra_forward(op, tokens, masks, *, scale, sizes, interpret, precision):
-  """The chunk matrices as a ``ChunkMatrices`` of arrays: stored, or the token inputs they are."""
+  """The chunk matrices as a ``ChunkMatrices`` of arrays (stored, or the token inputs they
+  are), and nothing saved for the backward (``op.sub_chunks.SAVED`` is empty)."""
   store = tokens[op.value_index].dtype
   names, fields = zip(*[(name, f) for name, f in zip(op.fields._fields, op.fields)
                         if f.token is None])
@@ -413,54 +427,92 @@ def _intra_forward(op, tokens, masks, *, scale, sizes, interpret, precision):
       precision=precision)(*tokens, *masks)
   stored = dict(zip(names, stored))
   return op.math.ChunkMatrices(*(stored[name] if f.token is None else tokens[f.token]
-                                 for name, f in zip(op.fields._fields, op.fields)))
+                                 for name, f in zip(op.fields._fields, op.fields))), ()
 
 
 _CHUNK_OUTPUTS = ("W", "U", "Qg", "Kg", "decay")
 
 
-def _kda_intra_forward(op, tokens, masks, *, scale, sizes, interpret, precision):
-  """KDA's chunk matrices (a ``ChunkMatrices`` of arrays) from three kernels: the pair rows
-  (grid B x HV x chunks x C/16: A_qk and M = A_kk with T's diagonal blocks), the block inverse
-  (grid B x HV x chunks: T from M) and the chunk outputs (the same grid: W, U, Qg, Kg, decay
-  from T); M and T pass through memory as float32 [B, T, HV, C]."""
+def _pair_rows(tokens, masks, *, scale, sizes, interpret, precision):
+  """(A_qk, M = A_kk), each float32 [B, T, HV, C], grid B x HV x chunks x C/16."""
   B, T, HV, _, _, C = sizes
   n = C // _kernel_subchunk.SUB
-  grid = (B, HV, T // C)
-  square = _token_spec(C, C)
   per_sub_chunk = lambda spec: pl.BlockSpec(spec.block_shape,
                                             lambda b, h, c, j: spec.index_map(b, h, c))
   row_block = pl.BlockSpec((None, _kernel_subchunk.SUB, None, C),
                            lambda b, h, c, j: (b, c * n + j, h, 0))
-  inputs = _input_specs(tokens, C)
-  params = dict(num_tokens=len(tokens), scale=scale, precision=precision)
-  A, M = _triton_call(
-      _pair_rows_kernel, (*grid, n), [per_sub_chunk(spec) for spec in inputs], [row_block] * 2,
+  return _triton_call(
+      _pair_rows_kernel, (B, HV, T // C, n),
+      [per_sub_chunk(spec) for spec in _input_specs(tokens, C)], [row_block] * 2,
       [jax.ShapeDtypeStruct((B, T, HV, C), F32)] * 2, interpret, LAUNCH["pair_rows"],
-      **params)(*tokens, *masks)
-  T_inverse = _triton_call(
-      _inverse_blocks_kernel, grid, [square], square, jax.ShapeDtypeStruct(M.shape, F32),
-      interpret, LAUNCH["inverse_blocks"], precision=precision)(M)
+      num_tokens=len(tokens), scale=scale, precision=precision)(*tokens, *masks)
+
+
+def _inverse_blocks(M, *, sizes, interpret, precision):
+  """T = (I + A_kk)^-1, float32 [B, T, HV, C], grid B x HV x chunks."""
+  square = _token_spec(sizes.C, sizes.C)
+  return _triton_call(
+      _inverse_blocks_kernel, (sizes.B, sizes.HV, sizes.T // sizes.C), [square], square,
+      jax.ShapeDtypeStruct(M.shape, F32), interpret, LAUNCH["inverse_blocks"],
+      precision=precision)(M)
+
+
+def _column_blocks(sizes) -> int:
+  """Column blocks of the chunk outputs' grid: 64-wide where K and V allow (their widths split
+  alike, so each program takes its K block and its V block)."""
+  return max(1, min(sizes.K, sizes.V) // 64)
+
+
+def _chunk_outputs(op, tokens, masks, T_inverse, *, scale, sizes, interpret, precision):
+  """W, U, Qg, Kg and decay (``_CHUNK_OUTPUTS``) stored as ``op.fields`` asks, grid
+  B x HV x chunks x column blocks: every output is a column-wise function of its inputs and
+  T, so each program takes 1 / ``_column_blocks`` of the K and V columns."""
+  n = _column_blocks(sizes)
+  C = sizes.C
+
+  def columns(width, rows=C):  # a [B, T, HV, width] array's column block kb of one chunk
+    part = width if width == 1 else width // n
+    return pl.BlockSpec((None, rows, None, part),
+                        lambda b, h, c, kb: (b, c, h, 0 if width == 1 else kb))
+
+  mask = pl.BlockSpec((None, C, 1), lambda b, h, c, kb: (b, c, 0))
+  square = pl.BlockSpec((None, C, None, C), lambda b, h, c, kb: (b, c, h, 0))
+  decay = pl.BlockSpec((None, None, None, sizes.K // n), lambda b, h, c, kb: (b, c, h, kb))
   fields = [getattr(op.fields, name) for name in _CHUNK_OUTPUTS]
-  layouts = [_layout(f.width, sizes) for f in fields]
   store = tokens[op.value_index].dtype
-  outputs = _triton_call(
-      _chunk_outputs_kernel, grid, inputs + [square], [spec for _, spec in layouts],
-      [jax.ShapeDtypeStruct(shape, store if f.dtype is None else f.dtype)
-       for (shape, _), f in zip(layouts, fields)], interpret, LAUNCH["chunk_outputs"],
-      **params)(*tokens, *masks, T_inverse)
-  return op.math.ChunkMatrices(A=A, **dict(zip(_CHUNK_OUTPUTS, outputs)))
+  return _triton_call(
+      _chunk_outputs_kernel, (sizes.B, sizes.HV, sizes.T // C, n),
+      [columns(x.shape[-1]) for x in tokens] + [mask] * 3 + [square],
+      [decay if f.width == "chunk" else columns(getattr(sizes, f.width)) for f in fields],
+      [jax.ShapeDtypeStruct(_layout(f.width, sizes)[0], store if f.dtype is None else f.dtype)
+       for f in fields], interpret, LAUNCH["chunk_outputs"],
+      num_tokens=len(tokens), scale=scale, precision=precision)(*tokens, *masks, T_inverse)
 
 
-def _intra_backward(op, tokens, masks, cotangents, *, scale, sizes, interpret, precision):
-  """The token inputs' gradients from the chunk matrices' cotangents."""
+def _kda_intra_forward(op, tokens, masks, *, scale, sizes, interpret, precision):
+  """KDA's chunk matrices (a ``ChunkMatrices`` of arrays) from three kernels: the pair rows
+  (A_qk and M = A_kk), the block inverse (T from M) and the chunk outputs (W, U, Qg, Kg,
+  decay from T); M and T pass through memory as float32 [B, T, HV, C], and T is saved for
+  the intra backward."""
+  config = dict(sizes=sizes, interpret=interpret, precision=precision)
+  A, M = _pair_rows(tokens, masks, scale=scale, **config)
+  T_inverse = _inverse_blocks(M, **config)
+  outputs = _chunk_outputs(op, tokens, masks, T_inverse, scale=scale, **config)
+  return op.math.ChunkMatrices(A=A, **dict(zip(_CHUNK_OUTPUTS, outputs))), (T_inverse,)
+
+
+def _intra_backward(op, tokens, masks, cotangents, saved, *, scale, sizes, interpret,
+                    precision):
+  """The token inputs' gradients from the chunk matrices' cotangents and the forward's
+  ``saved`` arrays."""
   specs = _input_specs(tokens, sizes.C)
   return _triton_call(
       _intra_backward_kernel, (sizes.B, sizes.HV, sizes.T // sizes.C),
-      specs + [_layout(f.width, sizes)[1] for f in op.fields], specs[:len(tokens)],
+      specs + [_layout(f.width, sizes)[1] for f in op.fields]
+      + [_token_spec(sizes.C, sizes.C)] * len(saved), specs[:len(tokens)],
       [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in tokens], interpret,
       LAUNCH["intra_backward"], op=op, num_tokens=len(tokens), scale=scale,
-      precision=precision)(*tokens, *masks, *cotangents)
+      precision=precision)(*tokens, *masks, *cotangents, *saved)
 
 
 def _value_block(V):
@@ -513,10 +565,11 @@ def _state_backward(op, matrices, states, dO, dfinal, *, sizes, interpret, preci
 
 def _forward(op, scale, C, interpret, tokens, masks, h0, *, keep_states):
   config = _config(op, tokens, h0, C, interpret)
-  matrices = (op.intra_forward or _intra_forward)(op, tokens, masks, scale=scale, **config)
+  matrices, saved = (op.intra_forward or _intra_forward)(op, tokens, masks, scale=scale,
+                                                         **config)
   o, final, *states = _state_forward(op, matrices, h0, tokens[op.value_index].dtype,
                                      keep_states=keep_states, **config)
-  return o, final, (matrices, states[0] if keep_states else None)
+  return o, final, (matrices, saved, states[0] if keep_states else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
@@ -526,17 +579,17 @@ def _walk(op, scale, C, interpret, tokens, masks, h0):
 
 
 def _walk_fwd(op, scale, C, interpret, tokens, masks, h0):
-  o, final, (matrices, states) = _forward(op, scale, C, interpret, tokens, masks, h0,
-                                          keep_states=True)
-  return (o, final), (tokens, masks, matrices, states)
+  o, final, (matrices, saved, states) = _forward(op, scale, C, interpret, tokens, masks, h0,
+                                                 keep_states=True)
+  return (o, final), (tokens, masks, matrices, saved, states)
 
 
 def _walk_bwd(op, scale, C, interpret, residuals, cotangents):
-  tokens, masks, matrices, states = residuals
+  tokens, masks, matrices, saved, states = residuals
   dO, dfinal = cotangents
   config = _config(op, tokens, dfinal, C, interpret)
   matrix_cotangents, dh0 = _state_backward(op, matrices, states, dO, dfinal, **config)
-  grads = _intra_backward(op, tokens, masks, matrix_cotangents, scale=scale, **config)
+  grads = _intra_backward(op, tokens, masks, matrix_cotangents, saved, scale=scale, **config)
   return tuple(grads), (None,) * len(masks), dh0
 
 
@@ -599,14 +652,15 @@ def walk_stages(op: TritonOp, tokens, initial_state, *, scale: float, chunk_size
   state_forward = jax.jit(lambda m, h: _state_forward(op, m, h, out_dtype, keep_states=True,
                                                       **config))
   state_backward = jax.jit(lambda m, s, dO, df: _state_backward(op, m, s, dO, df, **config))
-  intra_backward = jax.jit(lambda x, m, d: _intra_backward(op, x, m, d, scale=scale, **config))
-  matrices = intra_forward(tokens, masks)
+  intra_backward = jax.jit(lambda x, m, d, saved: _intra_backward(op, x, m, d, saved,
+                                                                  scale=scale, **config))
+  matrices, saved = intra_forward(tokens, masks)
   o, final, states = state_forward(matrices, h0)
   matrix_cotangents, _ = state_backward(matrices, states, o, final)
   return [("intra_forward", intra_forward, (tokens, masks)),
           ("state_forward", state_forward, (matrices, h0)),
           ("state_backward", state_backward, (matrices, states, o, final)),
-          ("intra_backward", intra_backward, (tokens, masks, matrix_cotangents))]
+          ("intra_backward", intra_backward, (tokens, masks, matrix_cotangents, saved))]
 
 
 # ------------------------------------------------------------------------------------------ KDA
