@@ -29,8 +29,9 @@ What is timed, on whatever device JAX sees (meant for an NVIDIA H200), in one ta
              vector per head, a = -kappa_hat, b = kappa_hat * sigmoid(N(0, 1)) (bfloat16),
              w = -0.6065 sigmoid(N(0, 1)) float32, an N(0, 1) float32 initial state; the
              backward as KDA's (gradients wrt r, w, k, v, a, b and the initial state).
-  kda-parts  (only when named in --ops) each of ``ops.kda.pallas_gpu``'s four kernels timed alone
-             on its real inputs (``pallas_gpu.stages``), with its own FLOP count.
+  kda-parts  (only when named in --ops) each of ``ops.kda.pallas_gpu``'s four stages timed
+             alone (the intra forward's three kernels as one) on its real inputs
+             (``pallas_gpu.stages``), with its own FLOP count.
 
 ``--kernel-chunks 32,16`` also times the KDA and RWKV-7 kernels at those chunk sizes (rows
 "pallas_gpu C32", ...), checked like the default rows; the nominal counts stay the C = 64 ones.
@@ -181,12 +182,12 @@ def kda_counts(s: SeqSize, dtype, backward: bool) -> tuple[float, float]:
 
 
 def kda_stage_flops(stage: str, s: SeqSize, C: int = KDA_CHUNK) -> float:
-  """Matrix-product FLOPs of one of ``ops.kda.pallas_gpu``'s four kernels (docs/kernels.md):
+  """Matrix-product FLOPs of one of ``ops.kda.pallas_gpu``'s four stages (docs/kernels.md):
   with L = log2(C) levels, a level's pair product is 2 C^2 d and an inverse step 2 C^3. The
   intra forward works on n = C / 16 sub-chunks (``ops.kda._kernel_subchunk``): per sub-chunk
   log2(16) levels of two 2 S^2 d pair products and two 2 S^3 inverse steps, per pair of
   sub-chunks two 2 S^2 d products, T's off-diagonal blocks sum_{a<b} (b - a + 1) products of
-  2 S^3, and W, U by blocks."""
+  2 S^3, and W, U as two whole C x C x d products (the chunk outputs kernel)."""
   d, L = s.dim, C.bit_length() - 1
   product, inverse_step, state_product = 2 * C * C * d, 2 * C ** 3, 2 * C * d * d
   S = min(C, 16)
@@ -195,7 +196,7 @@ def kda_stage_flops(stage: str, s: SeqSize, C: int = KDA_CHUNK) -> float:
   sub_chunk_forward = (n * levels_in_sub * 2 * (block + block_inverse)
                        + n * (n - 1) // 2 * 2 * block
                        + sum(b - a + 1 for b in range(n) for a in range(b)) * block_inverse
-                       + n * (n + 1) // 2 * 2 * block)
+                       + 2 * product)
   per_chunk = {
       "intra_forward": sub_chunk_forward,
       "state_forward": 3 * state_product + product,

@@ -125,13 +125,11 @@ def sub_chunk_matrices(module, rows, expected, prims) -> dict:
   return got
 
 
-def sub_chunk_gradients(module, tokens, masks, cotangents, prims, scale: float,
-                        saved: dict | None = None) -> dict:
+def sub_chunk_gradients(module, tokens, masks, cotangents, prims, scale: float) -> dict:
   """The token gradients from a GPU sub-chunk module's ``intra_backward`` as whole [C, width]
   float32 arrays by name; rows never stored stay NaN. ``tokens``: the chunk's token inputs and
   ``masks`` its (segment, carried, last), each [C, width]; ``cotangents``: a ``ChunkMatrices``
-  of whole-chunk cotangents; ``saved``: the whole [C, C] arrays of the module's ``SAVED``
-  names, by name."""
+  of whole-chunk cotangents."""
   S, chunk = module.SUB, tokens[0].shape[0]
   block = lambda i: slice(None) if i is None else slice(i * S, (i + 1) * S)
   got = {}
@@ -145,9 +143,7 @@ def sub_chunk_gradients(module, tokens, masks, cotangents, prims, scale: float,
 
   load = lambda b: module.load_rows([x[block(b)] for x in tokens], *(m[block(b)] for m in masks),
                                     scale)
-  loaders = {name: lambda b, a, x=x: x[block(b), block(a)] for name, x in (saved or {}).items()}
-  assert loaders.keys() == set(module.SAVED), (sorted(loaders), module.SAVED)
-  module.intra_backward(load, cotangent, chunk // S, prims, store, scale, **loaders)
+  module.intra_backward(load, cotangent, chunk // S, prims, store, scale)
   return got
 
 

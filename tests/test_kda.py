@@ -618,10 +618,9 @@ def test_sub_chunk_intra_forward_equals_the_level_split(seed, chunk, decay):
 @pytest.mark.parametrize("chunk, decay", [(64, 0.1), (64, 20.0), (32, 1.0)])
 @given(seed=num.seeds())
 def test_sub_chunk_intra_backward_equals_the_level_split(seed, chunk, decay):
-  """The GPU intra backward's 16-row sub-chunk form (``ops.kda._kernel_subchunk``, given T as
-  the forward saves it) gives the token gradients of the whole-chunk level split
-  (``_kernel_chunk.token_gradients``) from random cotangents of every chunk matrix, packed
-  segments and strong decay included."""
+  """The GPU intra backward's 16-row sub-chunk form (``ops.kda._kernel_subchunk``) gives the
+  token gradients of the whole-chunk level split (``_kernel_chunk.token_gradients``) from random
+  cotangents of every chunk matrix, packed segments and strong decay included."""
   from ops.kda import _kernel_chunk, _kernel_subchunk
   rng = np.random.default_rng(seed)
   K, V = 32, 16
@@ -634,7 +633,7 @@ def test_sub_chunk_intra_backward_equals_the_level_split(seed, chunk, decay):
   chunk_math = _kernel_chunk.load((q, k, g, v, beta), *masks, prims, scale)
   expected = _kernel_chunk.token_gradients(chunk_math, v, cotangents, scale)
   got = num.sub_chunk_gradients(_kernel_subchunk, (q, k, g, v, beta), masks, cotangents, prims,
-                                scale, saved={"inverse": chunk_math.T})
+                                scale)
   for name, value in zip(_kernel_subchunk.GRADIENTS, expected):
     num.assert_close(value, got[name], num.TOL_F32_GATE if name == "dg" else num.TOL_F32,
                      name)

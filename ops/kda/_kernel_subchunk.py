@@ -39,7 +39,6 @@ from ops.kda._kernel_chunk import (F32, Chunk, LevelSplit, Primitives, eye, iota
 
 SUB = 16  # rows per sub-chunk: the smallest tile Triton's tensor-core products take
 GRADIENTS = ("dq", "dk", "dg", "dv", "dbeta")  # intra_backward's outputs, in the token order
-SAVED = ("inverse",)  # the forward's [C, C] results intra_backward reads, by keyword (T)
 
 
 class Rows(NamedTuple):
@@ -162,22 +161,19 @@ def chunk_outputs(x: Rows, T, prims: Primitives, store: Callable) -> None:
 
 
 def intra_backward(load: Callable[[int], Rows], cotangent: Callable, num_blocks: int,
-                   prims: Primitives, store: Callable, scale: float, *,
-                   inverse: Callable) -> None:
+                   prims: Primitives, store: Callable, scale: float) -> None:
   """The token gradients of one chunk from the cotangents of its matrices, by sub-chunks: the
   values of ``_kernel_chunk.token_gradients``, handed to ``store(name, value, b)`` as row block
   b of each of ``GRADIENTS`` ([S, width]; dq for the unscaled q; dbeta [S, 1]).
 
   ``load(b)`` gives sub-chunk b's ``Rows`` (called twice a sub-chunk, once per pass over the
   rows); ``cotangent(name, b, a=None)`` row block b of a matrix's cotangent ([S, width]; block
-  (b, a) of "A", [S, S]; the [1, K] "decay" for b = None); ``inverse(b, a)`` block (b, a) of
-  T = (I + A_kk)^-1 as the forward saved it (a <= b, [S, S]; ``SAVED``), read where it is
-  used (passes 2 and 3) rather than kept live.
+  (b, a) of "A", [S, S]; the [1, K] "decay" for b = None).
 
   Three passes, so that only [S, S] blocks and a few [S, K] tiles stay live:
-    1. over the sub-chunks in order: G, the off-diagonal P_kk blocks and
-       dT = dW (beta k Gamma)^T + dU (beta v)^T by blocks (row b of dT needs sub-chunks <= b
-       only);
+    1. over the sub-chunks in order: G, the off-diagonal P_kk blocks, T by block substitution
+       and dT = dW (beta k Gamma)^T + dU (beta v)^T by blocks (rows b of T and dT need
+       sub-chunks <= b only);
     2. [S, S] blocks only: dA_kk = -T^T dT T^T on A_kk's support (``block_inverse_backward``)
        and its part of dbeta;
     3. over the sub-chunks in reverse: sub-chunk j's diagonal block by the level split; each
@@ -197,7 +193,7 @@ def intra_backward(load: Callable[[int], Rows], cotangent: Callable, num_blocks:
   starts, ends = [], []  # G before and at the end of each sub-chunk, [1, K]
   columns = []  # each sub-chunk's gated columns k exp(G_m - G), m its last row
   segments, carried, betas = [], [], []
-  P_kk, dT = [], []  # blocks [b][a], a <= b; P_kk on A_kk's support
+  P_kk, T, dT = [], [], []  # blocks [b][a], a <= b; P_kk on A_kk's support
   rhs_k, rhs_v = [], []
   through_end = []  # per sub-chunk: the sum over rows of dKg k exp(G_m - G), [1, K]
   G_start = 0.0
@@ -207,6 +203,8 @@ def intra_backward(load: Callable[[int], Rows], cotangent: Callable, num_blocks:
     G = G_start + c.G
     kk_row = [dot(x.k * jnp.exp(G - ends[a]), columns[a], trans_b=True)
               * same_segment(x.segment, segments[a]) for a in range(b)] + [c.P_kk * c.strict]
+    T.append(substitution_row(T, [x.beta * P for P in kk_row[:-1]] + [c.A_kk], c.T, dot,
+                              sign=1.0))
     gamma = jnp.exp(G)
     rhs_k.append(x.beta * x.k * gamma)
     rhs_v.append(x.beta * x.v)
@@ -230,7 +228,6 @@ def intra_backward(load: Callable[[int], Rows], cotangent: Callable, num_blocks:
 
   # Pass 2.
   strictly_lower = iota((SUB, SUB), 0) > iota((SUB, SUB), 1)
-  T = [[inverse(b, a) for a in range(b + 1)] for b in range(n)]
   dA_kk = block_inverse_backward(T, dT, dot, sign=1.0, support=lambda b, a: jnp.where(
       strictly_lower | (a < b), same_segment(segments[b], segments[a]), 0.0))
   dbeta_kk = [sum(jnp.sum(d * P, axis=1, keepdims=True) for d, P in zip(dA_kk[b], P_kk[b]))
@@ -267,9 +264,8 @@ def intra_backward(load: Callable[[int], Rows], cotangent: Callable, num_blocks:
     dk = dk + dY[j] * jnp.exp(ends[j] - G)
     dG = dG - dY[j] * column
 
-    dX_w = sum(dot(inverse(b, j), carried[b] * cotangent("W", b), trans_a=True)
-               for b in range(j, n))
-    dX_u = sum(dot(inverse(b, j), cotangent("U", b), trans_a=True) for b in range(j, n))
+    dX_w = sum(dot(T[b][j], carried[b] * cotangent("W", b), trans_a=True) for b in range(j, n))
+    dX_u = sum(dot(T[b][j], cotangent("U", b), trans_a=True) for b in range(j, n))
     dbeta = (dbeta_kk[j] + jnp.sum(dX_w * x.k * gamma, axis=1, keepdims=True)
              + jnp.sum(dX_u * x.v, axis=1, keepdims=True))
     dk = dk + dX_w * x.beta * gamma

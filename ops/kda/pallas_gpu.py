@@ -9,17 +9,16 @@ its own chunk mathematics. For KDA (``ops.kda._kernel_subchunk`` has the sub-chu
   intra forward    three kernels:
     pair rows      grid (B, HV, chunks, C/16)  one 16-row sub-chunk each: its rows of A_qk and
                                                A_kk
-    block inverse  grid (B, HV, chunks)        T = (I + A_kk)^-1 on [16, 16] blocks (saved for
-                                               the intra backward)
+    block inverse  grid (B, HV, chunks)        T = (I + A_kk)^-1 on [16, 16] blocks
     chunk outputs  grid (B, HV, chunks, K/64)  W = T (beta k Gamma), U = T (beta v), Q*Gamma,
                                                K*exp(G_C - G), exp(G_C), by 64-column blocks
   state forward    grid (B, HV, V/BV)     walks the chunks: V~ = U - W S, O = (Q Gamma) S + A_qk V~,
                                           S' = diag(exp G_C) S + Kg^T V~ (keeps S per chunk)
   state backward   grid (B, HV, V/BV)     walks the chunks backwards with dS: dU, dW, dQg, dKg,
                                           dA_qk, d exp(G_C) (summed over V blocks outside)
-  intra backward   grid (B, HV, chunks)   per chunk, by 16-row sub-chunks: recomputes the
-                                          gated products (not T, which the forward saved) and
-                                          takes the cotangents to dq, dk, dv, dg, dbeta
+  intra backward   grid (B, HV, chunks)   per chunk, by 16-row sub-chunks: recomputes
+                                          the chunk's matrices (without A_qk) and takes those
+                                          cotangents to dq, dk, dv, dg, dbeta
 
 RWKV-7's intra forward is one kernel per chunk (``_intra_forward``) that forms its matrices by
 sub-chunks in order; KDA's was too, until splitting it let many short programs share each
@@ -166,7 +165,7 @@ class Field(NamedTuple):
 
 
 class TritonOp(NamedTuple):
-  """What a chunkwise op gives the four kernels below (KDA's here, RWKV-7's in
+  """What a chunkwise op gives the four stages below (KDA's here, RWKV-7's in
   ``ops.rwkv7.pallas_gpu``), for token inputs in the op's order, each [B, T, HV, width].
 
   primitives(precision) -> the chunk module's ``Primitives``.
@@ -176,13 +175,12 @@ class TritonOp(NamedTuple):
   fields: a ``math.ChunkMatrices`` of ``Field``s.
   sub_chunks: the module forming the chunk matrices and the token gradients from 16-row
     sub-chunks, for the intra kernels (``SUB``, ``GRADIENTS``: the gradients' names in the
-    token order, ``SAVED``: the forward's [C, C] results its ``intra_backward`` reads by
-    keyword, ``load_rows``, ``intra_forward`` and ``intra_backward``;
-    ``ops.kda._kernel_subchunk``, ``ops.rwkv7._kernel_subchunk``).
+    token order, ``load_rows``, ``intra_backward`` and, unless the op brings its own intra
+    forward (below), ``intra_forward``; ``ops.kda._kernel_subchunk``,
+    ``ops.rwkv7._kernel_subchunk``).
   intra_forward: None, or the op's own intra forward in place of the one kernel over
     ``sub_chunks.intra_forward``: called as ``_intra_forward`` is, it returns the
-    ``ChunkMatrices`` of arrays and the [B, T, HV, C] arrays named by ``sub_chunks.SAVED``
-    (KDA's: ``_kda_intra_forward``, three kernels, saving T).
+    ``ChunkMatrices`` of arrays (KDA's: ``_kda_intra_forward``, three kernels).
   """
 
   primitives: Callable
@@ -264,13 +262,10 @@ def _intra_backward_kernel(*refs, op, num_tokens, scale, precision):
   """The rows and the cotangents read by [S, width] row blocks ([S, S] blocks of a "C" field),
   each gradient written by row blocks."""
   S, rows, load = _sub_chunk_rows(op, refs, num_tokens, scale)
-  num_fields, num_saved = len(op.fields), len(op.sub_chunks.SAVED)
+  num_fields = len(op.fields)
   cotangent_refs = dict(zip(op.fields._fields, zip(refs[num_tokens + 3:][:num_fields],
                                                    op.fields)))
-  saved_refs = refs[num_tokens + 3 + num_fields:][:num_saved]
-  grad_refs = dict(zip(op.sub_chunks.GRADIENTS, refs[num_tokens + 3 + num_fields + num_saved:]))
-  saved = {name: lambda b, a, ref=ref: ref[rows(b), rows(a)]
-           for name, ref in zip(op.sub_chunks.SAVED, saved_refs)}
+  grad_refs = dict(zip(op.sub_chunks.GRADIENTS, refs[num_tokens + 3 + num_fields:]))
 
   def cotangent(name, b, a=None):
     ref, field = cotangent_refs[name]
@@ -282,7 +277,7 @@ def _intra_backward_kernel(*refs, op, num_tokens, scale, precision):
     grad_refs[name][rows(b), :] = value.astype(grad_refs[name].dtype)
 
   op.sub_chunks.intra_backward(load, cotangent, refs[0].shape[0] // S, op.primitives(precision),
-                               store, scale, **saved)
+                               store, scale)
 
 
 def _pair_rows_kernel(*refs, num_tokens, scale, precision):
@@ -387,7 +382,7 @@ def _triton_call(kernel, grid, in_specs, out_specs, out_shape, interpret, launch
 
 
 def _config(op, tokens, state, C, interpret):
-  """Static settings shared by the four kernels (``state``: h0 or dfinal, for K)."""
+  """Static settings shared by the kernels (``state``: h0 or dfinal, for K)."""
   return dict(sizes=_sizes(op, tokens, state, C), interpret=interpret,
               precision=precision_for(tokens[op.value_index].dtype, interpret))
 
@@ -412,8 +407,7 @@ def _layout(width, sizes: Sizes):
 
 
 def _intra_forward(op, tokens, masks, *, scale, sizes, interpret, precision):
-  """The chunk matrices as a ``ChunkMatrices`` of arrays (stored, or the token inputs they
-  are), and nothing saved for the backward (``op.sub_chunks.SAVED`` is empty)."""
+  """The chunk matrices as a ``ChunkMatrices`` of arrays: stored, or the token inputs they are."""
   store = tokens[op.value_index].dtype
   names, fields = zip(*[(name, f) for name, f in zip(op.fields._fields, op.fields)
                         if f.token is None])
@@ -427,7 +421,7 @@ def _intra_forward(op, tokens, masks, *, scale, sizes, interpret, precision):
       precision=precision)(*tokens, *masks)
   stored = dict(zip(names, stored))
   return op.math.ChunkMatrices(*(stored[name] if f.token is None else tokens[f.token]
-                                 for name, f in zip(op.fields._fields, op.fields))), ()
+                                 for name, f in zip(op.fields._fields, op.fields)))
 
 
 _CHUNK_OUTPUTS = ("W", "U", "Qg", "Kg", "decay")
@@ -492,27 +486,23 @@ def _chunk_outputs(op, tokens, masks, T_inverse, *, scale, sizes, interpret, pre
 def _kda_intra_forward(op, tokens, masks, *, scale, sizes, interpret, precision):
   """KDA's chunk matrices (a ``ChunkMatrices`` of arrays) from three kernels: the pair rows
   (A_qk and M = A_kk), the block inverse (T from M) and the chunk outputs (W, U, Qg, Kg,
-  decay from T); M and T pass through memory as float32 [B, T, HV, C], and T is saved for
-  the intra backward."""
+  decay from T); M and T pass through memory as float32 [B, T, HV, C]."""
   config = dict(sizes=sizes, interpret=interpret, precision=precision)
   A, M = _pair_rows(tokens, masks, scale=scale, **config)
   T_inverse = _inverse_blocks(M, **config)
   outputs = _chunk_outputs(op, tokens, masks, T_inverse, scale=scale, **config)
-  return op.math.ChunkMatrices(A=A, **dict(zip(_CHUNK_OUTPUTS, outputs))), (T_inverse,)
+  return op.math.ChunkMatrices(A=A, **dict(zip(_CHUNK_OUTPUTS, outputs)))
 
 
-def _intra_backward(op, tokens, masks, cotangents, saved, *, scale, sizes, interpret,
-                    precision):
-  """The token inputs' gradients from the chunk matrices' cotangents and the forward's
-  ``saved`` arrays."""
+def _intra_backward(op, tokens, masks, cotangents, *, scale, sizes, interpret, precision):
+  """The token inputs' gradients from the chunk matrices' cotangents."""
   specs = _input_specs(tokens, sizes.C)
   return _triton_call(
       _intra_backward_kernel, (sizes.B, sizes.HV, sizes.T // sizes.C),
-      specs + [_layout(f.width, sizes)[1] for f in op.fields]
-      + [_token_spec(sizes.C, sizes.C)] * len(saved), specs[:len(tokens)],
+      specs + [_layout(f.width, sizes)[1] for f in op.fields], specs[:len(tokens)],
       [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in tokens], interpret,
       LAUNCH["intra_backward"], op=op, num_tokens=len(tokens), scale=scale,
-      precision=precision)(*tokens, *masks, *cotangents, *saved)
+      precision=precision)(*tokens, *masks, *cotangents)
 
 
 def _value_block(V):
@@ -565,11 +555,10 @@ def _state_backward(op, matrices, states, dO, dfinal, *, sizes, interpret, preci
 
 def _forward(op, scale, C, interpret, tokens, masks, h0, *, keep_states):
   config = _config(op, tokens, h0, C, interpret)
-  matrices, saved = (op.intra_forward or _intra_forward)(op, tokens, masks, scale=scale,
-                                                         **config)
+  matrices = (op.intra_forward or _intra_forward)(op, tokens, masks, scale=scale, **config)
   o, final, *states = _state_forward(op, matrices, h0, tokens[op.value_index].dtype,
                                      keep_states=keep_states, **config)
-  return o, final, (matrices, saved, states[0] if keep_states else None)
+  return o, final, (matrices, states[0] if keep_states else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
@@ -579,17 +568,17 @@ def _walk(op, scale, C, interpret, tokens, masks, h0):
 
 
 def _walk_fwd(op, scale, C, interpret, tokens, masks, h0):
-  o, final, (matrices, saved, states) = _forward(op, scale, C, interpret, tokens, masks, h0,
-                                                 keep_states=True)
-  return (o, final), (tokens, masks, matrices, saved, states)
+  o, final, (matrices, states) = _forward(op, scale, C, interpret, tokens, masks, h0,
+                                          keep_states=True)
+  return (o, final), (tokens, masks, matrices, states)
 
 
 def _walk_bwd(op, scale, C, interpret, residuals, cotangents):
-  tokens, masks, matrices, saved, states = residuals
+  tokens, masks, matrices, states = residuals
   dO, dfinal = cotangents
   config = _config(op, tokens, dfinal, C, interpret)
   matrix_cotangents, dh0 = _state_backward(op, matrices, states, dO, dfinal, **config)
-  grads = _intra_backward(op, tokens, masks, matrix_cotangents, saved, scale=scale, **config)
+  grads = _intra_backward(op, tokens, masks, matrix_cotangents, scale=scale, **config)
   return tuple(grads), (None,) * len(masks), dh0
 
 
@@ -615,7 +604,7 @@ def _kernel_inputs(tokens, initial_state, segment_index, chunk_size):
 
 def walk(op: TritonOp, tokens, initial_state, segment_index, *, scale: float, chunk_size: int,
          interpret: bool | None):
-  """One op's chunkwise forward (and, through a ``custom_vjp``, backward) as the four kernels.
+  """One op's chunkwise forward (and, through a ``custom_vjp``, backward) as the four stages.
 
   Args:
     op: the op's ``TritonOp``.
@@ -637,7 +626,7 @@ def walk(op: TritonOp, tokens, initial_state, segment_index, *, scale: float, ch
 
 def walk_stages(op: TritonOp, tokens, initial_state, *, scale: float, chunk_size: int,
                 interpret: bool | None):
-  """The four kernels of one forward and backward as separate jitted calls, for timing each.
+  """The four stages of one forward and backward as separate jitted calls, for timing each.
 
   Takes ``walk``'s arguments (no packing) and returns ``[(name, function, args)]`` in the order
   they run: intra_forward, state_forward, state_backward, intra_backward. Each stage's arguments
@@ -652,15 +641,14 @@ def walk_stages(op: TritonOp, tokens, initial_state, *, scale: float, chunk_size
   state_forward = jax.jit(lambda m, h: _state_forward(op, m, h, out_dtype, keep_states=True,
                                                       **config))
   state_backward = jax.jit(lambda m, s, dO, df: _state_backward(op, m, s, dO, df, **config))
-  intra_backward = jax.jit(lambda x, m, d, saved: _intra_backward(op, x, m, d, saved,
-                                                                  scale=scale, **config))
-  matrices, saved = intra_forward(tokens, masks)
+  intra_backward = jax.jit(lambda x, m, d: _intra_backward(op, x, m, d, scale=scale, **config))
+  matrices = intra_forward(tokens, masks)
   o, final, states = state_forward(matrices, h0)
   matrix_cotangents, _ = state_backward(matrices, states, o, final)
   return [("intra_forward", intra_forward, (tokens, masks)),
           ("state_forward", state_forward, (matrices, h0)),
           ("state_backward", state_backward, (matrices, states, o, final)),
-          ("intra_backward", intra_backward, (tokens, masks, matrix_cotangents, saved))]
+          ("intra_backward", intra_backward, (tokens, masks, matrix_cotangents))]
 
 
 # ------------------------------------------------------------------------------------------ KDA
@@ -697,7 +685,7 @@ def scan(q, k, v, g, beta, initial_state, segment_index, *, scale: float, chunk_
 
 def stages(q, k, v, g, beta, initial_state, *, scale: float, chunk_size: int = 64,
            interpret: bool | None = None):
-  """KDA's four kernels as separate jitted calls (``walk_stages``): takes ``scan``'s arguments
+  """KDA's four stages as separate jitted calls (``walk_stages``): takes ``scan``'s arguments
   (no packing), returns ``[(name, function, args)]`` for intra_forward, state_forward,
   state_backward, intra_backward."""
   return walk_stages(KDA, (q, k, g, v, beta[..., None]), initial_state, scale=scale,

@@ -30,7 +30,6 @@ from ops.rwkv7._kernel_chunk import Chunk, _diagonal
 __all__ = ["SUB", "GRADIENTS", "Rows", "load_rows", "intra_forward", "intra_backward"]
 
 GRADIENTS = ("dr", "dw", "dk", "da", "db", "dv")  # intra_backward's outputs, in the token order
-SAVED = ()  # the forward saves nothing for intra_backward (it recomputes T)
 
 
 class Rows(NamedTuple):

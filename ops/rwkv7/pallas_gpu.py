@@ -1,6 +1,6 @@
 """Chunkwise RWKV-7 as Pallas GPU kernels (implementation ``"pallas_gpu"``), SPEC 2.5.
 
-KDA's four Triton kernels (``ops.kda.pallas_gpu.walk``, one kernel module for both ops) on
+KDA's four Triton stages (``ops.kda.pallas_gpu.walk``, one kernel module for both ops) on
 RWKV-7's chunk mathematics (``ops.rwkv7._kernel_chunk``): work parallel over chunks, and one walk
 over the chunks that carries the state. This module is RWKV-7's ``TritonOp``: its primitives, how
 it loads a chunk, its gradients' order and how its chunk matrices are kept.
