@@ -47,12 +47,13 @@ the median. Inputs are fresh ``jax.random`` draws (never zeros); fla gets the ve
 through DLPack. ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` is set before JAX starts, so JAX and
 PyTorch share the card.
 
-Checks: before a kernel ("pallas_gpu", "pallas_tpu") case is timed it is run at the full size on the same inputs as the
-"xla" form ("reference" for the decode step) and every output (forward) or every gradient
-(fwd+bwd) is compared as ``rms(expected - got) / rms(expected)``. The errors go to the JSON
-("check"), the largest to the table; one above ``--tol`` (default 2e-2 for bfloat16 inputs, 5e-3
-for float32) prints "!!! CHECK FAILED" and the case is not timed. fla's outputs are compared the
-same way and recorded (a mismatch is flagged but fla is still timed).
+Checks: before a kernel ("pallas_gpu", "pallas_tpu") case is timed it is run at the full size on
+the same inputs as the "xla" form (KDA and RWKV-7: ``--check-form``, "xla" unless told;
+"reference" for the decode step) and every output (forward) or every gradient (fwd+bwd) is
+compared as ``rms(expected - got) / rms(expected)``. The errors go to the JSON ("check"), the
+largest to the table; one above ``--tol`` (default 2e-2 for bfloat16 inputs, 5e-3 for float32)
+prints "!!! CHECK FAILED" and the case is not timed. fla's outputs are compared the same way and
+recorded (a mismatch is flagged but fla is still timed).
 
 ``--skip-slow`` (default on GPU) leaves out the token-by-token "reference" form above B*T = 8192
 tokens (KDA: T2048 only; scan: B2 L4096 only); the table keeps a row saying so.
@@ -469,6 +470,10 @@ class Bench:
     print(TABLE.row(record), flush=True)
     harness.write_json(self.args.json, self.records, **self.meta)
 
+  def check_form(self, op: str) -> str:
+    """The JAX form an op's kernels and peers are checked against."""
+    return "reference" if op == "decode" else self.args.check_form
+
   def tolerance(self, dtype) -> float:
     return self.args.tol if self.args.tol is not None else TOLERANCE[jnp.dtype(dtype).name]
 
@@ -571,7 +576,7 @@ class Bench:
         got = {names_prefix + n: x for n, x in zip(names, out)}
         errors = {n: peers.rel_rms(expected[n], got[n]) for n in expected if n in got}
         tol = self.tolerance(dtype)
-        rec.update(check=errors, check_against="xla" if rec["op"] != "decode" else "reference",
+        rec.update(check=errors, check_against=self.check_form(rec["op"]),
                    check_tol=tol, check_max=max(errors.values(), default=None))
         bad = {n: e for n, e in errors.items() if not e <= tol}
         if bad:
@@ -596,8 +601,8 @@ STATE_OUTPUTS = {"fwd": ("o", "final_state"), "fwd+bwd": None}
 
 def _run_chunked(bench: Bench, op: str, size: SeqSize, make_inputs: Callable, counts: Callable,
                  make_fn: Callable, fla_name: str, fla_chunk: Callable) -> tuple:
-  """A chunkwise op at one size: its JAX forms (checked against "xla") and fla's chunk kernel,
-  bf16 inputs, fwd and fwd+bwd. Returns ``(make_record, inputs, expected outputs by pass)`` for
+  """A chunkwise op at one size: its JAX forms (checked against ``--check-form``) and fla's
+  chunk kernel, bf16 inputs, fwd and fwd+bwd. Returns ``(make_record, inputs, expected outputs by pass)`` for
   the op's further rows."""
   dtype = jnp.bfloat16
   inputs, cotangents = make_inputs(size, dtype)
@@ -605,7 +610,7 @@ def _run_chunked(bench: Bench, op: str, size: SeqSize, make_inputs: Callable, co
   make_record = lambda impl, p: bench.record(op, size, dtype, impl, p,
                                              counts(size, dtype, p == "fwd+bwd"), **shape)
   expected = bench.jax_forms(make_record, make_fn, (inputs, cotangents), dtype, harness.PASSES,
-                             size.batch * size.time, "xla", STATE_OUTPUTS,
+                             size.batch * size.time, bench.check_form(op), STATE_OUTPUTS,
                              variants=("chunk_size", "C", bench.args.kernel_chunks))
   for pass_name in harness.PASSES:
     backward = pass_name == "fwd+bwd"
@@ -771,6 +776,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="attention implementations (default: cudnn on GPU, xla elsewhere)")
   parser.add_argument("--skip-slow", action=argparse.BooleanOptionalAction, default=None,
                       help=f"leave out reference above B*T = {SLOW_TOKENS} (default: on GPU)")
+  parser.add_argument("--check-form", choices=FAST_FORMS, default="xla",
+                      help='the form the KDA and RWKV-7 kernels and fla are checked against: '
+                      '"reference" skips compiling "xla"\'s fwd+bwd (2 min 11 s for RWKV-7 at '
+                      'B4 T2048 on the H200); default xla')
   parser.add_argument("--tol", type=float, default=None,
                       help="relative RMS error a checked case must stay under (default 2e-2 "
                       "for bfloat16 inputs, 5e-3 for float32)")

@@ -155,6 +155,30 @@ def test_kernels_times_the_kernels_at_each_kernel_chunk():
                    ("pallas_gpu", False, 32)]
 
 
+def test_kernels_check_form_picks_what_the_chunked_kernels_are_checked_against():
+  """``--check-form reference`` checks the KDA and RWKV-7 kernels against "reference" (never
+  building "xla"); the decode step is always checked against "reference"."""
+  from benchmarks import kernels as kernels_bench
+  args = kernels_bench.parse_args(["--smoke", "--implementations", "pallas_gpu",
+                                   "--check-form", "reference"])
+  bench = kernels_bench.Bench(args)
+  assert (bench.check_form("kda"), bench.check_form("rwkv7"), bench.check_form("decode")) == (
+      "reference", "reference", "reference")
+  built = []
+
+  def make_fn(form, backward):
+    built.append(form)
+    return lambda x: x * (2.0 if form == "reference" else 2.5)
+
+  make_record = lambda impl, p: bench.record("kda", "B1", jnp.float32, impl, p, (1.0, 1.0))
+  bench.jax_forms(make_record, make_fn, (jnp.arange(1.0, 5.0),), jnp.float32, ("fwd",), 4,
+                  bench.check_form("kda"), {"fwd": None})
+  (row,) = bench.records
+  assert built == ["pallas_gpu", "reference"]
+  assert row["check_against"] == "reference" and row["check_max"] > 0.2
+  assert kernels_bench.Bench(kernels_bench.parse_args(["--smoke"])).check_form("kda") == "xla"
+
+
 def test_kernels_times_the_scan_kernel_at_each_block_d(monkeypatch):
   """``--scan-block-ds`` adds scan rows "pallas_gpu d<block_d>", each built with that block_d and
   checked against "xla" like the default rows; ``scan_fn`` then calls the GPU kernel itself at
