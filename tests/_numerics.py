@@ -58,10 +58,11 @@ def sub_chunk_gradient_tolerance(gate: bool, decay: float) -> float:
   """The float32 tolerance between the whole-chunk and the sub-chunk intra backward, for a
   gradient (``gate``: the log gate's) at a per-token decay up to ``decay``. At decay 20 each
   form's weights carry the float32 spacing of cumulative gates near -640, and each is off a
-  float64 evaluation on its own: measured on RWKV-7 (seed 2143 of the sub-chunk test) dw 4.4e-5
-  (whole chunk) and 1.9e-5 (sub-chunks), db 1.7e-5 and 7.3e-6, so the two may differ by their
-  sum; over 40 seeds the largest differences were dw 1.9e-5, db 5.7e-6 (RWKV-7) and dg 1.5e-5,
-  dk 5.3e-6 (KDA). A wrong term shows at 1e-3 or more."""
+  float64 evaluation (its triangular-inverse products still float32) on its own: on RWKV-7 (seed
+  2143 of the sub-chunk test) dw 4.4e-5 (whole chunk) and 1.9e-5 (sub-chunks), db 1.7e-5 and
+  7.3e-6, so the two may differ by their sum; over 40 seeds the largest differences were dw
+  1.9e-5, db 5.7e-6 (RWKV-7) and dg 1.5e-5, dk 5.3e-6 (KDA). A wrong term shows at 1e-3 or
+  more."""
   if decay >= 20:
     return 6e-5 if gate else 3e-5
   return TOL_F32_GATE if gate else TOL_F32
