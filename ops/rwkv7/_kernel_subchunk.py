@@ -54,6 +54,26 @@ def load_rows(tokens, segment, carried, last, scale: float) -> Rows:
   return Rows(r * scale, w, k, a, b, v, segment, carried, last)
 
 
+def _rows_of_sub_chunk(x: Rows, G_start, earlier, prims: Primitives):
+  """Sub-chunk x's gates and its rows of the four pair products: (its ``Chunk``, G, G~, and
+  (A_ab, A_ak, A_rb, A_rk), each a list of [S, S] blocks, one per earlier sub-chunk and then
+  the diagonal one). ``G_start``: G before x's first row; ``earlier``: per earlier sub-chunk,
+  (G at its last row m, its b and k times exp(G_m - G), its segment)."""
+  c = Chunk(x.r, x.w, x.k, x.a, x.b, x.segment, x.carried, x.last, prims)
+  G = G_start + c.G
+  G_before = jnp.where(iota((SUB, 1), 0) == 0, G_start, G_start + c.G_before)
+  rows = ([], [], [], [])
+  for G_m, b_cols, k_cols, segment in earlier:
+    mask = same_segment(x.segment, segment)
+    strict_rows, gated_rows = x.a * jnp.exp(G_before - G_m), x.r * jnp.exp(G - G_m)
+    for blocks, (row_factor, columns) in zip(rows, ((strict_rows, b_cols), (strict_rows, k_cols),
+                                                    (gated_rows, b_cols), (gated_rows, k_cols))):
+      blocks.append(prims.dot(row_factor, columns, trans_b=True) * mask)
+  for blocks, diagonal in zip(rows, (c.A_ab, c.A_ak, c.A_rb, c.A_rk)):
+    blocks.append(diagonal)
+  return c, G, G_before, rows
+
+
 def intra_forward(load: Callable[[int], Rows], num_blocks: int, prims: Primitives,
                   store: Callable) -> None:
   """The chunk's matrices from its ``num_blocks`` sub-chunks (``load(b)``, each loaded once),
@@ -61,29 +81,17 @@ def intra_forward(load: Callable[[int], Rows], num_blocks: int, prims: Primitive
   Rg, Y, Bg, Kg ([S, width]), block (b, a) of A = A_rb ([S, S], zeros above the diagonal) and
   the decay ([1, K], b = None)."""
   dot = prims.dot
-  first_row = iota((SUB, 1), 0) == 0
   G_end = 0.0
   kept = []  # per earlier sub-chunk: G at its last row, b and k gated to it, segment, v, last
   rhs_w, ak_v, T = [], [], []  # a exp(G~), A_ak v by sub-chunk; T[b][a] for a <= b
   for blk in range(num_blocks):
     x = load(blk)
-    c = Chunk(x.r, x.w, x.k, x.a, x.b, x.segment, x.carried, x.last, prims)
-    G = G_end + c.G
-    G_before = jnp.where(first_row, G_end, G_end + c.G_before)
-    ab_row, ak_row, rk_row = [], [], []
-    for a, (G_m, b_cols, k_cols, segment, _, _) in enumerate(kept):
-      mask = same_segment(x.segment, segment)
-      strict_rows, rows = jnp.exp(G_before - G_m), jnp.exp(G - G_m)
-      ab_row.append(dot(x.a * strict_rows, b_cols, trans_b=True) * mask)
-      ak_row.append(dot(x.a * strict_rows, k_cols, trans_b=True) * mask)
-      store("A", dot(x.r * rows, b_cols, trans_b=True) * mask, blk, a)
-      rk_row.append(dot(x.r * rows, k_cols, trans_b=True) * mask)
-    store("A", c.A_rb, blk, blk)
+    c, G, G_before, (ab_row, ak_row, rb_row, rk_row) = _rows_of_sub_chunk(
+        x, G_end, [columns[:4] for columns in kept], prims)
+    for a, block in enumerate(rb_row):
+      store("A", block, blk, a)
     for a in range(blk + 1, num_blocks):
       store("A", jnp.zeros((SUB, SUB), F32), blk, a)
-    ab_row.append(c.A_ab)
-    ak_row.append(c.A_ak)
-    rk_row.append(c.A_rk)
     T.append(substitution_row(T, ab_row, c.T, dot, sign=-1.0))
     values = [v for *_, v, _ in kept] + [x.v]
     ak_v.append(sum(dot(A, v) for A, v in zip(ak_row, values)))
@@ -121,7 +129,6 @@ def intra_backward(load: Callable[[int], Rows], cotangent: Callable, num_blocks:
   """
   dot = prims.dot
   n = num_blocks
-  first_row = iota((SUB, 1), 0) == 0
 
   # Pass 1.
   starts, ends = [], []  # G before and at the end of each sub-chunk, [1, K]
@@ -133,19 +140,8 @@ def intra_backward(load: Callable[[int], Rows], cotangent: Callable, num_blocks:
   G_start = 0.0
   for j in range(n):
     x = load(j)
-    c = Chunk(x.r, x.w, x.k, x.a, x.b, x.segment, x.carried, x.last, prims)
-    G = G_start + c.G
-    G_before = jnp.where(first_row, G_start, G_start + c.G_before)
-    ab_row, ak_row, rk_row = [], [], []
-    for a in range(j):
-      mask = same_segment(x.segment, segments[a])
-      strict_rows, rows = jnp.exp(G_before - ends[a]), jnp.exp(G - ends[a])
-      ab_row.append(dot(x.a * strict_rows, b_cols[a], trans_b=True) * mask)
-      ak_row.append(dot(x.a * strict_rows, k_cols[a], trans_b=True) * mask)
-      rk_row.append(dot(x.r * rows, k_cols[a], trans_b=True) * mask)
-    ab_row.append(c.A_ab)
-    ak_row.append(c.A_ak)
-    rk_row.append(c.A_rk)
+    c, G, G_before, (ab_row, ak_row, _, rk_row) = _rows_of_sub_chunk(
+        x, G_start, list(zip(ends, b_cols, k_cols, segments)), prims)
     T.append(substitution_row(T, ab_row, c.T, dot, sign=-1.0))
     ak_v.append(sum(dot(A, v) for A, v in zip(ak_row, values + [x.v])))
     rhs_w.append(x.a * jnp.exp(G_before))
