@@ -570,17 +570,25 @@ def _sub_chunk_case(rng, chunk: int, decay: float, K: int = 32, V: int = 16):
   return (q, k, g, v, beta), masks, prims
 
 
+def _sub_chunk_steps(tokens, masks, prims):
+  """(block(b): sub-chunk b's row slice, load(a): sub-chunk a's ``Rows``, the whole chunk's
+  ``Rows``) for running ``_kernel_subchunk``'s steps on one chunk's [C, width] arrays."""
+  from ops.kda import _kernel_subchunk as sub
+  S = sub.SUB
+  block = lambda b: slice(b * S, (b + 1) * S)
+  rows = sub.load_rows(tokens, *masks, scale=1.0)
+  return block, lambda a: sub.Rows(*(x[block(int(a))] for x in rows)), rows
+
+
 def _three_step_forward(tokens, masks, prims):
-  """A chunk's matrices (whole float32 arrays by ``ChunkMatrices`` name) and T from the GPU
-  forward's three steps (``_kernel_subchunk``: ``pair_rows`` for each sub-chunk, then
+  """A chunk's matrices (whole float32 arrays by ``ChunkMatrices`` name), T and M = P_kk from
+  the GPU forward's three steps (``_kernel_subchunk``: ``pair_rows`` for each sub-chunk, then
   ``inverse_blocks`` and ``chunk_outputs``), as its three kernels run them; M's blocks above the
   diagonal, never stored, stay NaN (and must never be read)."""
   from ops.kda import _kernel_subchunk as sub
   S, chunk = sub.SUB, tokens[0].shape[0]
   n = chunk // S
-  block = lambda b: slice(b * S, (b + 1) * S)
-  rows = sub.load_rows(tokens, *masks, scale=1.0)
-  load = lambda a: sub.Rows(*(x[block(int(a))] for x in rows))
+  block, load, rows = _sub_chunk_steps(tokens, masks, prims)
   square = {name: np.full((chunk, chunk), np.nan, np.float32) for name in ("A", "M", "T")}
   with jax.disable_jit():  # the sub-chunk loops run in Python, with concrete indices
     for j in range(n):
@@ -588,12 +596,12 @@ def _three_step_forward(tokens, masks, prims):
         square[name][block(j), block(int(a))] = value
       sub.pair_rows(load, j, n, prims, store)
   M = square["M"]
-  sub.inverse_blocks(lambda b, a: M[block(b), block(a)], n, prims,
+  sub.inverse_blocks(lambda b, a: M[block(b), block(a)], lambda b: rows.beta[block(b)], n, prims,
                      lambda value, b, a: square["T"].__setitem__((block(b), block(a)), value))
   got = {"A": square["A"]}
   sub.chunk_outputs(rows, square["T"], prims,
                     lambda name, value: got.__setitem__(name, np.asarray(value)))
-  return got, square["T"]
+  return got, square["T"], M
 
 
 @pytest.mark.parametrize("chunk, decay", [(64, 0.1), (64, 20.0), (16, 1.0)])
@@ -609,7 +617,7 @@ def test_sub_chunk_intra_forward_equals_the_level_split(seed, chunk, decay):
   (q, k, g, v, beta), masks, prims = _sub_chunk_case(rng, chunk, decay, K, V)
   whole = _kernel_chunk.Chunk(q, k, g, beta, *masks, prims)
   expected = _kernel_chunk.intra_forward(whole, v)
-  got, T = _three_step_forward((q, k, g, v, beta), masks, prims)
+  got, T, _ = _three_step_forward((q, k, g, v, beta), masks, prims)
   num.assert_close(whole.T, T, num.TOL_F32, "T")
   for name in expected._fields:  # every entry written (NaN otherwise) and equal
     num.assert_close(getattr(expected, name), got[name], num.TOL_F32, name, floor=1e-30)
@@ -618,10 +626,13 @@ def test_sub_chunk_intra_forward_equals_the_level_split(seed, chunk, decay):
 @pytest.mark.parametrize("chunk, decay", [(64, 0.1), (64, 20.0), (32, 1.0)])
 @given(seed=num.seeds())
 def test_sub_chunk_intra_backward_equals_the_level_split(seed, chunk, decay):
-  """The GPU intra backward's 16-row sub-chunk form (``ops.kda._kernel_subchunk``) gives the
-  token gradients of the whole-chunk level split (``_kernel_chunk.token_gradients``) from random
-  cotangents of every chunk matrix, packed segments and strong decay included."""
-  from ops.kda import _kernel_chunk, _kernel_subchunk
+  """The GPU intra backward's steps on 16-row sub-chunks (``ops.kda._kernel_subchunk``:
+  ``dT_rows`` and ``gradient_rows`` for each sub-chunk, ``dA_kk_blocks``, ``dg_from_rows``, on
+  the forward's P_kk and T) give the token gradients of the whole-chunk level split
+  (``_kernel_chunk.token_gradients``) from random cotangents of every chunk matrix, packed
+  segments and strong decay included."""
+  from ops.kda import _kernel_chunk
+  from ops.kda import _kernel_subchunk as sub
   rng = np.random.default_rng(seed)
   K, V = 32, 16
   (q, k, g, v, beta), masks, prims = _sub_chunk_case(rng, chunk, decay, K, V)
@@ -630,11 +641,38 @@ def test_sub_chunk_intra_backward_equals_the_level_split(seed, chunk, decay):
       Kg=num.normal(rng, (chunk, K)), A=num.normal(rng, (chunk, chunk)),
       decay=num.normal(rng, (1, K)))
   scale = 0.7
-  chunk_math = _kernel_chunk.load((q, k, g, v, beta), *masks, prims, scale)
-  expected = _kernel_chunk.token_gradients(chunk_math, v, cotangents, scale)
-  got = num.sub_chunk_gradients(_kernel_subchunk, (q, k, g, v, beta), masks, cotangents, prims,
-                                scale)
-  for name, value in zip(_kernel_subchunk.GRADIENTS, expected):
+  expected = _kernel_chunk.token_gradients(
+      _kernel_chunk.load((q, k, g, v, beta), *masks, prims, scale), v, cotangents, scale)
+  tokens = (q * scale, k, g, v, beta)  # the steps below take q scaled, as load_rows gives it
+  _, T, P_kk = _three_step_forward(tokens, masks, prims)
+  S, n = sub.SUB, chunk // sub.SUB
+  block, load, _ = _sub_chunk_steps(tokens, masks, prims)
+
+  def cotangent(name, b, a=None):
+    x = getattr(cotangents, name)
+    return x if b is None else x[block(int(b)), block(int(a))] if a is not None else x[
+        block(int(b))]
+
+  dT = np.full((chunk, chunk), np.nan, np.float32)
+  rows = {}
+  with jax.disable_jit():
+    for j in range(n):
+      sub.dT_rows(load, cotangent, j, prims,
+                  lambda value, a, j=j: dT.__setitem__((block(j), block(int(a))), value))
+  dA_kk = np.full((chunk, chunk), np.nan, np.float32)
+  sub.dA_kk_blocks(lambda b, a: T[block(b), block(a)], lambda b, a: dT[block(b), block(a)],
+                   [masks[0][block(b)] for b in range(n)], n, prims,
+                   lambda value, b, a: dA_kk.__setitem__((block(b), block(a)), value))
+  square = lambda x: lambda b, a: x[block(int(b)), block(int(a))]
+  with jax.disable_jit():
+    for j in range(n):
+      sub.gradient_rows(load, cotangent, square(P_kk), square(dA_kk), square(T), j, n, prims,
+                        lambda name, value, j=j: rows.setdefault(name, []).append(value),
+                        scale=1.0)
+  got = {name: np.concatenate(values) for name, values in rows.items()}
+  got["dq"] = got["dq"] * scale  # d/d(unscaled q) = scale d/d(scaled q)
+  got["dg"] = sub.dg_from_rows(got["dG"], got["through_end"])
+  for name, value in zip(sub.GRADIENTS, expected):
     num.assert_close(value, got[name], num.sub_chunk_gradient_tolerance(name == "dg", decay),
                      name)
 

@@ -1,7 +1,6 @@
 """KDA's intra-chunk forward and backward on 16-row sub-chunks: the GPU kernels' register-sized
 form of ``_kernel_chunk.intra_forward`` and ``token_gradients`` (same ``ChunkMatrices``, same
-gradients, same mathematics, SPEC 3.4-3.6). Below, the forward; ``intra_backward`` describes its
-three passes.
+gradients, same mathematics, SPEC 3.4-3.6), as the steps of the GPU kernels.
 
 Why: the level split on whole [C, K] and [C, C] tiles holds so many of them that the Triton
 kernel runs at 255 registers and spills at C = 64 (docs/kernels.md, register report), and each
@@ -9,7 +8,8 @@ of its six levels is a full C x K x C product masked to its pairs. Here the chun
 sub-chunks are the unit, and the forward is three steps, each a kernel of its own on the GPU
 (``ops.kda.pallas_gpu``), so that every program is short and many run at once:
 
-  ``pair_rows``       one program per sub-chunk j: row block j of A_qk and A_kk. The diagonal
+  ``pair_rows``       one program per sub-chunk j: row block j of A_qk and P_kk (A_kk before
+                      beta). The diagonal
                       block by ``Chunk`` on the sub-chunk alone (the level split, levels 1, 2,
                       4, 8), whose products depend on differences of G within it only; each
                       earlier sub-chunk a as one [16, K] x [K, 16] product of gated rows and
@@ -22,6 +22,18 @@ sub-chunks are the unit, and the forward is three steps, each a kernel of its ow
   ``chunk_outputs``   one program per chunk and 64-column block: W = carried T (beta k
                       Gamma) and U = T (beta v) as C x C x 64 products, Q Gamma,
                       K exp(G_C - G) and exp(G_C), each column-wise in k, g and v.
+
+The backward is three steps the same way (after the forward's pair rows and block inverse again,
+for P_kk and T):
+
+  ``dT_rows``         one program per sub-chunk j: row block j of dT = dW (beta k Gamma)^T +
+                      dU (beta v)^T;
+  ``dA_kk_blocks``    one program per chunk, [16, 16] blocks only: dA_kk = -T^T dT T^T on
+                      A_kk's support;
+  ``gradient_rows``   one program per sub-chunk j: its rows against the earlier sub-chunks and
+                      its columns against the later ones, the diagonal block by the level split,
+                      the cotangents through W, U, Q Gamma, K exp(G_C - G) and exp(G_C); dg then
+                      follows as a reverse cumulative sum over the chunk (``dg_from_rows``).
 
 The pair products cost n (n + 1) / 2 block products instead of log2(C) full ones: 10 against 6
 C x K x C at C = 64, i.e. 0.63 M against 6.3 M multiply-adds per pair type and head (K = 128).
@@ -38,7 +50,7 @@ from ops.kda._kernel_chunk import (F32, Chunk, LevelSplit, Primitives, eye, iota
                                    unit_lower_inverse)
 
 SUB = 16  # rows per sub-chunk: the smallest tile Triton's tensor-core products take
-GRADIENTS = ("dq", "dk", "dg", "dv", "dbeta")  # intra_backward's outputs, in the token order
+GRADIENTS = ("dq", "dk", "dg", "dv", "dbeta")  # the token gradients, in the token order
 
 
 class Rows(NamedTuple):
@@ -92,8 +104,9 @@ def load_rows(tokens, segment, carried, last, scale: float) -> Rows:
 def pair_rows(load: Callable, j, num_blocks: int, prims: Primitives, store: Callable) -> None:
   """Row block j of A_qk and of M, the pair kernel's work for sub-chunk j (``j`` may be traced:
   the earlier sub-chunks are a loop), each [S, S] block (j, a) handed to
-  ``store(name, value, a)``: "A" for A_qk (zeros above the diagonal), "M" for A_kk (its
-  blocks above the diagonal are not stored).
+  ``store(name, value, a)``: "A" for A_qk (zeros above the diagonal), "M" for P_kk, A_kk
+  before its rows' beta (its blocks above the diagonal are not stored; the backward reads it
+  for dbeta).
 
   ``load(a)`` gives sub-chunk a's ``Rows``. The earlier sub-chunks a = j - 1, ..., 0 are visited
   backwards carrying ``since``, the sum of g over the sub-chunks between a and j, so that with
@@ -106,7 +119,7 @@ def pair_rows(load: Callable, j, num_blocks: int, prims: Primitives, store: Call
   c = Chunk(x.q, x.k, x.g, x.beta, x.segment, x.carried, x.last, prims)
   diagonal = jnp.sum(x.q * x.k, axis=1, keepdims=True) * eye(SUB)
   store("A", (c.P_qk + diagonal) * c.lower, j)
-  store("M", c.A_kk, j)
+  store("M", c.P_kk * c.strict, j)
 
   def earlier(step, since):
     a = j - 1 - step
@@ -117,7 +130,7 @@ def pair_rows(load: Callable, j, num_blocks: int, prims: Primitives, store: Call
     to_m = jnp.exp(c.G + since)
     mask = same_segment(x.segment, y.segment)
     store("A", dot(x.q * to_m, columns, trans_b=True) * mask, a)
-    store("M", x.beta * dot(x.k * to_m, columns, trans_b=True) * mask, a)
+    store("M", dot(x.k * to_m, columns, trans_b=True) * mask, a)
     return since + total
 
   jax.lax.fori_loop(0, j, earlier, jnp.zeros((1, x.g.shape[1]), F32))
@@ -130,14 +143,15 @@ def pair_rows(load: Callable, j, num_blocks: int, prims: Primitives, store: Call
   jax.lax.fori_loop(j + 1, num_blocks, later, 0)
 
 
-def inverse_blocks(load: Callable, num_blocks: int, prims: Primitives, store: Callable) -> None:
-  """T = (I + A_kk)^-1 from A_kk's blocks (``load(b, a)``, a <= b, as ``pair_rows`` stores
-  them): each diagonal block's inverse T_bb by the level split, then block forward
-  substitution; each [S, S] block of T handed to ``store(value, b, a)``, zeros above the
-  diagonal."""
+def inverse_blocks(load: Callable, beta: Callable, num_blocks: int, prims: Primitives,
+                   store: Callable) -> None:
+  """T = (I + A_kk)^-1 from P_kk's blocks (``load(b, a)``, a <= b, as ``pair_rows`` stores
+  them) and sub-chunk b's beta (``beta(b)``, [S, 1]): each diagonal block's inverse T_bb by the
+  level split, then block forward substitution; each [S, S] block of T handed to
+  ``store(value, b, a)``, zeros above the diagonal."""
   T = []
   for b in range(num_blocks):
-    row = [load(b, a) for a in range(b + 1)]
+    row = [beta(b) * load(b, a) for a in range(b + 1)]
     T_bb = unit_lower_inverse(row[b], prims.dot)
     T.append(substitution_row(T, row, T_bb, prims.dot, sign=1.0))
     for a in range(num_blocks):
@@ -160,128 +174,144 @@ def chunk_outputs(x: Rows, T, prims: Primitives, store: Callable) -> None:
   store("decay", last_row(x.carried) * jnp.exp(G_C))
 
 
-def intra_backward(load: Callable[[int], Rows], cotangent: Callable, num_blocks: int,
-                   prims: Primitives, store: Callable, scale: float) -> None:
-  """The token gradients of one chunk from the cotangents of its matrices, by sub-chunks: the
-  values of ``_kernel_chunk.token_gradients``, handed to ``store(name, value, b)`` as row block
-  b of each of ``GRADIENTS`` ([S, width]; dq for the unscaled q; dbeta [S, 1]).
+def dT_rows(load: Callable, cotangent: Callable, j, prims: Primitives, store: Callable) -> None:
+  """Row block j of dT = dW (beta k Gamma)^T + dU (beta v)^T (``j`` may be traced), each
+  [S, S] block (j, a), a <= j, handed to ``store(value, a)``; the sub-chunks a = 0, ..., j
+  visited in order with the absolute gate G carried (Gamma = exp(G), as W's own factor)."""
+  x = load(j)
+  dW, dU = x.carried * cotangent("W", j), cotangent("U", j)
 
-  ``load(b)`` gives sub-chunk b's ``Rows`` (called twice a sub-chunk, once per pass over the
-  rows); ``cotangent(name, b, a=None)`` row block b of a matrix's cotangent ([S, width]; block
-  (b, a) of "A", [S, S]; the [1, K] "decay" for b = None).
+  def column(a, G_start):
+    y = load(a)
+    G = G_start + prims.cumsum(y.g, reverse=False)
+    store(prims.dot(dW, y.beta * y.k * jnp.exp(G), trans_b=True)
+          + prims.dot(dU, y.beta * y.v, trans_b=True), a)
+    return last_row(G)
 
-  Three passes, so that only [S, S] blocks and a few [S, K] tiles stay live:
-    1. over the sub-chunks in order: G, the off-diagonal P_kk blocks, T by block substitution
-       and dT = dW (beta k Gamma)^T + dU (beta v)^T by blocks (rows b of T and dT need
-       sub-chunks <= b only);
-    2. [S, S] blocks only: dA_kk = -T^T dT T^T on A_kk's support (``block_inverse_backward``)
-       and its part of dbeta;
-    3. over the sub-chunks in reverse: sub-chunk j's diagonal block by the level split; each
-       block (j, a) with an earlier a once, for both of its factors: the rows of j against a's
-       gated columns (kept from pass 1), and a's columns against j's gated rows, summed into
-       a's column cotangent until a's turn; the cotangents through W, U, Q Gamma,
-       K exp(G_C - G) and exp(G_C); dg as the reverse cumulative sum carried over from the
-       later sub-chunks. The reference rows m of the off-diagonal factors need no cotangent: a
-       pair's weight exp(G_r - G_m) exp(G_m - G_i) does not depend on G_m.
+  jax.lax.fori_loop(0, j + 1, column, jnp.zeros((1, x.g.shape[1]), F32))
+
+
+def dA_kk_blocks(load_T: Callable, load_dT: Callable, segments, num_blocks: int,
+                 prims: Primitives, store: Callable) -> None:
+  """dA_kk = -T^T dT T^T on A_kk's support (``block_inverse_backward``) from T's and dT's
+  [S, S] blocks (``load_T(b, a)``, ``load_dT(b, a)``, a <= b) and each sub-chunk's [S, 1]
+  segment index; each block (b, a), a <= b, handed to ``store(value, b, a)``."""
+  T = [[load_T(b, a) for a in range(b + 1)] for b in range(num_blocks)]
+  dT = [[load_dT(b, a) for a in range(b + 1)] for b in range(num_blocks)]
+  strictly_lower = iota((SUB, SUB), 0) > iota((SUB, SUB), 1)
+  dA = block_inverse_backward(T, dT, prims.dot, sign=1.0, support=lambda b, a: jnp.where(
+      strictly_lower | (a < b), same_segment(segments[b], segments[a]), 0.0))
+  for b in range(num_blocks):
+    for a in range(b + 1):
+      store(dA[b][a], b, a)
+
+
+def gradient_rows(load: Callable, cotangent: Callable, load_P_kk: Callable, load_dA_kk: Callable,
+                  load_T: Callable, j, num_blocks: int, prims: Primitives, store: Callable,
+                  scale: float) -> None:
+  """Sub-chunk j's token gradients (``j`` may be traced), handed to ``store(name, value)``:
+  dq (for the unscaled q), dk, dv, dbeta ([S, width]) and, for g, "dG" (the cotangent of the
+  cumulative gate G at j's rows, [S, K]) and "through_end" ([1, K], its part of dG_C, the
+  cotangent of G at the chunk's last row); dg is the reverse cumulative sum of dG over the
+  chunk plus the chunk's sum of through_end (``dg_from_rows``).
+
+  ``load(a)`` gives sub-chunk a's ``Rows``; ``cotangent(name, b, a=None)`` as
+  ``intra_backward``'s; ``load_P_kk(b, a)``, ``load_dA_kk(b, a)`` and ``load_T(b, a)``
+  [S, S] blocks (a <= b) of P_kk (``pair_rows``' M), dA_kk (``dA_kk_blocks``) and T. Sub-chunk j takes part in the pair products as rows (against
+  the earlier sub-chunks a, visited backwards with the sum of g between them carried, as
+  ``pair_rows`` does) and as columns (against the later sub-chunks b, visited in order with
+  the sum of g between them carried), and in W and U through T's column j.
   """
   dot = prims.dot
-  n = num_blocks
-  eye_part = lambda x: jnp.sum(jnp.where(iota(x.shape, 0) == iota(x.shape, 1), x, 0.0), axis=1,
-                               keepdims=True)
+  x = load(j)
+  split = LevelSplit(prims.cumsum(x.g, reverse=False), x.g, x.segment, x.carried, x.last, prims)
+  local, K = split.G, x.g.shape[1]
+  total = last_row(local)
 
-  # Pass 1.
-  starts, ends = [], []  # G before and at the end of each sub-chunk, [1, K]
-  columns = []  # each sub-chunk's gated columns k exp(G_m - G), m its last row
-  segments, carried, betas = [], [], []
-  P_kk, T, dT = [], [], []  # blocks [b][a], a <= b; P_kk on A_kk's support
-  rhs_k, rhs_v = [], []
-  through_end = []  # per sub-chunk: the sum over rows of dKg k exp(G_m - G), [1, K]
-  G_start = 0.0
-  for b in range(n):
-    x = load(b)
-    c = Chunk(x.q, x.k, x.g, x.beta, x.segment, x.carried, x.last, prims)
-    G = G_start + c.G
-    kk_row = [dot(x.k * jnp.exp(G - ends[a]), columns[a], trans_b=True)
-              * same_segment(x.segment, segments[a]) for a in range(b)] + [c.P_kk * c.strict]
-    T.append(substitution_row(T, [x.beta * P for P in kk_row[:-1]] + [c.A_kk], c.T, dot,
-                              sign=1.0))
-    gamma = jnp.exp(G)
-    rhs_k.append(x.beta * x.k * gamma)
-    rhs_v.append(x.beta * x.v)
-    dW, dU = x.carried * cotangent("W", b), cotangent("U", b)
-    dT.append([dot(dW, rhs_k[a], trans_b=True) + dot(dU, rhs_v[a], trans_b=True)
-               for a in range(b + 1)])
-    G_end = last_row(G)
-    columns.append(x.k * jnp.exp(G_end - G))
-    through_end.append(jnp.sum(x.last * cotangent("Kg", b) * columns[b], axis=0,
-                               keepdims=True))
-    starts.append(G_start)
-    ends.append(G_end)
-    segments.append(x.segment)
-    carried.append(x.carried)
-    betas.append(x.beta)
-    P_kk.append(kk_row)
-    G_start = G_end
-  G_C = G_start
-  dG_C = (sum(e * jnp.exp(G_C - G_m) for e, G_m in zip(through_end, ends))
-          + cotangent("decay", None) * last_row(carried[-1]) * jnp.exp(G_C))
+  def earlier(step, carry):
+    since, dq, dk, dG, dbeta = carry
+    a = j - 1 - step
+    y = load(a)
+    y_local = prims.cumsum(y.g, reverse=False)
+    y_total = last_row(y_local)
+    columns = y.k * jnp.exp(y_total - y_local)
+    to_m = jnp.exp(local + since)
+    q_rows, k_rows = x.q * to_m, x.k * to_m
+    mask = same_segment(x.segment, y.segment)
+    dA_qk = cotangent("A", j, a) * mask
+    dA_kk = load_dA_kk(j, a)
+    dX_q, dX_k = dot(dA_qk, columns), dot(x.beta * dA_kk, columns)
+    return (since + y_total, dq + dX_q * to_m, dk + dX_k * to_m,
+            dG + q_rows * dX_q + k_rows * dX_k,
+            dbeta + jnp.sum(dA_kk * load_P_kk(j, a), axis=1, keepdims=True))
 
-  # Pass 2.
-  strictly_lower = iota((SUB, SUB), 0) > iota((SUB, SUB), 1)
-  dA_kk = block_inverse_backward(T, dT, dot, sign=1.0, support=lambda b, a: jnp.where(
-      strictly_lower | (a < b), same_segment(segments[b], segments[a]), 0.0))
-  dbeta_kk = [sum(jnp.sum(d * P, axis=1, keepdims=True) for d, P in zip(dA_kk[b], P_kk[b]))
-              for b in range(n)]
+  zeros = jnp.zeros_like(x.k)
+  G_start, dq, dk, dG, dbeta = jax.lax.fori_loop(
+      0, j, earlier, (jnp.zeros((1, K), F32), zeros, zeros, zeros, jnp.zeros((SUB, 1), F32)))
 
-  # Pass 3.
-  dG_after = 0.0  # the sum of dG over the later sub-chunks
-  dY = [0.0] * n  # the cotangent of each sub-chunk's gated columns from the later rows
-  for j in reversed(range(n)):
-    x = load(j)
-    split = LevelSplit(prims.cumsum(x.g, reverse=False), x.g, x.segment, x.carried, x.last,
-                       prims)
-    G = starts[j] + split.G
-    gamma = jnp.exp(G)
-    dP_kk = [x.beta * d for d in dA_kk[j]]
-    dA_qk_jj = cotangent("A", j, j) * split.lower
-    (dq, dk_row), (dk_qk, dk_kk), (dG_row,), dG = split.products_backward(
-        [(x.q, x.k, 0), (x.k, x.k, 0)], [dA_qk_jj, dP_kk[j]])
-    dk = dk_row + dk_qk + dk_kk
-    dG = dG + dG_row
-    on_diagonal = eye_part(dA_qk_jj)
-    dq = dq + on_diagonal * x.k
-    dk = dk + on_diagonal * x.q
-    for a in range(j):  # block (j, a): j's gated rows against a's gated columns
-      to_m = jnp.exp(G - ends[a])
-      q_rows, k_rows = x.q * to_m, x.k * to_m
-      dA_qk = cotangent("A", j, a) * same_segment(x.segment, segments[a])
-      dX_q, dX_k = dot(dA_qk, columns[a]), dot(dP_kk[a], columns[a])
-      dq = dq + dX_q * to_m
-      dk = dk + dX_k * to_m
-      dG = dG + q_rows * dX_q + k_rows * dX_k
-      dY[a] = dY[a] + dot(dA_qk, q_rows, trans_a=True) + dot(dP_kk[a], k_rows, trans_a=True)
-    column = x.k * jnp.exp(ends[j] - G)
-    dk = dk + dY[j] * jnp.exp(ends[j] - G)
-    dG = dG - dY[j] * column
+  def later(b, carry):
+    gap, dY, dX_w, dX_u = carry
+    z = load(b)
+    z_local = prims.cumsum(z.g, reverse=False)
+    to_m = jnp.exp(z_local + gap)
+    mask = same_segment(z.segment, x.segment)
+    T_bj = load_T(b, j)
+    return (gap + last_row(z_local),
+            dY + dot(cotangent("A", b, j) * mask, z.q * to_m, trans_a=True)
+            + dot(z.beta * load_dA_kk(b, j), z.k * to_m, trans_a=True),
+            dX_w + dot(T_bj, z.carried * cotangent("W", b), trans_a=True),
+            dX_u + dot(T_bj, cotangent("U", b), trans_a=True))
 
-    dX_w = sum(dot(T[b][j], carried[b] * cotangent("W", b), trans_a=True) for b in range(j, n))
-    dX_u = sum(dot(T[b][j], cotangent("U", b), trans_a=True) for b in range(j, n))
-    dbeta = (dbeta_kk[j] + jnp.sum(dX_w * x.k * gamma, axis=1, keepdims=True)
-             + jnp.sum(dX_u * x.v, axis=1, keepdims=True))
-    dk = dk + dX_w * x.beta * gamma
-    dG = dG + dX_w * x.beta * x.k * gamma
-    dQg = cotangent("Qg", j) * x.carried
-    dq = dq + dQg * gamma
-    dG = dG + dQg * x.q * gamma
-    dKg = cotangent("Kg", j) * x.last
-    to_end = jnp.exp(G_C - G)
-    dk = dk + dKg * to_end
-    dG = dG - dKg * x.k * to_end
-    if j == n - 1:
-      dG = dG + jnp.where(iota(dG.shape, 0) == SUB - 1, dG_C, 0.0)
-    store("dq", dq * scale, j)
-    store("dk", dk, j)
-    store("dg", prims.cumsum(dG, reverse=True) + dG_after, j)
-    store("dv", dX_u * x.beta, j)
-    store("dbeta", dbeta, j)
-    dG_after = dG_after + jnp.sum(dG, axis=0, keepdims=True)
+  T_jj = load_T(j, j)
+  gap, dY, dX_w, dX_u = jax.lax.fori_loop(
+      j + 1, num_blocks, later,
+      (jnp.zeros((1, K), F32), zeros,
+       dot(T_jj, x.carried * cotangent("W", j), trans_a=True),
+       dot(T_jj, cotangent("U", j), trans_a=True)))
+
+  to_own_end = jnp.exp(total - local)
+  dk = dk + dY * to_own_end
+  dG = dG - dY * x.k * to_own_end
+
+  dA_qk_jj = cotangent("A", j, j) * split.lower
+  dA_kk_jj = load_dA_kk(j, j)
+  (dq_d, dk_row), (dk_qk, dk_kk), (dG_row,), dG_d = split.products_backward(
+      [(x.q, x.k, 0), (x.k, x.k, 0)], [dA_qk_jj, x.beta * dA_kk_jj])
+  on_diagonal = jnp.sum(jnp.where(iota((SUB, SUB), 0) == iota((SUB, SUB), 1), dA_qk_jj, 0.0),
+                        axis=1, keepdims=True)
+  dq = dq + dq_d + on_diagonal * x.k
+  dk = dk + dk_row + dk_qk + dk_kk + on_diagonal * x.q
+  dG = dG + dG_row + dG_d
+  dbeta = dbeta + jnp.sum(dA_kk_jj * load_P_kk(j, j), axis=1, keepdims=True)
+
+  G = G_start + local
+  gamma = jnp.exp(G)
+  dbeta = (dbeta + jnp.sum(dX_w * x.k * gamma, axis=1, keepdims=True)
+           + jnp.sum(dX_u * x.v, axis=1, keepdims=True))
+  dk = dk + dX_w * x.beta * gamma
+  dG = dG + dX_w * x.beta * x.k * gamma
+  dQg = cotangent("Qg", j) * x.carried
+  dq = dq + dQg * gamma
+  dG = dG + dQg * x.q * gamma
+  G_C = G_start + total + gap
+  dKg = cotangent("Kg", j) * x.last
+  to_end = jnp.exp(G_C - G)
+  dk = dk + dKg * to_end
+  dG = dG - dKg * x.k * to_end
+  through_end = jnp.sum(dKg * x.k * to_end, axis=0, keepdims=True) + jnp.where(
+      j == num_blocks - 1, cotangent("decay", None) * last_row(x.carried) * jnp.exp(G_C), 0.0)
+  store("dq", dq * scale)
+  store("dk", dk)
+  store("dv", dX_u * x.beta)
+  store("dbeta", dbeta)
+  store("dG", dG)
+  store("through_end", through_end)
+
+
+def dg_from_rows(dG, through_end):
+  """dg of one or more chunks ([..., C, K]) from ``gradient_rows``' dG ([..., C, K]) and the
+  chunk's through_end rows ([..., C/S, K]): the reverse cumulative sum of dG over the chunk,
+  plus dG_C (the sum of through_end) at every row (dG_C belongs to the last row, and every
+  row's gate enters G at the last row)."""
+  reverse = jnp.flip(jnp.cumsum(jnp.flip(dG, axis=-2), axis=-2), axis=-2)
+  return reverse + jnp.sum(through_end, axis=-2, keepdims=True)

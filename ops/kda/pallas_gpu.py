@@ -78,7 +78,8 @@ F32 = jnp.float32
 VALUE_BLOCK = 64
 LAUNCH = {"intra_forward": (8, 1), "intra_backward": (8, 1), "state_forward": (4, 2),
           "state_backward": (4, 2), "pair_rows": (2, 1), "inverse_blocks": (1, 1),
-          "chunk_outputs": (4, 1)}  # (num_warps, num_stages), measured in docs/kernels.md
+          "chunk_outputs": (4, 1), "dT_rows": (2, 1), "dA_kk": (1, 1),
+          "gradient_rows": (4, 1)}  # (num_warps, num_stages), measured in docs/kernels.md
 
 
 def default_interpret() -> bool:
@@ -189,6 +190,7 @@ class TritonOp(NamedTuple):
   fields: tuple
   sub_chunks: object
   intra_forward: Callable | None = None
+  intra_backward: Callable | None = None
 
 
 class Sizes(NamedTuple):
@@ -258,20 +260,28 @@ def _intra_forward_kernel(*refs, op, num_tokens, scale, precision):
   op.sub_chunks.intra_forward(load, refs[0].shape[0] // S, op.primitives(precision), store)
 
 
-def _intra_backward_kernel(*refs, op, num_tokens, scale, precision):
-  """The rows and the cotangents read by [S, width] row blocks ([S, S] blocks of a "C" field),
-  each gradient written by row blocks."""
-  S, rows, load = _sub_chunk_rows(op, refs, num_tokens, scale)
-  num_fields = len(op.fields)
-  cotangent_refs = dict(zip(op.fields._fields, zip(refs[num_tokens + 3:][:num_fields],
-                                                   op.fields)))
-  grad_refs = dict(zip(op.sub_chunks.GRADIENTS, refs[num_tokens + 3 + num_fields:]))
+def _cotangent_loader(op, refs, rows):
+  """``cotangent(name, b, a=None)``: row block b of a chunk matrix's cotangent ([S, width]; block
+  (b, a) of a "C" field; the whole [1, K] row of a "chunk" field for b = None), float32, from
+  one ref per field of ``op.fields``."""
+  cotangent_refs = dict(zip(op.fields._fields, zip(refs, op.fields)))
 
   def cotangent(name, b, a=None):
     ref, field = cotangent_refs[name]
     if b is None:
       return _as_tile(ref[...].astype(F32), field.width)
     return ref[rows(b), rows(a) if a is not None else slice(None)].astype(F32)
+
+  return cotangent
+
+
+def _intra_backward_kernel(*refs, op, num_tokens, scale, precision):
+  """The rows and the cotangents read by [S, width] row blocks ([S, S] blocks of a "C" field),
+  each gradient written by row blocks."""
+  S, rows, load = _sub_chunk_rows(op, refs, num_tokens, scale)
+  num_fields = len(op.fields)
+  cotangent = _cotangent_loader(op, refs[num_tokens + 3:][:num_fields], rows)
+  grad_refs = dict(zip(op.sub_chunks.GRADIENTS, refs[num_tokens + 3 + num_fields:]))
 
   def store(name, value, b):
     grad_refs[name][rows(b), :] = value.astype(grad_refs[name].dtype)
@@ -293,15 +303,16 @@ def _pair_rows_kernel(*refs, num_tokens, scale, precision):
                              store)
 
 
-def _inverse_blocks_kernel(m_ref, t_ref, *, precision):
-  """A chunk's T [C, C] from its M (``_kernel_subchunk.inverse_blocks``)."""
+def _inverse_blocks_kernel(m_ref, beta_ref, t_ref, *, precision):
+  """A chunk's T [C, C] from its M = P_kk and beta (``_kernel_subchunk.inverse_blocks``)."""
   S = _kernel_subchunk.SUB
   rows = lambda b: pl.ds(b * S, S)
 
   def store(value, b, a):
     t_ref[rows(b), rows(a)] = value
 
-  _kernel_subchunk.inverse_blocks(lambda b, a: m_ref[rows(b), rows(a)], m_ref.shape[0] // S,
+  _kernel_subchunk.inverse_blocks(lambda b, a: m_ref[rows(b), rows(a)],
+                                  lambda b: beta_ref[rows(b), :].astype(F32), m_ref.shape[0] // S,
                                   primitives(precision), store)
 
 
@@ -317,6 +328,52 @@ def _chunk_outputs_kernel(*refs, num_tokens, scale, precision):
     ref[...] = value.reshape(ref.shape).astype(ref.dtype)
 
   _kernel_subchunk.chunk_outputs(x, t_ref[...], primitives(precision), store)
+
+
+def _dT_rows_kernel(*refs, num_tokens, scale, precision):
+  """Row block j = program_id(3) of a chunk's dT (``_kernel_subchunk.dT_rows``)."""
+  S, rows, load = _sub_chunk_rows(KDA, refs, num_tokens, scale)
+  dW_ref, dU_ref, out_ref = refs[num_tokens + 3:]
+  cotangents = {"W": dW_ref, "U": dU_ref}
+
+  def store(value, a):
+    out_ref[:, rows(a)] = value
+
+  _kernel_subchunk.dT_rows(load, lambda name, b: cotangents[name][rows(b), :].astype(F32),
+                           pl.program_id(3), primitives(precision), store)
+
+
+def _dA_kk_kernel(t_ref, dt_ref, segment_ref, out_ref, *, precision):
+  """A chunk's dA_kk [C, C] from its T and dT (``_kernel_subchunk.dA_kk_blocks``)."""
+  S = _kernel_subchunk.SUB
+  rows = lambda b: pl.ds(b * S, S)
+  n = t_ref.shape[0] // S
+
+  def store(value, b, a):
+    out_ref[rows(b), rows(a)] = value
+
+  _kernel_subchunk.dA_kk_blocks(lambda b, a: t_ref[rows(b), rows(a)],
+                                lambda b, a: dt_ref[rows(b), rows(a)],
+                                [segment_ref[rows(b), :] for b in range(n)], n,
+                                primitives(precision), store)
+
+
+def _gradient_rows_kernel(*refs, num_tokens, scale, precision):
+  """Sub-chunk j = program_id(3)'s token gradients (``_kernel_subchunk.gradient_rows``)."""
+  S, rows, load = _sub_chunk_rows(KDA, refs, num_tokens, scale)
+  num_fields = len(KDA.fields)
+  rest = refs[num_tokens + 3:]
+  cotangent = _cotangent_loader(KDA, rest[:num_fields], rows)
+  p_ref, dA_ref, t_ref = rest[num_fields:num_fields + 3]
+  outs = dict(zip(_GRADIENT_ROWS, rest[num_fields + 3:]))
+
+  def store(name, value):
+    ref = outs[name]
+    ref[...] = value.reshape(ref.shape).astype(ref.dtype)
+
+  _kernel_subchunk.gradient_rows(
+      load, cotangent, *(lambda b, a, ref=ref: ref[rows(b), rows(a)] for ref in (p_ref, dA_ref, t_ref)),
+      pl.program_id(3), refs[0].shape[0] // S, primitives(precision), store, scale)
 
 
 def _state_forward_kernel(*refs, op, sizes, BV, precision, keep_states):
@@ -442,13 +499,14 @@ def _pair_rows(tokens, masks, *, scale, sizes, interpret, precision):
       num_tokens=len(tokens), scale=scale, precision=precision)(*tokens, *masks)
 
 
-def _inverse_blocks(M, *, sizes, interpret, precision):
-  """T = (I + A_kk)^-1, float32 [B, T, HV, C], grid B x HV x chunks."""
+def _inverse_blocks(M, beta, *, sizes, interpret, precision):
+  """T = (I + A_kk)^-1 from M = P_kk and beta [B, T, HV, 1], float32 [B, T, HV, C], grid
+  B x HV x chunks."""
   square = _token_spec(sizes.C, sizes.C)
   return _triton_call(
-      _inverse_blocks_kernel, (sizes.B, sizes.HV, sizes.T // sizes.C), [square], square,
-      jax.ShapeDtypeStruct(M.shape, F32), interpret, LAUNCH["inverse_blocks"],
-      precision=precision)(M)
+      _inverse_blocks_kernel, (sizes.B, sizes.HV, sizes.T // sizes.C),
+      [square, _token_spec(sizes.C, 1)], square, jax.ShapeDtypeStruct(M.shape, F32), interpret,
+      LAUNCH["inverse_blocks"], precision=precision)(M, beta)
 
 
 def _column_blocks(sizes) -> int:
@@ -489,7 +547,7 @@ def _kda_intra_forward(op, tokens, masks, *, scale, sizes, interpret, precision)
   decay from T); M and T pass through memory as float32 [B, T, HV, C]."""
   config = dict(sizes=sizes, interpret=interpret, precision=precision)
   A, M = _pair_rows(tokens, masks, scale=scale, **config)
-  T_inverse = _inverse_blocks(M, **config)
+  T_inverse = _inverse_blocks(M, tokens[4], **config)
   outputs = _chunk_outputs(op, tokens, masks, T_inverse, scale=scale, **config)
   return op.math.ChunkMatrices(A=A, **dict(zip(_CHUNK_OUTPUTS, outputs)))
 
@@ -503,6 +561,54 @@ def _intra_backward(op, tokens, masks, cotangents, *, scale, sizes, interpret, p
       [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in tokens], interpret,
       LAUNCH["intra_backward"], op=op, num_tokens=len(tokens), scale=scale,
       precision=precision)(*tokens, *masks, *cotangents)
+
+
+_GRADIENT_ROWS = ("dq", "dk", "dv", "dbeta", "dG", "through_end")
+
+
+def _kda_intra_backward(op, tokens, masks, cotangents, *, scale, sizes, interpret, precision):
+  """KDA's token gradients from its chunk matrices' cotangents, by five kernels: the forward's
+  pair rows and block inverse again (for T), dT's rows (grid B x HV x chunks x C/16), dA_kk
+  (grid B x HV x chunks) and the gradient rows (grid B x HV x chunks x C/16), then dg as the
+  reverse cumulative sum of dG over each chunk (XLA)."""
+  B, T, HV, K, _, C = sizes
+  S = _kernel_subchunk.SUB
+  n = C // S
+  config = dict(sizes=sizes, interpret=interpret, precision=precision)
+  _, M = _pair_rows(tokens, masks, scale=scale, **config)
+  T_inverse = _inverse_blocks(M, tokens[4], **config)
+  per_sub_chunk = lambda spec: pl.BlockSpec(spec.block_shape,
+                                            lambda b, h, c, j: spec.index_map(b, h, c))
+  row_block = lambda width: pl.BlockSpec((None, S, None, width),
+                                         lambda b, h, c, j: (b, c * n + j, h, 0))
+  inputs = [per_sub_chunk(spec) for spec in _input_specs(tokens, C)]
+  cotangent_specs = [per_sub_chunk(_layout(f.width, sizes)[1]) for f in op.fields]
+  square = _token_spec(C, C)
+  params = dict(num_tokens=len(tokens), scale=scale, precision=precision)
+  dT = _triton_call(
+      _dT_rows_kernel, (B, HV, T // C, n), inputs + cotangent_specs[:2], row_block(C),
+      jax.ShapeDtypeStruct((B, T, HV, C), F32), interpret, LAUNCH["dT_rows"], **params)(
+          *tokens, *masks, cotangents.W, cotangents.U)
+  dA_kk = _triton_call(
+      _dA_kk_kernel, (B, HV, T // C), [square, square, pl.BlockSpec((None, C, 1),
+                                                                    lambda b, h, c: (b, c, 0))],
+      square, jax.ShapeDtypeStruct((B, T, HV, C), F32), interpret, LAUNCH["dA_kk"],
+      precision=precision)(T_inverse, dT, masks[0])
+  q, k, g, v, beta = tokens
+  widths = dict(dq=q, dk=k, dv=v, dbeta=beta)
+  out_specs = [row_block(widths[name].shape[-1]) for name in _GRADIENT_ROWS[:4]] + [
+      row_block(K), pl.BlockSpec((None, None, None, K), lambda b, h, c, j: (b, c * n + j, h, 0))]
+  out_shapes = [jax.ShapeDtypeStruct(widths[name].shape, widths[name].dtype)
+                for name in _GRADIENT_ROWS[:4]] + [
+      jax.ShapeDtypeStruct((B, T, HV, K), F32), jax.ShapeDtypeStruct((B, T // S, HV, K), F32)]
+  dq, dk, dv, dbeta, dG, through_end = _triton_call(
+      _gradient_rows_kernel, (B, HV, T // C, n),
+      inputs + cotangent_specs + [per_sub_chunk(square)] * 3, out_specs, out_shapes, interpret,
+      LAUNCH["gradient_rows"], **params)(*tokens, *masks, *cotangents, M, dA_kk, T_inverse)
+  by_chunk = lambda x, rows: jnp.moveaxis(x.reshape(B, T // C, rows, HV, K), 2, 3)
+  dg = _kernel_subchunk.dg_from_rows(by_chunk(dG, C), by_chunk(through_end, n))
+  dg = jnp.moveaxis(dg, 3, 2).reshape(B, T, HV, K)
+  return dq, dk, dg.astype(g.dtype), dv, dbeta
 
 
 def _value_block(V):
@@ -578,7 +684,8 @@ def _walk_bwd(op, scale, C, interpret, residuals, cotangents):
   dO, dfinal = cotangents
   config = _config(op, tokens, dfinal, C, interpret)
   matrix_cotangents, dh0 = _state_backward(op, matrices, states, dO, dfinal, **config)
-  grads = _intra_backward(op, tokens, masks, matrix_cotangents, scale=scale, **config)
+  grads = (op.intra_backward or _intra_backward)(op, tokens, masks, matrix_cotangents,
+                                                 scale=scale, **config)
   return tuple(grads), (None,) * len(masks), dh0
 
 
@@ -641,7 +748,8 @@ def walk_stages(op: TritonOp, tokens, initial_state, *, scale: float, chunk_size
   state_forward = jax.jit(lambda m, h: _state_forward(op, m, h, out_dtype, keep_states=True,
                                                       **config))
   state_backward = jax.jit(lambda m, s, dO, df: _state_backward(op, m, s, dO, df, **config))
-  intra_backward = jax.jit(lambda x, m, d: _intra_backward(op, x, m, d, scale=scale, **config))
+  intra_backward = jax.jit(lambda x, m, d: (op.intra_backward or _intra_backward)(
+      op, x, m, d, scale=scale, **config))
   matrices = intra_forward(tokens, masks)
   o, final, states = state_forward(matrices, h0)
   matrix_cotangents, _ = state_backward(matrices, states, o, final)
@@ -657,7 +765,8 @@ KDA = TritonOp(primitives=primitives, math=chunk_math, value_index=3,
                fields=chunk_math.ChunkMatrices(W=Field("K"), U=Field("V", F32), Qg=Field("K"),
                                                Kg=Field("K"), A=Field("C", F32),
                                                decay=Field("chunk", F32)),
-               sub_chunks=_kernel_subchunk, intra_forward=_kda_intra_forward)
+               sub_chunks=_kernel_subchunk, intra_forward=_kda_intra_forward,
+               intra_backward=_kda_intra_backward)
 
 
 def scan(q, k, v, g, beta, initial_state, segment_index, *, scale: float, chunk_size: int = 64,
