@@ -176,12 +176,15 @@ class TritonOp(NamedTuple):
   fields: a ``math.ChunkMatrices`` of ``Field``s.
   sub_chunks: the module forming the chunk matrices and the token gradients from 16-row
     sub-chunks, for the intra kernels (``SUB``, ``GRADIENTS``: the gradients' names in the
-    token order, ``load_rows``, ``intra_backward`` and, unless the op brings its own intra
-    forward (below), ``intra_forward``; ``ops.kda._kernel_subchunk``,
-    ``ops.rwkv7._kernel_subchunk``).
+    token order, ``load_rows`` and, unless the op brings its own (below), ``intra_forward``
+    and ``intra_backward``; ``ops.kda._kernel_subchunk``, ``ops.rwkv7._kernel_subchunk``).
   intra_forward: None, or the op's own intra forward in place of the one kernel over
     ``sub_chunks.intra_forward``: called as ``_intra_forward`` is, it returns the
-    ``ChunkMatrices`` of arrays (KDA's: ``_kda_intra_forward``, three kernels).
+    ``ChunkMatrices`` of arrays and a tuple of arrays saved for the intra backward (KDA's:
+    ``_kda_intra_forward``, three kernels, saving P_kk and T).
+  intra_backward: None, or the op's own intra backward in place of the one kernel over
+    ``sub_chunks.intra_backward``: called as ``_intra_backward`` is (KDA's:
+    ``_kda_intra_backward``, three kernels).
   """
 
   primitives: Callable
@@ -464,7 +467,8 @@ def _layout(width, sizes: Sizes):
 
 
 def _intra_forward(op, tokens, masks, *, scale, sizes, interpret, precision):
-  """The chunk matrices as a ``ChunkMatrices`` of arrays: stored, or the token inputs they are."""
+  """The chunk matrices as a ``ChunkMatrices`` of arrays (stored, or the token inputs they are)
+  and nothing saved for the backward."""
   store = tokens[op.value_index].dtype
   names, fields = zip(*[(name, f) for name, f in zip(op.fields._fields, op.fields)
                         if f.token is None])
@@ -478,7 +482,7 @@ def _intra_forward(op, tokens, masks, *, scale, sizes, interpret, precision):
       precision=precision)(*tokens, *masks)
   stored = dict(zip(names, stored))
   return op.math.ChunkMatrices(*(stored[name] if f.token is None else tokens[f.token]
-                                 for name, f in zip(op.fields._fields, op.fields)))
+                                 for name, f in zip(op.fields._fields, op.fields))), ()
 
 
 _CHUNK_OUTPUTS = ("W", "U", "Qg", "Kg", "decay")
@@ -544,16 +548,18 @@ def _chunk_outputs(op, tokens, masks, T_inverse, *, scale, sizes, interpret, pre
 def _kda_intra_forward(op, tokens, masks, *, scale, sizes, interpret, precision):
   """KDA's chunk matrices (a ``ChunkMatrices`` of arrays) from three kernels: the pair rows
   (A_qk and M = A_kk), the block inverse (T from M) and the chunk outputs (W, U, Qg, Kg,
-  decay from T); M and T pass through memory as float32 [B, T, HV, C]."""
+  decay from T); M and T pass through memory as float32 [B, T, HV, C] and are saved for the
+  intra backward."""
   config = dict(sizes=sizes, interpret=interpret, precision=precision)
   A, M = _pair_rows(tokens, masks, scale=scale, **config)
   T_inverse = _inverse_blocks(M, tokens[4], **config)
   outputs = _chunk_outputs(op, tokens, masks, T_inverse, scale=scale, **config)
-  return op.math.ChunkMatrices(A=A, **dict(zip(_CHUNK_OUTPUTS, outputs)))
+  return op.math.ChunkMatrices(A=A, **dict(zip(_CHUNK_OUTPUTS, outputs))), (M, T_inverse)
 
 
-def _intra_backward(op, tokens, masks, cotangents, *, scale, sizes, interpret, precision):
-  """The token inputs' gradients from the chunk matrices' cotangents."""
+def _intra_backward(op, tokens, masks, cotangents, saved, *, scale, sizes, interpret, precision):
+  """The token inputs' gradients from the chunk matrices' cotangents (``saved``: empty, what
+  ``_intra_forward`` saved)."""
   specs = _input_specs(tokens, sizes.C)
   return _triton_call(
       _intra_backward_kernel, (sizes.B, sizes.HV, sizes.T // sizes.C),
@@ -566,17 +572,16 @@ def _intra_backward(op, tokens, masks, cotangents, *, scale, sizes, interpret, p
 _GRADIENT_ROWS = ("dq", "dk", "dv", "dbeta", "dG", "through_end")
 
 
-def _kda_intra_backward(op, tokens, masks, cotangents, *, scale, sizes, interpret, precision):
-  """KDA's token gradients from its chunk matrices' cotangents, by five kernels: the forward's
-  pair rows and block inverse again (for T), dT's rows (grid B x HV x chunks x C/16), dA_kk
-  (grid B x HV x chunks) and the gradient rows (grid B x HV x chunks x C/16), then dg as the
+def _kda_intra_backward(op, tokens, masks, cotangents, saved, *, scale, sizes, interpret,
+                        precision):
+  """KDA's token gradients from its chunk matrices' cotangents and the forward's saved P_kk
+  and T, by three kernels: dT's rows (grid B x HV x chunks x C/16), dA_kk (grid
+  B x HV x chunks) and the gradient rows (grid B x HV x chunks x C/16), then dg as the
   reverse cumulative sum of dG over each chunk (XLA)."""
   B, T, HV, K, _, C = sizes
   S = _kernel_subchunk.SUB
   n = C // S
-  config = dict(sizes=sizes, interpret=interpret, precision=precision)
-  _, M = _pair_rows(tokens, masks, scale=scale, **config)
-  T_inverse = _inverse_blocks(M, tokens[4], **config)
+  M, T_inverse = saved
   per_sub_chunk = lambda spec: pl.BlockSpec(spec.block_shape,
                                             lambda b, h, c, j: spec.index_map(b, h, c))
   row_block = lambda width: pl.BlockSpec((None, S, None, width),
@@ -661,10 +666,11 @@ def _state_backward(op, matrices, states, dO, dfinal, *, sizes, interpret, preci
 
 def _forward(op, scale, C, interpret, tokens, masks, h0, *, keep_states):
   config = _config(op, tokens, h0, C, interpret)
-  matrices = (op.intra_forward or _intra_forward)(op, tokens, masks, scale=scale, **config)
+  matrices, saved = (op.intra_forward or _intra_forward)(op, tokens, masks, scale=scale,
+                                                         **config)
   o, final, *states = _state_forward(op, matrices, h0, tokens[op.value_index].dtype,
                                      keep_states=keep_states, **config)
-  return o, final, (matrices, states[0] if keep_states else None)
+  return o, final, (matrices, saved, states[0] if keep_states else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
@@ -674,17 +680,17 @@ def _walk(op, scale, C, interpret, tokens, masks, h0):
 
 
 def _walk_fwd(op, scale, C, interpret, tokens, masks, h0):
-  o, final, (matrices, states) = _forward(op, scale, C, interpret, tokens, masks, h0,
-                                          keep_states=True)
-  return (o, final), (tokens, masks, matrices, states)
+  o, final, (matrices, saved, states) = _forward(op, scale, C, interpret, tokens, masks, h0,
+                                                 keep_states=True)
+  return (o, final), (tokens, masks, matrices, saved, states)
 
 
 def _walk_bwd(op, scale, C, interpret, residuals, cotangents):
-  tokens, masks, matrices, states = residuals
+  tokens, masks, matrices, saved, states = residuals
   dO, dfinal = cotangents
   config = _config(op, tokens, dfinal, C, interpret)
   matrix_cotangents, dh0 = _state_backward(op, matrices, states, dO, dfinal, **config)
-  grads = (op.intra_backward or _intra_backward)(op, tokens, masks, matrix_cotangents,
+  grads = (op.intra_backward or _intra_backward)(op, tokens, masks, matrix_cotangents, saved,
                                                  scale=scale, **config)
   return tuple(grads), (None,) * len(masks), dh0
 
@@ -748,15 +754,15 @@ def walk_stages(op: TritonOp, tokens, initial_state, *, scale: float, chunk_size
   state_forward = jax.jit(lambda m, h: _state_forward(op, m, h, out_dtype, keep_states=True,
                                                       **config))
   state_backward = jax.jit(lambda m, s, dO, df: _state_backward(op, m, s, dO, df, **config))
-  intra_backward = jax.jit(lambda x, m, d: (op.intra_backward or _intra_backward)(
-      op, x, m, d, scale=scale, **config))
-  matrices = intra_forward(tokens, masks)
+  intra_backward = jax.jit(lambda x, m, d, saved: (op.intra_backward or _intra_backward)(
+      op, x, m, d, saved, scale=scale, **config))
+  matrices, saved = intra_forward(tokens, masks)
   o, final, states = state_forward(matrices, h0)
   matrix_cotangents, _ = state_backward(matrices, states, o, final)
   return [("intra_forward", intra_forward, (tokens, masks)),
           ("state_forward", state_forward, (matrices, h0)),
           ("state_backward", state_backward, (matrices, states, o, final)),
-          ("intra_backward", intra_backward, (tokens, masks, matrix_cotangents))]
+          ("intra_backward", intra_backward, (tokens, masks, matrix_cotangents, saved))]
 
 
 # ------------------------------------------------------------------------------------------ KDA
