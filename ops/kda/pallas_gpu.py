@@ -76,10 +76,11 @@ from ops.kda._step_common import next_power_of_2
 
 F32 = jnp.float32
 VALUE_BLOCK = 64
+PAIR_KEY_BLOCKS = 2  # key blocks of the pair rows' grid (docs/kernels.md, version 6)
 LAUNCH = {"intra_forward": (8, 1), "intra_backward": (8, 1), "state_forward": (4, 2),
-          "state_backward": (4, 2), "pair_rows": (2, 1), "inverse_blocks": (1, 1),
+          "state_backward": (4, 2), "pair_rows": (1, 1), "inverse_blocks": (1, 1),
           "chunk_outputs": (4, 1), "dT_rows": (2, 1), "dA_kk": (1, 1),
-          "gradient_rows": (4, 1)}  # (num_warps, num_stages), measured in docs/kernels.md
+          "gradient_rows": (8, 1)}  # (num_warps, num_stages), measured in docs/kernels.md
 
 
 def default_interpret() -> bool:
@@ -293,29 +294,35 @@ def _intra_backward_kernel(*refs, op, num_tokens, scale, precision):
                                store, scale)
 
 
-def _pair_rows_kernel(*refs, num_tokens, scale, precision):
-  """KDA's sub-chunk j = program_id(3) of a chunk (``_kernel_subchunk.pair_rows``): its row
-  blocks [S, C] of A_qk and of M."""
+def _pair_rows_kernel(*refs, num_tokens, scale, precision, key_blocks):
+  """KDA's sub-chunk j of a chunk (``_kernel_subchunk.pair_rows``) on key block kb, with
+  program_id(3) = j key_blocks + kb: its row blocks [S, C] of A_qk's and of M's partial sums
+  over that block's key columns (every entry is a sum over the key columns)."""
   S, rows, load = _sub_chunk_rows(KDA, refs, num_tokens, scale)
   outs = dict(zip(("A", "M"), refs[num_tokens + 3:]))
 
   def store(name, value, a):
     outs[name][:, rows(a)] = value
 
-  _kernel_subchunk.pair_rows(load, pl.program_id(3), refs[0].shape[0] // S, primitives(precision),
-                             store)
+  _kernel_subchunk.pair_rows(load, pl.program_id(3) // key_blocks, refs[0].shape[0] // S,
+                             primitives(precision), store)
 
 
-def _inverse_blocks_kernel(m_ref, beta_ref, t_ref, *, precision):
-  """A chunk's T [C, C] from its M = P_kk and beta (``_kernel_subchunk.inverse_blocks``)."""
+def _inverse_blocks_kernel(a_parts_ref, m_parts_ref, beta_ref, a_ref, m_ref, t_ref, *,
+                           precision):
+  """A chunk's A_qk, M = P_kk and T [C, C] from the key blocks' partial sums of A_qk and M and
+  from beta (``_kernel_subchunk.inverse_blocks``)."""
   S = _kernel_subchunk.SUB
   rows = lambda b: pl.ds(b * S, S)
+  key_blocks = m_parts_ref.shape[0]
+  a_ref[...] = sum(a_parts_ref[kb] for kb in range(key_blocks))
+  m_ref[...] = sum(m_parts_ref[kb] for kb in range(key_blocks))
 
   def store(value, b, a):
     t_ref[rows(b), rows(a)] = value
 
   _kernel_subchunk.inverse_blocks(lambda b, a: m_ref[rows(b), rows(a)],
-                                  lambda b: beta_ref[rows(b), :].astype(F32), m_ref.shape[0] // S,
+                                  lambda b: beta_ref[rows(b), :].astype(F32), t_ref.shape[0] // S,
                                   primitives(precision), store)
 
 
@@ -488,29 +495,47 @@ def _intra_forward(op, tokens, masks, *, scale, sizes, interpret, precision):
 _CHUNK_OUTPUTS = ("W", "U", "Qg", "Kg", "decay")
 
 
+def _key_blocks(sizes) -> int:
+  """Key blocks of the pair rows' grid: ``PAIR_KEY_BLOCKS``, each at least 16 columns wide."""
+  return max(1, min(PAIR_KEY_BLOCKS, sizes.K // 16))
+
+
 def _pair_rows(tokens, masks, *, scale, sizes, interpret, precision):
-  """(A_qk, M = A_kk), each float32 [B, T, HV, C], grid B x HV x chunks x C/16."""
-  B, T, HV, _, _, C = sizes
-  n = C // _kernel_subchunk.SUB
-  per_sub_chunk = lambda spec: pl.BlockSpec(spec.block_shape,
-                                            lambda b, h, c, j: spec.index_map(b, h, c))
-  row_block = pl.BlockSpec((None, _kernel_subchunk.SUB, None, C),
-                           lambda b, h, c, j: (b, c * n + j, h, 0))
+  """The key blocks' partial sums of A_qk and of M = P_kk, each float32
+  [key blocks, B, T, HV, C], grid B x HV x chunks x (C/16 x key blocks)."""
+  B, T, HV, K, _, C = sizes
+  n, n_kb = C // _kernel_subchunk.SUB, _key_blocks(sizes)
+
+  def spec(i, x, whole):  # q, k, g by key block; the rest whole
+    keyed = i != KDA.value_index and x.shape[-1] == K
+    return pl.BlockSpec((*whole.block_shape[:-1], K // n_kb) if keyed else whole.block_shape,
+                        lambda b, h, c, p: (*whole.index_map(b, h, c)[:-1],
+                                            p % n_kb if keyed else 0))
+
+  inputs = _input_specs(tokens, C)
+  in_specs = ([spec(i, x, inputs[i]) for i, x in enumerate(tokens)]
+              + [pl.BlockSpec(m.block_shape, lambda b, h, c, p, m=m: m.index_map(b, h, c))
+                 for m in inputs[len(tokens):]])
+  row_block = pl.BlockSpec((None, None, _kernel_subchunk.SUB, None, C),
+                           lambda b, h, c, p: (p % n_kb, b, c * n + p // n_kb, h, 0))
   return _triton_call(
-      _pair_rows_kernel, (B, HV, T // C, n),
-      [per_sub_chunk(spec) for spec in _input_specs(tokens, C)], [row_block] * 2,
-      [jax.ShapeDtypeStruct((B, T, HV, C), F32)] * 2, interpret, LAUNCH["pair_rows"],
-      num_tokens=len(tokens), scale=scale, precision=precision)(*tokens, *masks)
+      _pair_rows_kernel, (B, HV, T // C, n * n_kb), in_specs, [row_block] * 2,
+      [jax.ShapeDtypeStruct((n_kb, B, T, HV, C), F32)] * 2, interpret, LAUNCH["pair_rows"],
+      num_tokens=len(tokens), scale=scale, precision=precision, key_blocks=n_kb)(
+          *tokens, *masks)
 
 
-def _inverse_blocks(M, beta, *, sizes, interpret, precision):
-  """T = (I + A_kk)^-1 from M = P_kk and beta [B, T, HV, 1], float32 [B, T, HV, C], grid
-  B x HV x chunks."""
+def _inverse_blocks(A_parts, M_parts, beta, *, sizes, interpret, precision):
+  """(A_qk, M = P_kk, T = (I + A_kk)^-1), each float32 [B, T, HV, C], from the pair rows'
+  partial sums and beta [B, T, HV, 1]; grid B x HV x chunks."""
   square = _token_spec(sizes.C, sizes.C)
+  parts = pl.BlockSpec((A_parts.shape[0], None, sizes.C, None, sizes.C),
+                       lambda b, h, c: (0, b, c, h, 0))
   return _triton_call(
       _inverse_blocks_kernel, (sizes.B, sizes.HV, sizes.T // sizes.C),
-      [square, _token_spec(sizes.C, 1)], square, jax.ShapeDtypeStruct(M.shape, F32), interpret,
-      LAUNCH["inverse_blocks"], precision=precision)(M, beta)
+      [parts, parts, _token_spec(sizes.C, 1)], [square] * 3,
+      [jax.ShapeDtypeStruct(A_parts.shape[1:], F32)] * 3, interpret, LAUNCH["inverse_blocks"],
+      precision=precision)(A_parts, M_parts, beta)
 
 
 def _column_blocks(sizes) -> int:
@@ -547,12 +572,12 @@ def _chunk_outputs(op, tokens, masks, T_inverse, *, scale, sizes, interpret, pre
 
 def _kda_intra_forward(op, tokens, masks, *, scale, sizes, interpret, precision):
   """KDA's chunk matrices (a ``ChunkMatrices`` of arrays) from three kernels: the pair rows
-  (A_qk and M = A_kk), the block inverse (T from M) and the chunk outputs (W, U, Qg, Kg,
-  decay from T); M and T pass through memory as float32 [B, T, HV, C] and are saved for the
-  intra backward."""
+  (partial sums of A_qk and M = P_kk by key blocks), the block inverse (their sums, and T from
+  M and beta) and the chunk outputs (W, U, Qg, Kg, decay from T); M and T pass through memory
+  as float32 [B, T, HV, C] and are saved for the intra backward."""
   config = dict(sizes=sizes, interpret=interpret, precision=precision)
-  A, M = _pair_rows(tokens, masks, scale=scale, **config)
-  T_inverse = _inverse_blocks(M, tokens[4], **config)
+  A, M, T_inverse = _inverse_blocks(*_pair_rows(tokens, masks, scale=scale, **config),
+                                    tokens[4], **config)
   outputs = _chunk_outputs(op, tokens, masks, T_inverse, scale=scale, **config)
   return op.math.ChunkMatrices(A=A, **dict(zip(_CHUNK_OUTPUTS, outputs))), (M, T_inverse)
 

@@ -115,8 +115,10 @@ def intra_backward(load: Callable[[int], Rows], cotangent: Callable, num_blocks:
                    prims: Primitives, store: Callable, scale: float) -> None:
   """The token gradients of one chunk from the cotangents of its matrices, by sub-chunks: the
   values of ``_kernel_chunk.token_gradients``, handed to ``store(name, value, b)`` as row block
-  b of each of ``GRADIENTS`` (dr for the unscaled r). ``load`` and ``cotangent`` as KDA's
-  (``ops.kda._kernel_subchunk.intra_backward``), whose three passes this follows:
+  b of each of ``GRADIENTS`` (dr for the unscaled r). ``load(b)`` gives sub-chunk b's ``Rows``
+  (called twice a sub-chunk); ``cotangent(name, b, a=None)`` row block b of a matrix's
+  cotangent ([S, width]; block (b, a) of a "C" field, [S, S]; the [1, K] "decay" for b = None).
+  Three passes, so that only [S, S] blocks and a few [S, K] tiles stay live:
 
     1. in order: G, G~, the off-diagonal blocks of the four pair products, T by block
        substitution, Z = A_ak v and dT = dW (a exp(G~))^T + dU Z^T by blocks;
