@@ -843,8 +843,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         f"PyTorch: the same with CUDA events. forms: {' '.join(args.implementations)}; "
         f"skip-slow {'on' if args.skip_slow else 'off'}")
   print("# vs base: median / baseline's (kda: fla.chunk_kda, decode: fla.fused_recurrent_kda, "
-        "scan: xla, rwkv7: fla.chunk_rwkv7); vs attn: / causal attention's; check: max relative RMS error vs xla "
-        "(decode: reference)")
+        "scan: xla, rwkv7: fla.chunk_rwkv7); vs attn: / causal attention's; check: max relative "
+        f"RMS error vs {args.check_form} (scan: xla, decode: reference)")
   print(TABLE.header(), flush=True)
   runners = dict(kda=(run_kda, args.kda_sizes), attention=(run_attention, args.kda_sizes),
                  decode=(run_decode, args.decode_sizes), scan=(run_scan, args.scan_sizes),
