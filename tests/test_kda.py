@@ -444,6 +444,14 @@ class AgreementBase:
     _check_matches_reference(dataclasses.replace(BASE, gate_zero_fraction=0.2, seed=1),
                              self.implementation)
 
+  def test_wide_heads_match_reference(self):
+    """K = V = 128, where the GPU kernels split the key and value columns across programs (two
+    64-column blocks; narrower heads take one), with segments, so that the split is checked in
+    every run rather than when a draw happens to pick both widths."""
+    _check_matches_reference(dataclasses.replace(BASE, time=70, heads=1, key_dim=128,
+                                                  value_dim=128, with_segment_ids=True, seed=3),
+                             self.implementation)
+
   @pytest.mark.parametrize("chunk_size", [16, 32, 128])
   def test_chunk_sizes_match_reference(self, chunk_size):
     """Other chunk sizes: the same results, partial last chunk included."""

@@ -23,8 +23,7 @@ sub-chunks are the unit, and the forward is three steps, each a kernel of its ow
                       Gamma) and U = T (beta v) as C x C x 64 products, Q Gamma,
                       K exp(G_C - G) and exp(G_C), each column-wise in k, g and v.
 
-The backward is three steps the same way (after the forward's pair rows and block inverse again,
-for P_kk and T):
+The backward is three steps the same way, on the P_kk and T that the forward saved:
 
   ``dT_rows``         one program per sub-chunk j: row block j of dT = dW (beta k Gamma)^T +
                       dU (beta v)^T;
