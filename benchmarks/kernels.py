@@ -33,6 +33,10 @@ What is timed, on whatever device JAX sees (meant for an NVIDIA H200), in one ta
              alone (the intra forward's three kernels as one) on its real inputs
              (``pallas_gpu.stages``), with its own FLOP count.
 
+``--launch gradient_rows=4,1 state_backward=8,2`` sets the (num_warps, num_stages) of those
+GPU kernels of KDA and RWKV-7 (``ops.kda.pallas_gpu.LAUNCH``, which both ops share) for the
+run, to sweep them; every JSON records the settings it ran with ("launch").
+
 ``--kernel-chunks 32,16`` also times the KDA and RWKV-7 kernels at those chunk sizes (rows
 "pallas_gpu C32", ...), checked like the default rows; the nominal counts stay the C = 64 ones.
 ``--scan-block-ds 4,8`` likewise times the scan's "pallas_gpu" kernel at those channels per
@@ -450,7 +454,8 @@ class Bench:
     self.meta = dict(mode="kernels", warmup=args.warmup, iters=args.iters,
                      skip_slow=args.skip_slow, slow_tokens=SLOW_TOKENS,
                      tolerance=args.tol if args.tol is not None else TOLERANCE,
-                     kda_chunk=KDA_CHUNK, **peers.versions())
+                     kda_chunk=KDA_CHUNK, launch=dict(pallas_gpu.LAUNCH),
+                     **peers.versions())
 
   def record(self, op: str, size, dtype, implementation: str, pass_name: str,
              counts: tuple[float, float], **shape) -> dict:
@@ -744,6 +749,25 @@ def _ints(text: str) -> list[int]:
   return [int(c) for c in text.split(",")]
 
 
+def _launch_setting(text: str) -> tuple[str, tuple[int, int]]:
+  """``NAME=WARPS,STAGES`` as (name, (num_warps, num_stages)); the name is checked by
+  ``parse_args``."""
+  name, _, value = text.partition("=")
+  try:
+    numbers = _ints(value)
+  except ValueError:
+    numbers = []
+  if len(numbers) != 2 or min(numbers) < 1:
+    raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=WARPS,STAGES, e.g. "
+                                     "gradient_rows=4,1")
+  return name.strip(), tuple(numbers)
+
+
+def apply_launch(settings: Sequence[tuple[str, tuple[int, int]]]) -> None:
+  """Sets the GPU kernels' launch settings (``ops.kda.pallas_gpu.LAUNCH``) for this process."""
+  pallas_gpu.LAUNCH.update(settings)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--ops", default=",".join(DEFAULT_OPS),
@@ -759,6 +783,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="scan sizes like B2,L4096,D2048,N16")
   parser.add_argument("--rwkv7-sizes", nargs="+", type=SeqSize.parse,
                       help="RWKV-7 sizes like B4,T8192,H32,D64")
+  parser.add_argument("--launch", nargs="+", type=_launch_setting, default=[],
+                      metavar="NAME=WARPS,STAGES",
+                      help="KDA and RWKV-7 GPU kernels: launch settings for this run, of "
+                      f"{', '.join(pallas_gpu.LAUNCH)}")
   parser.add_argument("--kernel-chunks", type=_ints, default=[],
                       help="KDA and RWKV-7: also time the kernels at these chunk sizes "
                       "(comma-separated; rows '<form> C<size>'), beside the default 64")
@@ -798,6 +826,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   args.ops = [op.strip() for op in args.ops.split(",") if op.strip()]
   if unknown := set(args.ops) - set(OPS):
     parser.error(f"--ops: unknown {sorted(unknown)}; choose from {','.join(OPS)}")
+  if unknown := {name for name, _ in args.launch} - set(pallas_gpu.LAUNCH):
+    parser.error(f"--launch: unknown kernels {sorted(unknown)}; choose from "
+                 f"{', '.join(pallas_gpu.LAUNCH)}")
   sizes = SIZES[args.sizes or ("tiny" if args.smoke or not gpu else "full")]
   args.kda_sizes = args.kda_sizes or [SeqSize.parse(s) for s in sizes["kda"]]
   args.decode_sizes = args.decode_sizes or [DecodeSize.parse(s) for s in sizes["decode"]]
@@ -834,6 +865,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
           f"median of {saved.get('iters')} calls after {saved.get('warmup')} warm-up")
     print_table(saved["records"])
     return saved["records"]
+  apply_launch(args.launch)
   bench = Bench(args)
   device = jax.devices()[0]
   peer_state = peers.unavailable() or ", ".join(f"{k} {v}" for k, v in peers.versions().items())

@@ -155,6 +155,27 @@ def test_kernels_times_the_kernels_at_each_kernel_chunk():
                    ("pallas_gpu", False, 32)]
 
 
+def test_kernels_launch_sets_the_gpu_kernels_launch_settings(monkeypatch, capsys):
+  """``--launch NAME=WARPS,STAGES`` reaches ``ops.kda.pallas_gpu.LAUNCH`` and the JSON's
+  "launch"; an unknown kernel or a malformed setting is refused with the choices named."""
+  from benchmarks import kernels as kernels_bench
+  from ops.kda import pallas_gpu
+  monkeypatch.setattr(pallas_gpu, "LAUNCH", dict(pallas_gpu.LAUNCH))
+  args = kernels_bench.parse_args(["--smoke", "--launch", "gradient_rows=2,3",
+                                   "state_forward=4,1"])
+  assert args.launch == [("gradient_rows", (2, 3)), ("state_forward", (4, 1))]
+  kernels_bench.apply_launch(args.launch)
+  launch = kernels_bench.Bench(args).meta["launch"]
+  assert launch["gradient_rows"] == (2, 3) and launch["state_forward"] == (4, 1)
+  assert launch["pair_rows"] == pallas_gpu.LAUNCH["pair_rows"]
+  for bad, message in [("no_such_kernel=4,1", "unknown kernels"),
+                       ("gradient_rows=4", "NAME=WARPS,STAGES"),
+                       ("gradient_rows=x,1", "NAME=WARPS,STAGES")]:
+    with pytest.raises(SystemExit):
+      kernels_bench.parse_args(["--smoke", "--launch", bad])
+    assert message in capsys.readouterr().err
+
+
 def test_kernels_check_form_picks_what_the_chunked_kernels_are_checked_against():
   """``--check-form reference`` checks the KDA and RWKV-7 kernels against "reference" (never
   building "xla"); the decode step is always checked against "reference"."""
