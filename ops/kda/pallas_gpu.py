@@ -495,6 +495,16 @@ def _intra_forward(op, tokens, masks, *, scale, sizes, interpret, precision):
 _CHUNK_OUTPUTS = ("W", "U", "Qg", "Kg", "decay")
 
 
+def _column_block(spec, blocks: int, split: bool):
+  """A per-chunk block spec (grid B x HV x chunks) for a grid with a fourth index p whose
+  column block is p % ``blocks`` (p = the block itself, or sub-chunk x blocks + block): with
+  ``split`` the spec takes that block, 1 / ``blocks`` of its last axis, else the whole axis."""
+  width = spec.block_shape[-1]
+  return pl.BlockSpec((*spec.block_shape[:-1], width // blocks if split else width),
+                      lambda b, h, c, p: (*spec.index_map(b, h, c)[:-1],
+                                          p % blocks if split else 0))
+
+
 def _key_blocks(sizes) -> int:
   """Key blocks of the pair rows' grid: ``PAIR_KEY_BLOCKS``, each at least 16 columns wide."""
   return max(1, min(PAIR_KEY_BLOCKS, sizes.K // 16))
@@ -506,16 +516,10 @@ def _pair_rows(tokens, masks, *, scale, sizes, interpret, precision):
   B, T, HV, K, _, C = sizes
   n, n_kb = C // _kernel_subchunk.SUB, _key_blocks(sizes)
 
-  def spec(i, x, whole):  # q, k, g by key block; the rest whole
-    keyed = i != KDA.value_index and x.shape[-1] == K
-    return pl.BlockSpec((*whole.block_shape[:-1], K // n_kb) if keyed else whole.block_shape,
-                        lambda b, h, c, p: (*whole.index_map(b, h, c)[:-1],
-                                            p % n_kb if keyed else 0))
-
-  inputs = _input_specs(tokens, C)
-  in_specs = ([spec(i, x, inputs[i]) for i, x in enumerate(tokens)]
-              + [pl.BlockSpec(m.block_shape, lambda b, h, c, p, m=m: m.index_map(b, h, c))
-                 for m in inputs[len(tokens):]])
+  inputs = _input_specs(tokens, C)  # q, k, g by key block; v, beta and the masks whole
+  in_specs = ([_column_block(spec, n_kb, i != KDA.value_index and x.shape[-1] > 1)
+               for i, (spec, x) in enumerate(zip(inputs, tokens))]
+              + [_column_block(spec, n_kb, False) for spec in inputs[len(tokens):]])
   row_block = pl.BlockSpec((None, None, _kernel_subchunk.SUB, None, C),
                            lambda b, h, c, p: (p % n_kb, b, c * n + p // n_kb, h, 0))
   return _triton_call(
@@ -550,21 +554,15 @@ def _chunk_outputs(op, tokens, masks, T_inverse, *, scale, sizes, interpret, pre
   T, so each program takes 1 / ``_column_blocks`` of the K and V columns."""
   n = _column_blocks(sizes)
   C = sizes.C
-
-  def columns(width, rows=C):  # a [B, T, HV, width] array's column block kb of one chunk
-    part = width if width == 1 else width // n
-    return pl.BlockSpec((None, rows, None, part),
-                        lambda b, h, c, kb: (b, c, h, 0 if width == 1 else kb))
-
-  mask = pl.BlockSpec((None, C, 1), lambda b, h, c, kb: (b, c, 0))
-  square = pl.BlockSpec((None, C, None, C), lambda b, h, c, kb: (b, c, h, 0))
-  decay = pl.BlockSpec((None, None, None, sizes.K // n), lambda b, h, c, kb: (b, c, h, kb))
+  inputs = _input_specs(tokens, C)  # the tokens by column block, beta and the masks whole
+  in_specs = ([_column_block(spec, n, x.shape[-1] > 1) for spec, x in zip(inputs, tokens)]
+              + [_column_block(spec, n, False) for spec in inputs[len(tokens):]]
+              + [_column_block(_token_spec(C, C), n, False)])
   fields = [getattr(op.fields, name) for name in _CHUNK_OUTPUTS]
   store = tokens[op.value_index].dtype
   return _triton_call(
-      _chunk_outputs_kernel, (sizes.B, sizes.HV, sizes.T // C, n),
-      [columns(x.shape[-1]) for x in tokens] + [mask] * 3 + [square],
-      [decay if f.width == "chunk" else columns(getattr(sizes, f.width)) for f in fields],
+      _chunk_outputs_kernel, (sizes.B, sizes.HV, sizes.T // C, n), in_specs,
+      [_column_block(_layout(f.width, sizes)[1], n, True) for f in fields],
       [jax.ShapeDtypeStruct(_layout(f.width, sizes)[0], store if f.dtype is None else f.dtype)
        for f in fields], interpret, LAUNCH["chunk_outputs"],
       num_tokens=len(tokens), scale=scale, precision=precision)(*tokens, *masks, T_inverse)
