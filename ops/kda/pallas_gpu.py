@@ -7,22 +7,28 @@ between the kernels), so RWKV-7's GPU kernels (``ops.rwkv7.pallas_gpu``) are the
 its own chunk mathematics. For KDA (``ops.kda._kernel_subchunk`` has the sub-chunk details):
 
   intra forward    three kernels:
-    pair rows      grid (B, HV, chunks, C/16)  one 16-row sub-chunk each: its rows of A_qk and
-                                               A_kk
-    block inverse  grid (B, HV, chunks)        T = (I + A_kk)^-1 on [16, 16] blocks
+    pair rows      grid (B, HV, chunks, C/16 x 2)  one 16-row sub-chunk and key block each:
+                                               its rows of A_qk and P_kk, partial sums
+    block inverse  grid (B, HV, chunks)        A_qk and P_kk summed, T = (I + A_kk)^-1 on
+                                               [16, 16] blocks (P_kk and T kept for the
+                                               backward)
     chunk outputs  grid (B, HV, chunks, K/64)  W = T (beta k Gamma), U = T (beta v), Q*Gamma,
                                                K*exp(G_C - G), exp(G_C), by 64-column blocks
   state forward    grid (B, HV, V/BV)     walks the chunks: V~ = U - W S, O = (Q Gamma) S + A_qk V~,
                                           S' = diag(exp G_C) S + Kg^T V~ (keeps S per chunk)
   state backward   grid (B, HV, V/BV)     walks the chunks backwards with dS: dU, dW, dQg, dKg,
                                           dA_qk, d exp(G_C) (summed over V blocks outside)
-  intra backward   grid (B, HV, chunks)   per chunk, by 16-row sub-chunks: recomputes
-                                          the chunk's matrices (without A_qk) and takes those
-                                          cotangents to dq, dk, dv, dg, dbeta
+  intra backward   three kernels, on the saved P_kk and T:
+    dT rows        grid (B, HV, chunks, C/16)  row block j of dT = dW (beta k Gamma)^T +
+                                               dU (beta v)^T
+    dA_kk          grid (B, HV, chunks)        dA_kk = -T^T dT T^T on [16, 16] blocks
+    gradient rows  grid (B, HV, chunks, C/16)  one sub-chunk's dq, dk, dv, dbeta and dG; dg
+                                               then by a reverse cumulative sum (XLA)
 
-RWKV-7's intra forward is one kernel per chunk (``_intra_forward``) that forms its matrices by
-sub-chunks in order; KDA's was too, until splitting it let many short programs share each
-multiprocessor (docs/kernels.md, version 5).
+RWKV-7's intra forward and backward are one kernel per chunk each (``_intra_forward``,
+``_intra_backward``) that go through the chunk by sub-chunks in order; KDA's were too, until
+splitting them let many short programs share each multiprocessor (docs/kernels.md, versions 5
+and 6).
 
 Stable pair products without a secondary loop (SPEC 3.5), by sub-chunks
 (``ops.kda._kernel_subchunk`` has the details). The pair products
@@ -51,10 +57,10 @@ bf16's rounding). In interpret mode (CPU) they are exact float32 products.
 Cost per chunk and head (C = 64, K = V = 128; counts and measurements in docs/kernels.md): the
 intra forward does 10 block products of 16 x K x 16 per pair type, 4 level-split 16 x 16
 inverses with 16 block products of 16 x 16 x 16, and W and U (C C K, C C V): about 5 MFLOP; the
-state forward 3 C K V + C C V products: about 7 MFLOP; the intra backward recomputes the
-forward's products and takes about twice their work again. Bytes: inputs once (beta as a
-[C, 1] column; the intra forward's kernels read them twice), A_kk and T (float32 [C, C]) written
-and read once, the chunk matrices (W, Q Gamma, K exp(G_C - G) in v's dtype, U, A_qk and
+state forward 3 C K V + C C V products: about 7 MFLOP; the intra backward takes about three
+times the intra forward's products. Bytes: inputs once (beta as a [C, 1] column; the intra
+forward's kernels read them twice), P_kk and T (float32 [C, C]) written once and read in both
+directions, the chunk matrices (W, Q Gamma, K exp(G_C - G) in v's dtype, U, A_qk and
 exp(G_C) float32) written once and read once per value block. U stays float32 because the
 gradients take it into sums that can cancel (dA_qk = dO U^T): rounded to bfloat16 it made a
 one-token dq 1.6% off the reference at the gradient's usual size.
