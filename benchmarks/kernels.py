@@ -30,8 +30,8 @@ What is timed, on whatever device JAX sees (meant for an NVIDIA H200), in one ta
              w = -0.6065 sigmoid(N(0, 1)) float32, an N(0, 1) float32 initial state; the
              backward as KDA's (gradients wrt r, w, k, v, a, b and the initial state).
   kda-parts  (only when named in --ops) each of ``ops.kda.pallas_gpu``'s four stages timed
-             alone (the intra forward's three kernels as one) on its real inputs
-             (``pallas_gpu.stages``), with its own FLOP count.
+             alone on its real inputs (``pallas_gpu.stages``), with its own FLOP count, and
+             each kernel of the intra stages alone (rows "<stage>.<kernel>", no FLOP count).
 
 ``--launch gradient_rows=4,1 state_backward=8,2`` sets the (num_warps, num_stages) of those
 GPU kernels of KDA and RWKV-7 (``ops.kda.pallas_gpu.LAUNCH``, which both ops share) for the
@@ -188,13 +188,17 @@ def kda_counts(s: SeqSize, dtype, backward: bool) -> tuple[float, float]:
 
 def kda_stage_flops(stage: str, s: SeqSize, C: int = KDA_CHUNK) -> float:
   """Matrix-product FLOPs of one of ``ops.kda.pallas_gpu``'s four stages (docs/kernels.md):
-  with L = log2(C) levels, a level's pair product is 2 C^2 d and an inverse step 2 C^3. The
-  intra forward works on n = C / 16 sub-chunks (``ops.kda._kernel_subchunk``): per sub-chunk
+  a whole-chunk product is 2 C^2 d, a state product 2 C d^2. The intra forward works on n = C / 16 sub-chunks (``ops.kda._kernel_subchunk``): per sub-chunk
   log2(16) levels of two 2 S^2 d pair products and two 2 S^3 inverse steps, per pair of
   sub-chunks two 2 S^2 d products, T's off-diagonal blocks sum_{a<b} (b - a + 1) products of
-  2 S^3, and W, U as two whole C x C x d products (the chunk outputs kernel)."""
-  d, L = s.dim, C.bit_length() - 1
-  product, inverse_step, state_product = 2 * C * C * d, 2 * C ** 3, 2 * C * d * d
+  2 S^3, and W, U as two whole C x C x d products (the chunk outputs kernel). The intra
+  backward's three kernels (docs/kernels.md, version 6): dT's two block products per pair of
+  sub-chunks a <= b; dA_kk = -T^T dT T^T by blocks (two products per block triple); the
+  gradient rows' six block products per pair a < b (two as rows, two as columns, dW and dU
+  through T's column), and per sub-chunk T_jj's two and the level split's backward (four
+  products and four inverse-sized steps a level)."""
+  d = s.dim
+  product, state_product = 2 * C * C * d, 2 * C * d * d
   S = min(C, 16)
   n, levels_in_sub = C // S, S.bit_length() - 1
   block, block_inverse = 2 * S * S * d, 2 * S ** 3
@@ -206,8 +210,10 @@ def kda_stage_flops(stage: str, s: SeqSize, C: int = KDA_CHUNK) -> float:
       "intra_forward": sub_chunk_forward,
       "state_forward": 3 * state_product + product,
       "state_backward": 7 * state_product + 2 * product,
-      "intra_backward": L * product + 2 * L * inverse_step + 4 * product + 2 * inverse_step
-                        + 4 * L * product,
+      "intra_backward": (n * (n + 1) // 2 * 2 * block
+                         + n * (n + 1) * (n + 2) // 6 * 2 * block_inverse
+                         + n * (n - 1) // 2 * 6 * block
+                         + n * (2 * block + levels_in_sub * 4 * (block + block_inverse))),
   }[stage]
   return per_chunk * s.batch * s.heads * (s.time // C)
 
@@ -467,7 +473,8 @@ class Bench:
   def emit(self, record: dict) -> None:
     if record["median_ms"] is not None:
       seconds = record["median_ms"] / 1e3
-      record["tflops"] = record["flops"] / seconds / 1e12
+      if record["flops"] is not None:
+        record["tflops"] = record["flops"] / seconds / 1e12
       record["gbps"] = record["bytes"] / seconds / 1e9
     elif record["status"] == "ok":
       record["status"] = "not timed"
@@ -694,7 +701,7 @@ def run_scan(bench: Bench, sizes: Sequence[ScanSize]) -> None:
 
 
 def run_kda_parts(bench: Bench, sizes: Sequence[SeqSize]) -> None:
-  """Each of the GPU KDA kernels timed alone (``ops.kda.pallas_gpu.stages``), bf16 inputs, at
+  """Each of the GPU KDA stages and intra kernels timed alone (``ops.kda.pallas_gpu.stages``), bf16 inputs, at
   the default chunk and each ``--kernel-chunks`` size; bytes are the stage's arguments and
   outputs (FLOPs the C = 64 counts)."""
   dtype = jnp.bfloat16
@@ -710,9 +717,9 @@ def run_kda_parts(bench: Bench, sizes: Sequence[SeqSize]) -> None:
                                               chunk_size=chunk_size or 64):
         out = jax.block_until_ready(fn(*args))
         nbytes = sum(x.nbytes for x in jax.tree.leaves((args, out)))
+        flops = kda_stage_flops(name, size) if "." not in name else None  # stages only
         rec = bench.record("kda-parts", size, dtype, f"{form} {name}",
-                           "bwd" if "backward" in name else "fwd",
-                           (kda_stage_flops(name, size), nbytes), **shape)
+                           "bwd" if "backward" in name else "fwd", (flops, nbytes), **shape)
         rec.update(time_compiled(fn, args, bench.args.warmup, bench.args.iters))
         bench.emit(rec)
     del inputs, prepared

@@ -553,6 +553,38 @@ def _kernel_functions(kernels, dtype):
   return forward, jax.grad(loss, argnums=tuple(range(6))), args
 
 
+def test_stages_give_each_stage_and_each_kernel_of_the_intra_stages():
+  """``pallas_gpu.stages`` (what ``benchmarks.kernels --ops kda-parts`` times): the four stages
+  in order, each intra stage followed by its kernels alone on their real inputs, whose outputs
+  are the stage's."""
+  rng = np.random.default_rng(0)
+  B, T, H, K, V = 1, 70, 2, 32, 32
+  q, k, v = (num.normal(rng, (B, T, H, width)) for width in (K, K, V))
+  g = -np.abs(num.normal(rng, (B, T, H, K))) * 0.1
+  beta = 1 / (1 + np.exp(-num.normal(rng, (B, T, H))))
+  h0 = num.normal(rng, (B, H, K, V))
+  rows = pallas_gpu.stages(q, k, v, g, beta, h0, scale=K ** -0.5, interpret=True)
+  assert [name for name, _, _ in rows] == [
+      "intra_forward", "intra_forward.pair_rows", "intra_forward.inverse_blocks",
+      "intra_forward.chunk_outputs", "state_forward", "state_backward", "intra_backward",
+      "intra_backward.dT_rows", "intra_backward.dA_kk", "intra_backward.gradient_rows"]
+  run = {name: fn(*args) for name, fn, args in rows}
+  matrices, (P_kk, T_inverse) = run["intra_forward"]
+  A, M, T_alone = run["intra_forward.inverse_blocks"]
+  W, U, Qg, Kg, decay = run["intra_forward.chunk_outputs"]
+  for name, expected, got in [("A", matrices.A, A), ("P_kk", P_kk, M), ("T", T_inverse, T_alone),
+                              ("W", matrices.W, W), ("U", matrices.U, U), ("decay",
+                                                                            matrices.decay, decay)]:
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-6, atol=1e-6,
+                               err_msg=name)
+  dq, dk, dg, dv, dbeta = run["intra_backward"]
+  gradient_rows = run["intra_backward.gradient_rows"]
+  for name, expected, got in [("dq", dq, gradient_rows[0]), ("dk", dk, gradient_rows[1]),
+                              ("dv", dv, gradient_rows[2])]:
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-6, atol=1e-6,
+                               err_msg=name)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_gpu_kernels_lower_to_triton(dtype):
   """Forward and backward lower through Pallas' Triton lowering for CUDA on this CPU machine

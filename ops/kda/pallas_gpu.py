@@ -68,6 +68,8 @@ one-token dq 1.6% off the reference at the gradient's usual size.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from typing import Callable, NamedTuple
 
@@ -444,14 +446,39 @@ def _state_backward_kernel(*refs, op, sizes, BV, precision):
 
 # ------------------------------------------------------------------------------------ wrappers
 
+_kernel_calls: contextvars.ContextVar[list | None] = contextvars.ContextVar("kernel_calls",
+                                                                            default=None)
+
+
 def _triton_call(kernel, grid, in_specs, out_specs, out_shape, interpret, launch, **params):
-  """``pallas_call`` on the Triton backend; ``launch`` is (num_warps, num_stages)."""
+  """``pallas_call`` on the Triton backend; ``launch`` is (num_warps, num_stages). Inside
+  ``_recording_kernel_calls`` each call is also recorded."""
   num_warps, num_stages = launch
-  return pl.pallas_call(
+  call = pl.pallas_call(
       functools.partial(kernel, **params), grid=grid, in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape, interpret=interpret,
       compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps,
                                                                   num_stages=num_stages))
+  recorded = _kernel_calls.get()
+  if recorded is None:
+    return call
+
+  def call_and_record(*args):
+    recorded.append((kernel.__name__.strip("_").removesuffix("_kernel"), jax.jit(call), args))
+    return call(*args)
+
+  return call_and_record
+
+
+@contextlib.contextmanager
+def _recording_kernel_calls():
+  """Collects ``(name, jitted kernel, args)`` for every kernel called (eagerly) inside."""
+  recorded = []
+  token = _kernel_calls.set(recorded)
+  try:
+    yield recorded
+  finally:
+    _kernel_calls.reset(token)
 
 
 def _config(op, tokens, state, C, interpret):
@@ -768,30 +795,42 @@ def walk(op: TritonOp, tokens, initial_state, segment_index, *, scale: float, ch
 
 def walk_stages(op: TritonOp, tokens, initial_state, *, scale: float, chunk_size: int,
                 interpret: bool | None):
-  """The four stages of one forward and backward as separate jitted calls, for timing each.
+  """The four stages of one forward and backward as separate jitted calls, for timing each,
+  and, after a stage of several kernels, each of its kernels alone.
 
   Takes ``walk``'s arguments (no packing) and returns ``[(name, function, args)]`` in the order
-  they run: intra_forward, state_forward, state_backward, intra_backward. Each stage's arguments
-  are the earlier stages' real outputs (the output cotangent is o itself, nonzero data).
+  they run: intra_forward, state_forward, state_backward, intra_backward, each followed by
+  "<stage>.<kernel>" rows when the stage runs more than one kernel (KDA's intra stages: pair
+  rows, block inverse, chunk outputs; dT rows, dA_kk, gradient rows). Every call's arguments
+  are the real outputs of what runs before it (the output cotangent is o itself, nonzero data).
   """
   interpret = default_interpret() if interpret is None else interpret
   tokens, masks, h0 = _kernel_inputs(tokens, initial_state, None, chunk_size)
   config = _config(op, tokens, h0, chunk_size, interpret)
   out_dtype = tokens[op.value_index].dtype
-  intra_forward = jax.jit(lambda x, m: (op.intra_forward or _intra_forward)(
-      op, x, m, scale=scale, **config))
-  state_forward = jax.jit(lambda m, h: _state_forward(op, m, h, out_dtype, keep_states=True,
-                                                      **config))
-  state_backward = jax.jit(lambda m, s, dO, df: _state_backward(op, m, s, dO, df, **config))
-  intra_backward = jax.jit(lambda x, m, d, saved: (op.intra_backward or _intra_backward)(
-      op, x, m, d, saved, scale=scale, **config))
-  matrices, saved = intra_forward(tokens, masks)
-  o, final, states = state_forward(matrices, h0)
-  matrix_cotangents, _ = state_backward(matrices, states, o, final)
-  return [("intra_forward", intra_forward, (tokens, masks)),
-          ("state_forward", state_forward, (matrices, h0)),
-          ("state_backward", state_backward, (matrices, states, o, final)),
-          ("intra_backward", intra_backward, (tokens, masks, matrix_cotangents, saved))]
+  stage_functions = {
+      "intra_forward": lambda x, m: (op.intra_forward or _intra_forward)(
+          op, x, m, scale=scale, **config),
+      "state_forward": lambda m, h: _state_forward(op, m, h, out_dtype, keep_states=True,
+                                                   **config),
+      "state_backward": lambda m, s, dO, df: _state_backward(op, m, s, dO, df, **config),
+      "intra_backward": lambda x, m, d, saved: (op.intra_backward or _intra_backward)(
+          op, x, m, d, saved, scale=scale, **config)}
+  stages = {name: jax.jit(fn) for name, fn in stage_functions.items()}
+  matrices, saved = stages["intra_forward"](tokens, masks)
+  o, final, states = stages["state_forward"](matrices, h0)
+  matrix_cotangents, _ = stages["state_backward"](matrices, states, o, final)
+  arguments = {"intra_forward": (tokens, masks), "state_forward": (matrices, h0),
+               "state_backward": (matrices, states, o, final),
+               "intra_backward": (tokens, masks, matrix_cotangents, saved)}
+  rows = []
+  for name, args in arguments.items():
+    rows.append((name, stages[name], args))
+    with _recording_kernel_calls() as kernels:
+      stage_functions[name](*args)  # eagerly, so each kernel's arguments are real arrays
+    if len(kernels) > 1:
+      rows += [(f"{name}.{kernel}", call, kernel_args) for kernel, call, kernel_args in kernels]
+  return rows
 
 
 # ------------------------------------------------------------------------------------------ KDA
@@ -829,8 +868,8 @@ def scan(q, k, v, g, beta, initial_state, segment_index, *, scale: float, chunk_
 
 def stages(q, k, v, g, beta, initial_state, *, scale: float, chunk_size: int = 64,
            interpret: bool | None = None):
-  """KDA's four stages as separate jitted calls (``walk_stages``): takes ``scan``'s arguments
-  (no packing), returns ``[(name, function, args)]`` for intra_forward, state_forward,
-  state_backward, intra_backward."""
+  """KDA's four stages as separate jitted calls, each of the intra stages' kernels too
+  (``walk_stages``): takes ``scan``'s arguments (no packing), returns
+  ``[(name, function, args)]``."""
   return walk_stages(KDA, (q, k, g, v, beta[..., None]), initial_state, scale=scale,
                      chunk_size=chunk_size, interpret=interpret)
