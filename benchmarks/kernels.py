@@ -188,10 +188,11 @@ def kda_counts(s: SeqSize, dtype, backward: bool) -> tuple[float, float]:
 
 def kda_stage_flops(stage: str, s: SeqSize, C: int = KDA_CHUNK) -> float:
   """Matrix-product FLOPs of one of ``ops.kda.pallas_gpu``'s four stages (docs/kernels.md):
-  a whole-chunk product is 2 C^2 d, a state product 2 C d^2. The intra forward works on n = C / 16 sub-chunks (``ops.kda._kernel_subchunk``): per sub-chunk
-  log2(16) levels of two 2 S^2 d pair products and two 2 S^3 inverse steps, per pair of
-  sub-chunks two 2 S^2 d products, T's off-diagonal blocks sum_{a<b} (b - a + 1) products of
-  2 S^3, and W, U as two whole C x C x d products (the chunk outputs kernel). The intra
+  a whole-chunk product is 2 C^2 d, a state product 2 C d^2. The intra forward works on
+  n = C / 16 sub-chunks (``ops.kda._kernel_subchunk``): per sub-chunk log2(16) levels of two
+  2 S^2 d pair products and two 2 S^3 inverse steps, per pair of sub-chunks two 2 S^2 d
+  products, T's off-diagonal blocks sum_{a<b} (b - a + 1) products of 2 S^3, and W, U as two
+  whole C x C x d products (the chunk outputs kernel). The intra
   backward's three kernels (docs/kernels.md, version 6): dT's two block products per pair of
   sub-chunks a <= b; dA_kk = -T^T dT T^T by blocks (two products per block triple); the
   gradient rows' six block products per pair a < b (two as rows, two as columns, dW and dU
@@ -614,8 +615,8 @@ STATE_OUTPUTS = {"fwd": ("o", "final_state"), "fwd+bwd": None}
 def _run_chunked(bench: Bench, op: str, size: SeqSize, make_inputs: Callable, counts: Callable,
                  make_fn: Callable, fla_name: str, fla_chunk: Callable) -> tuple:
   """A chunkwise op at one size: its JAX forms (checked against ``--check-form``) and fla's
-  chunk kernel, bf16 inputs, fwd and fwd+bwd. Returns ``(make_record, inputs, expected outputs by pass)`` for
-  the op's further rows."""
+  chunk kernel, bf16 inputs, fwd and fwd+bwd. Returns ``(make_record, inputs, expected
+  outputs by pass)`` for the op's further rows."""
   dtype = jnp.bfloat16
   inputs, cotangents = make_inputs(size, dtype)
   shape = dict(batch=size.batch, time=size.time, heads=size.heads, dim=size.dim)
@@ -701,9 +702,9 @@ def run_scan(bench: Bench, sizes: Sequence[ScanSize]) -> None:
 
 
 def run_kda_parts(bench: Bench, sizes: Sequence[SeqSize]) -> None:
-  """Each of the GPU KDA stages and intra kernels timed alone (``ops.kda.pallas_gpu.stages``), bf16 inputs, at
-  the default chunk and each ``--kernel-chunks`` size; bytes are the stage's arguments and
-  outputs (FLOPs the C = 64 counts)."""
+  """Each of the GPU KDA stages and intra kernels timed alone (``ops.kda.pallas_gpu.stages``),
+  bf16 inputs, at the default chunk and each ``--kernel-chunks`` size; bytes are the stage's
+  arguments and outputs (FLOPs the C = 64 counts, stages only)."""
   dtype = jnp.bfloat16
   for size in sizes:
     inputs, _ = kda_inputs(size, dtype)

@@ -214,12 +214,14 @@ def gradient_rows(load: Callable, cotangent: Callable, load_P_kk: Callable, load
   cotangent of G at the chunk's last row); dg is the reverse cumulative sum of dG over the
   chunk plus the chunk's sum of through_end (``dg_from_rows``).
 
-  ``load(a)`` gives sub-chunk a's ``Rows``; ``cotangent(name, b, a=None)`` as
-  ``intra_backward``'s; ``load_P_kk(b, a)``, ``load_dA_kk(b, a)`` and ``load_T(b, a)``
-  [S, S] blocks (a <= b) of P_kk (``pair_rows``' M), dA_kk (``dA_kk_blocks``) and T. Sub-chunk j takes part in the pair products as rows (against
-  the earlier sub-chunks a, visited backwards with the sum of g between them carried, as
-  ``pair_rows`` does) and as columns (against the later sub-chunks b, visited in order with
-  the sum of g between them carried), and in W and U through T's column j.
+  ``load(a)`` gives sub-chunk a's ``Rows``; ``cotangent(name, b, a=None)`` row block b of a
+  chunk matrix's cotangent ([S, width]; block (b, a) of "A"; the [1, K] "decay" for b = None);
+  ``load_P_kk(b, a)``, ``load_dA_kk(b, a)`` and ``load_T(b, a)`` [S, S] blocks (a <= b) of
+  P_kk (``pair_rows``' M), dA_kk (``dA_kk_blocks``) and T. Sub-chunk j takes part in the pair
+  products as rows (against the earlier sub-chunks a, visited backwards with the sum of g
+  between them carried, as ``pair_rows`` does) and as columns (against the later sub-chunks
+  b, visited in order with the sum of g between them carried), and in W and U through T's
+  column j.
   """
   dot = prims.dot
   x = load(j)

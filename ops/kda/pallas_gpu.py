@@ -390,7 +390,8 @@ def _gradient_rows_kernel(*refs, num_tokens, scale, precision):
     ref[...] = value.reshape(ref.shape).astype(ref.dtype)
 
   _kernel_subchunk.gradient_rows(
-      load, cotangent, *(lambda b, a, ref=ref: ref[rows(b), rows(a)] for ref in (p_ref, dA_ref, t_ref)),
+      load, cotangent,
+      *(lambda b, a, ref=ref: ref[rows(b), rows(a)] for ref in (p_ref, dA_ref, t_ref)),
       pl.program_id(3), refs[0].shape[0] // S, primitives(precision), store, scale)
 
 
