@@ -685,7 +685,7 @@ def test_sub_chunk_intra_backward_equals_the_level_split(seed, chunk, decay):
       _kernel_chunk.load((q, k, g, v, beta), *masks, prims, scale), v, cotangents, scale)
   tokens = (q * scale, k, g, v, beta)  # the steps below take q scaled, as load_rows gives it
   _, T, P_kk = _three_step_forward(tokens, masks, prims)
-  S, n = sub.SUB, chunk // sub.SUB
+  n = chunk // sub.SUB
   block, load, _ = _sub_chunk_steps(tokens, masks, prims)
 
   def cotangent(name, b, a=None):

@@ -547,9 +547,8 @@ def _key_blocks(sizes) -> int:
 def _pair_rows(tokens, masks, *, scale, sizes, interpret, precision):
   """The key blocks' partial sums of A_qk and of M = P_kk, each float32
   [key blocks, B, T, HV, C], grid B x HV x chunks x (C/16 x key blocks)."""
-  B, T, HV, K, _, C = sizes
+  B, T, HV, _, _, C = sizes
   n, n_kb = C // _kernel_subchunk.SUB, _key_blocks(sizes)
-
   inputs = _input_specs(tokens, C)  # q, k, g by key block; v, beta and the masks whole
   in_specs = ([_column_block(spec, n_kb, i != KDA.value_index and x.shape[-1] > 1)
                for i, (spec, x) in enumerate(zip(inputs, tokens))]
