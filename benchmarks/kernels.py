@@ -192,12 +192,12 @@ def kda_stage_flops(stage: str, s: SeqSize, C: int = KDA_CHUNK) -> float:
   n = C / 16 sub-chunks (``ops.kda._kernel_subchunk``): per sub-chunk log2(16) levels of two
   2 S^2 d pair products and two 2 S^3 inverse steps, per pair of sub-chunks two 2 S^2 d
   products, T's off-diagonal blocks sum_{a<b} (b - a + 1) products of 2 S^3, and W, U as two
-  whole C x C x d products (the chunk outputs kernel). The intra
-  backward's three kernels (docs/kernels.md, version 6): dT's two block products per pair of
-  sub-chunks a <= b; dA_kk = -T^T dT T^T by blocks (two products per block triple); the
-  gradient rows' six block products per pair a < b (two as rows, two as columns, dW and dU
-  through T's column), and per sub-chunk T_jj's two and the level split's backward (four
-  products and four inverse-sized steps a level)."""
+  whole C x C x d products (the chunk outputs kernel). The intra backward's three kernels
+  (docs/kernels.md, version 6): dT's two block products per pair of sub-chunks a <= b;
+  dA_kk = -T^T dT T^T by blocks (two products per block triple); the gradient rows' six block
+  products per pair a < b (two as rows, two as columns, dW and dU through T's column), and per
+  sub-chunk T_jj's two and the level split's backward (four products and four inverse-sized
+  steps a level)."""
   d = s.dim
   product, state_product = 2 * C * C * d, 2 * C * d * d
   S = min(C, 16)

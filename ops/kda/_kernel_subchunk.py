@@ -100,6 +100,14 @@ def load_rows(tokens, segment, carried, last, scale: float) -> Rows:
   return Rows(q * scale, k, g, v, beta, segment, carried, last)
 
 
+def _gated_columns(y: Rows, prims: Primitives):
+  """An earlier sub-chunk's pair columns referenced at its last row m: (k exp(G_m - G) [S, K],
+  its total gate G_m - G_start [1, K]); exponents <= 0."""
+  local = prims.cumsum(y.g, reverse=False)
+  total = last_row(local)
+  return y.k * jnp.exp(total - local), total
+
+
 def pair_rows(load: Callable, j, num_blocks: int, prims: Primitives, store: Callable) -> None:
   """Row block j of A_qk and of M, the pair kernel's work for sub-chunk j (``j`` may be traced:
   the earlier sub-chunks are a loop), each [S, S] block (j, a) handed to
@@ -123,9 +131,7 @@ def pair_rows(load: Callable, j, num_blocks: int, prims: Primitives, store: Call
   def earlier(step, since):
     a = j - 1 - step
     y = load(a)
-    local = prims.cumsum(y.g, reverse=False)
-    total = last_row(local)
-    columns = y.k * jnp.exp(total - local)
+    columns, total = _gated_columns(y, prims)
     to_m = jnp.exp(c.G + since)
     mask = same_segment(x.segment, y.segment)
     store("A", dot(x.q * to_m, columns, trans_b=True) * mask, a)
@@ -233,9 +239,7 @@ def gradient_rows(load: Callable, cotangent: Callable, load_P_kk: Callable, load
     since, dq, dk, dG, dbeta = carry
     a = j - 1 - step
     y = load(a)
-    y_local = prims.cumsum(y.g, reverse=False)
-    y_total = last_row(y_local)
-    columns = y.k * jnp.exp(y_total - y_local)
+    columns, y_total = _gated_columns(y, prims)
     to_m = jnp.exp(local + since)
     q_rows, k_rows = x.q * to_m, x.k * to_m
     mask = same_segment(x.segment, y.segment)

@@ -532,7 +532,8 @@ _CHUNK_OUTPUTS = ("W", "U", "Qg", "Kg", "decay")
 def _column_block(spec, blocks: int, split: bool):
   """A per-chunk block spec (grid B x HV x chunks) for a grid with a fourth index p whose
   column block is p % ``blocks`` (p = the block itself, or sub-chunk x blocks + block): with
-  ``split`` the spec takes that block, 1 / ``blocks`` of its last axis, else the whole axis."""
+  ``split`` the spec takes that block, 1 / ``blocks`` of its last axis, else the whole axis
+  (``blocks`` = 1: the spec as it is, the same for every p)."""
   width = spec.block_shape[-1]
   return pl.BlockSpec((*spec.block_shape[:-1], width // blocks if split else width),
                       lambda b, h, c, p: (*spec.index_map(b, h, c)[:-1],
@@ -638,8 +639,7 @@ def _kda_intra_backward(op, tokens, masks, cotangents, saved, *, scale, sizes, i
   S = _kernel_subchunk.SUB
   n = C // S
   M, T_inverse = saved
-  per_sub_chunk = lambda spec: pl.BlockSpec(spec.block_shape,
-                                            lambda b, h, c, j: spec.index_map(b, h, c))
+  per_sub_chunk = lambda spec: _column_block(spec, 1, False)
   row_block = lambda width: pl.BlockSpec((None, S, None, width),
                                          lambda b, h, c, j: (b, c * n + j, h, 0))
   inputs = [per_sub_chunk(spec) for spec in _input_specs(tokens, C)]
@@ -816,20 +816,20 @@ def walk_stages(op: TritonOp, tokens, initial_state, *, scale: float, chunk_size
       "state_backward": lambda m, s, dO, df: _state_backward(op, m, s, dO, df, **config),
       "intra_backward": lambda x, m, d, saved: (op.intra_backward or _intra_backward)(
           op, x, m, d, saved, scale=scale, **config)}
-  stages = {name: jax.jit(fn) for name, fn in stage_functions.items()}
-  matrices, saved = stages["intra_forward"](tokens, masks)
-  o, final, states = stages["state_forward"](matrices, h0)
-  matrix_cotangents, _ = stages["state_backward"](matrices, states, o, final)
-  arguments = {"intra_forward": (tokens, masks), "state_forward": (matrices, h0),
-               "state_backward": (matrices, states, o, final),
-               "intra_backward": (tokens, masks, matrix_cotangents, saved)}
   rows = []
-  for name, args in arguments.items():
-    rows.append((name, stages[name], args))
+
+  def run(name, *args):  # eagerly, so each kernel's arguments are real arrays
     with _recording_kernel_calls() as kernels:
-      stage_functions[name](*args)  # eagerly, so each kernel's arguments are real arrays
+      out = stage_functions[name](*args)
+    rows.append((name, jax.jit(stage_functions[name]), args))
     if len(kernels) > 1:
-      rows += [(f"{name}.{kernel}", call, kernel_args) for kernel, call, kernel_args in kernels]
+      rows.extend((f"{name}.{kernel}", call, kernel_args) for kernel, call, kernel_args in kernels)
+    return out
+
+  matrices, saved = run("intra_forward", tokens, masks)
+  o, final, states = run("state_forward", matrices, h0)
+  matrix_cotangents, _ = run("state_backward", matrices, states, o, final)
+  run("intra_backward", tokens, masks, matrix_cotangents, saved)
   return rows
 
 
