@@ -702,17 +702,19 @@ def test_sub_chunk_intra_backward_equals_the_level_split(seed, chunk, decay):
       sub.dT_rows(load, cotangent, j, prims,
                   lambda value, a, j=j: dT.__setitem__((block(j), block(int(a))), value))
   dA_kk = np.full((chunk, chunk), np.nan, np.float32)
-  sub.dA_kk_blocks(lambda b, a: T[block(b), block(a)], lambda b, a: dT[block(b), block(a)],
-                   [masks[0][block(b)] for b in range(n)], n, prims,
-                   lambda value, b, a: dA_kk.__setitem__((block(b), block(a)), value))
+  dbeta_pairs = np.full((chunk, 1), np.nan, np.float32)
   square = lambda x: lambda b, a: x[block(int(b)), block(int(a))]
+  sub.dA_kk_blocks(square(T), square(dT), square(P_kk), [masks[0][block(b)] for b in range(n)],
+                   n, prims, lambda value, b, a: dA_kk.__setitem__((block(b), block(a)), value),
+                   lambda value, b: dbeta_pairs.__setitem__(block(b), value))
   with jax.disable_jit():
     for j in range(n):
-      sub.gradient_rows(load, cotangent, square(P_kk), square(dA_kk), square(T), j, n, prims,
+      sub.gradient_rows(load, cotangent, square(dA_kk), square(T), j, n, prims,
                         lambda name, value, j=j: rows.setdefault(name, []).append(value),
                         scale=1.0)
   got = {name: np.concatenate(values) for name, values in rows.items()}
   got["dq"] = got["dq"] * scale  # d/d(unscaled q) = scale d/d(scaled q)
+  got["dbeta"] = got["dbeta"] + dbeta_pairs
   got["dg"] = sub.dg_from_rows(got["dG"], got["through_end"])
   for name, value in zip(sub.GRADIENTS, expected):
     num.assert_close(value, got[name], num.sub_chunk_gradient_tolerance(name == "dg", decay),

@@ -28,11 +28,12 @@ The backward is three steps the same way, on the P_kk and T that the forward sav
   ``dT_rows``         one program per sub-chunk j: row block j of dT = dW (beta k Gamma)^T +
                       dU (beta v)^T;
   ``dA_kk_blocks``    one program per chunk, [16, 16] blocks only: dA_kk = -T^T dT T^T on
-                      A_kk's support;
-  ``gradient_rows``   one program per sub-chunk j: its rows against the earlier sub-chunks and
-                      its columns against the later ones, the diagonal block by the level split,
-                      the cotangents through W, U, Q Gamma, K exp(G_C - G) and exp(G_C); dg then
-                      follows as a reverse cumulative sum over the chunk (``dg_from_rows``).
+                      A_kk's support, and dbeta's part through A_kk;
+  ``gradient_rows``   one program per sub-chunk j and block of key and value columns: its rows
+                      against the earlier sub-chunks and its columns against the later ones,
+                      the diagonal block by the level split, the cotangents through W, U,
+                      Q Gamma, K exp(G_C - G) and exp(G_C); dg then follows as a reverse
+                      cumulative sum over the chunk (``dg_from_rows``).
 
 The pair products cost n (n + 1) / 2 block products instead of log2(C) full ones: 10 against 6
 C x K x C at C = 64, i.e. 0.63 M against 6.3 M multiply-adds per pair type and head (K = 128).
@@ -196,11 +197,14 @@ def dT_rows(load: Callable, cotangent: Callable, j, prims: Primitives, store: Ca
   jax.lax.fori_loop(0, j + 1, column, jnp.zeros((1, x.g.shape[1]), F32))
 
 
-def dA_kk_blocks(load_T: Callable, load_dT: Callable, segments, num_blocks: int,
-                 prims: Primitives, store: Callable) -> None:
+def dA_kk_blocks(load_T: Callable, load_dT: Callable, load_P_kk: Callable, segments,
+                 num_blocks: int, prims: Primitives, store: Callable,
+                 store_dbeta: Callable) -> None:
   """dA_kk = -T^T dT T^T on A_kk's support (``block_inverse_backward``) from T's and dT's
   [S, S] blocks (``load_T(b, a)``, ``load_dT(b, a)``, a <= b) and each sub-chunk's [S, 1]
-  segment index; each block (b, a), a <= b, handed to ``store(value, b, a)``."""
+  segment index; each block (b, a), a <= b, handed to ``store(value, b, a)``. With A_kk =
+  diag(beta) P_kk (``load_P_kk(b, a)``, as ``pair_rows`` stores it), dbeta's part through A_kk,
+  the row sums of dA_kk * P_kk, goes to ``store_dbeta(value, b)`` ([S, 1])."""
   T = [[load_T(b, a) for a in range(b + 1)] for b in range(num_blocks)]
   dT = [[load_dT(b, a) for a in range(b + 1)] for b in range(num_blocks)]
   strictly_lower = iota((SUB, SUB), 0) > iota((SUB, SUB), 1)
@@ -209,25 +213,30 @@ def dA_kk_blocks(load_T: Callable, load_dT: Callable, segments, num_blocks: int,
   for b in range(num_blocks):
     for a in range(b + 1):
       store(dA[b][a], b, a)
+    store_dbeta(sum(jnp.sum(dA[b][a] * load_P_kk(b, a), axis=1, keepdims=True)
+                    for a in range(b + 1)), b)
 
 
-def gradient_rows(load: Callable, cotangent: Callable, load_P_kk: Callable, load_dA_kk: Callable,
-                  load_T: Callable, j, num_blocks: int, prims: Primitives, store: Callable,
-                  scale: float) -> None:
+def gradient_rows(load: Callable, cotangent: Callable, load_dA_kk: Callable, load_T: Callable,
+                  j, num_blocks: int, prims: Primitives, store: Callable, scale: float) -> None:
   """Sub-chunk j's token gradients (``j`` may be traced), handed to ``store(name, value)``:
-  dq (for the unscaled q), dk, dv, dbeta ([S, width]) and, for g, "dG" (the cotangent of the
+  dq (for the unscaled q), dk, dv ([S, width]), "dbeta" (dbeta's part through W and U, [S, 1];
+  ``dA_kk_blocks`` gives the part through A_kk) and, for g, "dG" (the cotangent of the
   cumulative gate G at j's rows, [S, K]) and "through_end" ([1, K], its part of dG_C, the
   cotangent of G at the chunk's last row); dg is the reverse cumulative sum of dG over the
   chunk plus the chunk's sum of through_end (``dg_from_rows``).
 
   ``load(a)`` gives sub-chunk a's ``Rows``; ``cotangent(name, b, a=None)`` row block b of a
   chunk matrix's cotangent ([S, width]; block (b, a) of "A"; the [1, K] "decay" for b = None);
-  ``load_P_kk(b, a)``, ``load_dA_kk(b, a)`` and ``load_T(b, a)`` [S, S] blocks (a <= b) of
-  P_kk (``pair_rows``' M), dA_kk (``dA_kk_blocks``) and T. Sub-chunk j takes part in the pair
-  products as rows (against the earlier sub-chunks a, visited backwards with the sum of g
-  between them carried, as ``pair_rows`` does) and as columns (against the later sub-chunks
-  b, visited in order with the sum of g between them carried), and in W and U through T's
-  column j.
+  ``load_dA_kk(b, a)`` and ``load_T(b, a)`` [S, S] blocks (a <= b) of dA_kk
+  (``dA_kk_blocks``) and T. Sub-chunk j takes part in the pair products as rows (against the
+  earlier sub-chunks a, visited backwards with the sum of g between them carried, as
+  ``pair_rows`` does) and as columns (against the later sub-chunks b, visited in order with
+  the sum of g between them carried), and in W and U through T's column j.
+
+  Every output is column-wise in the key and value columns (dbeta a sum over them), so the
+  columns may be split across programs: given a block of the K and V columns of every input
+  and cotangent, it returns that block's columns and its part of dbeta.
   """
   dot = prims.dot
   x = load(j)
@@ -236,7 +245,7 @@ def gradient_rows(load: Callable, cotangent: Callable, load_P_kk: Callable, load
   total = last_row(local)
 
   def earlier(step, carry):
-    since, dq, dk, dG, dbeta = carry
+    since, dq, dk, dG = carry
     a = j - 1 - step
     y = load(a)
     columns, y_total = _gated_columns(y, prims)
@@ -247,12 +256,11 @@ def gradient_rows(load: Callable, cotangent: Callable, load_P_kk: Callable, load
     dA_kk = load_dA_kk(j, a)
     dX_q, dX_k = dot(dA_qk, columns), dot(x.beta * dA_kk, columns)
     return (since + y_total, dq + dX_q * to_m, dk + dX_k * to_m,
-            dG + q_rows * dX_q + k_rows * dX_k,
-            dbeta + jnp.sum(dA_kk * load_P_kk(j, a), axis=1, keepdims=True))
+            dG + q_rows * dX_q + k_rows * dX_k)
 
   zeros = jnp.zeros_like(x.k)
-  G_start, dq, dk, dG, dbeta = jax.lax.fori_loop(
-      0, j, earlier, (jnp.zeros((1, K), F32), zeros, zeros, zeros, jnp.zeros((SUB, 1), F32)))
+  G_start, dq, dk, dG = jax.lax.fori_loop(0, j, earlier,
+                                          (jnp.zeros((1, K), F32), zeros, zeros, zeros))
 
   def later(b, carry):
     gap, dY, dX_w, dX_u = carry
@@ -287,11 +295,10 @@ def gradient_rows(load: Callable, cotangent: Callable, load_P_kk: Callable, load
   dq = dq + dq_d + on_diagonal * x.k
   dk = dk + dk_row + dk_qk + dk_kk + on_diagonal * x.q
   dG = dG + dG_row + dG_d
-  dbeta = dbeta + jnp.sum(dA_kk_jj * load_P_kk(j, j), axis=1, keepdims=True)
 
   G = G_start + local
   gamma = jnp.exp(G)
-  dbeta = (dbeta + jnp.sum(dX_w * x.k * gamma, axis=1, keepdims=True)
+  dbeta = (jnp.sum(dX_w * x.k * gamma, axis=1, keepdims=True)
            + jnp.sum(dX_u * x.v, axis=1, keepdims=True))
   dk = dk + dX_w * x.beta * gamma
   dG = dG + dX_w * x.beta * x.k * gamma

@@ -361,8 +361,9 @@ def _dT_rows_kernel(*refs, num_tokens, scale, precision):
                            pl.program_id(3), primitives(precision), store)
 
 
-def _dA_kk_kernel(t_ref, dt_ref, segment_ref, out_ref, *, precision):
-  """A chunk's dA_kk [C, C] from its T and dT (``_kernel_subchunk.dA_kk_blocks``)."""
+def _dA_kk_kernel(t_ref, dt_ref, p_ref, segment_ref, out_ref, dbeta_ref, *, precision):
+  """A chunk's dA_kk [C, C] and dbeta's part through A_kk [C, 1] from its T, dT and P_kk
+  (``_kernel_subchunk.dA_kk_blocks``)."""
   S = _kernel_subchunk.SUB
   rows = lambda b: pl.ds(b * S, S)
   n = t_ref.shape[0] // S
@@ -370,20 +371,24 @@ def _dA_kk_kernel(t_ref, dt_ref, segment_ref, out_ref, *, precision):
   def store(value, b, a):
     out_ref[rows(b), rows(a)] = value
 
-  _kernel_subchunk.dA_kk_blocks(lambda b, a: t_ref[rows(b), rows(a)],
-                                lambda b, a: dt_ref[rows(b), rows(a)],
+  def store_dbeta(value, b):
+    dbeta_ref[rows(b), :] = value
+
+  _kernel_subchunk.dA_kk_blocks(*(lambda b, a, ref=ref: ref[rows(b), rows(a)]
+                                  for ref in (t_ref, dt_ref, p_ref)),
                                 [segment_ref[rows(b), :] for b in range(n)], n,
-                                primitives(precision), store)
+                                primitives(precision), store, store_dbeta)
 
 
-def _gradient_rows_kernel(*refs, num_tokens, scale, precision):
-  """Sub-chunk j = program_id(3)'s token gradients (``_kernel_subchunk.gradient_rows``)."""
+def _gradient_rows_kernel(*refs, num_tokens, scale, precision, column_blocks):
+  """Sub-chunk j's token gradients on column block cb (``_kernel_subchunk.gradient_rows``),
+  with program_id(3) = j column_blocks + cb."""
   S, rows, load = _sub_chunk_rows(KDA, refs, num_tokens, scale)
   num_fields = len(KDA.fields)
   rest = refs[num_tokens + 3:]
   cotangent = _cotangent_loader(KDA, rest[:num_fields], rows)
-  p_ref, dA_ref, t_ref = rest[num_fields:num_fields + 3]
-  outs = dict(zip(_GRADIENT_ROWS, rest[num_fields + 3:]))
+  dA_ref, t_ref = rest[num_fields:num_fields + 2]
+  outs = dict(zip(_GRADIENT_ROWS, rest[num_fields + 2:]))
 
   def store(name, value):
     ref = outs[name]
@@ -391,8 +396,9 @@ def _gradient_rows_kernel(*refs, num_tokens, scale, precision):
 
   _kernel_subchunk.gradient_rows(
       load, cotangent,
-      *(lambda b, a, ref=ref: ref[rows(b), rows(a)] for ref in (p_ref, dA_ref, t_ref)),
-      pl.program_id(3), refs[0].shape[0] // S, primitives(precision), store, scale)
+      *(lambda b, a, ref=ref: ref[rows(b), rows(a)] for ref in (dA_ref, t_ref)),
+      pl.program_id(3) // column_blocks, refs[0].shape[0] // S, primitives(precision), store,
+      scale)
 
 
 def _state_forward_kernel(*refs, op, sizes, BV, precision, keep_states):
@@ -632,9 +638,10 @@ _GRADIENT_ROWS = ("dq", "dk", "dv", "dbeta", "dG", "through_end")
 def _kda_intra_backward(op, tokens, masks, cotangents, saved, *, scale, sizes, interpret,
                         precision):
   """KDA's token gradients from its chunk matrices' cotangents and the forward's saved P_kk
-  and T, by three kernels: dT's rows (grid B x HV x chunks x C/16), dA_kk (grid
-  B x HV x chunks) and the gradient rows (grid B x HV x chunks x C/16), then dg as the
-  reverse cumulative sum of dG over each chunk (XLA)."""
+  and T, by three kernels: dT's rows (grid B x HV x chunks x C/16), dA_kk and dbeta's part
+  through A_kk (grid B x HV x chunks) and the gradient rows (grid B x HV x chunks x
+  (C/16 x column blocks), ``_column_blocks`` of the K and V columns, dbeta's part through W
+  and U by partial sums), then dg as the reverse cumulative sum of dG over each chunk (XLA)."""
   B, T, HV, K, _, C = sizes
   S = _kernel_subchunk.SUB
   n = C // S
@@ -650,26 +657,60 @@ def _kda_intra_backward(op, tokens, masks, cotangents, saved, *, scale, sizes, i
       _dT_rows_kernel, (B, HV, T // C, n), inputs + cotangent_specs[:2], row_block(C),
       jax.ShapeDtypeStruct((B, T, HV, C), F32), interpret, LAUNCH["dT_rows"], **params)(
           *tokens, *masks, cotangents.W, cotangents.U)
-  dA_kk = _triton_call(
-      _dA_kk_kernel, (B, HV, T // C), [square, square, pl.BlockSpec((None, C, 1),
-                                                                    lambda b, h, c: (b, c, 0))],
-      square, jax.ShapeDtypeStruct((B, T, HV, C), F32), interpret, LAUNCH["dA_kk"],
-      precision=precision)(T_inverse, dT, masks[0])
-  q, k, g, v, beta = tokens
-  widths = dict(dq=q, dk=k, dv=v, dbeta=beta)
-  out_specs = [row_block(widths[name].shape[-1]) for name in _GRADIENT_ROWS[:4]] + [
-      row_block(K), pl.BlockSpec((None, None, None, K), lambda b, h, c, j: (b, c * n + j, h, 0))]
-  out_shapes = [jax.ShapeDtypeStruct(widths[name].shape, widths[name].dtype)
-                for name in _GRADIENT_ROWS[:4]] + [
-      jax.ShapeDtypeStruct((B, T, HV, K), F32), jax.ShapeDtypeStruct((B, T // S, HV, K), F32)]
-  dq, dk, dv, dbeta, dG, through_end = _triton_call(
-      _gradient_rows_kernel, (B, HV, T // C, n),
-      inputs + cotangent_specs + [per_sub_chunk(square)] * 3, out_specs, out_shapes, interpret,
-      LAUNCH["gradient_rows"], **params)(*tokens, *masks, *cotangents, M, dA_kk, T_inverse)
+  dA_kk, dbeta_pairs = _triton_call(
+      _dA_kk_kernel, (B, HV, T // C), [square] * 3 + [pl.BlockSpec((None, C, 1),
+                                                                   lambda b, h, c: (b, c, 0))],
+      [square, _token_spec(C, 1)],
+      [jax.ShapeDtypeStruct((B, T, HV, C), F32), jax.ShapeDtypeStruct((B, T, HV, 1), F32)],
+      interpret, LAUNCH["dA_kk"], precision=precision)(T_inverse, dT, M, masks[0])
+  dq, dk, dv, dbeta, dG, through_end = _gradient_rows(
+      op, tokens, masks, cotangents, dA_kk, T_inverse, scale=scale, sizes=sizes,
+      interpret=interpret, precision=precision)
   by_chunk = lambda x, rows: jnp.moveaxis(x.reshape(B, T // C, rows, HV, K), 2, 3)
   dg = _kernel_subchunk.dg_from_rows(by_chunk(dG, C), by_chunk(through_end, n))
   dg = jnp.moveaxis(dg, 3, 2).reshape(B, T, HV, K)
-  return dq, dk, dg.astype(g.dtype), dv, dbeta
+  g, beta = tokens[2], tokens[4]
+  return dq, dk, dg.astype(g.dtype), dv, (dbeta_pairs + jnp.sum(dbeta, axis=0)).astype(beta.dtype)
+
+
+def _gradient_rows(op, tokens, masks, cotangents, dA_kk, T_inverse, *, scale, sizes, interpret,
+                   precision):
+  """dq, dk, dv, the column blocks' partial sums of dbeta's part through W and U (float32
+  [column blocks, B, T, HV, 1]), dG [B, T, HV, K] and through_end [B, T/16, HV, K], float32;
+  grid B x HV x chunks x (C/16 x column blocks)."""
+  B, T, HV, K, V, C = sizes
+  S = _kernel_subchunk.SUB
+  n, n_cb = C // S, _column_blocks(sizes)
+
+  def by_columns(spec, split):  # a per-chunk block spec on program p = j n_cb + cb
+    width = spec.block_shape[-1]
+    return pl.BlockSpec((*spec.block_shape[:-1], width // n_cb if split else width),
+                        lambda b, h, c, p: (*spec.index_map(b, h, c)[:-1],
+                                            p % n_cb if split else 0))
+
+  def rows(width, split=True):  # sub-chunk j's row block, column block cb when split
+    return pl.BlockSpec((None, S, None, width // n_cb if split else width),
+                        lambda b, h, c, p: (b, c * n + p // n_cb, h, p % n_cb if split else 0))
+
+  specs = _input_specs(tokens, C)
+  inputs = ([by_columns(spec, x.shape[-1] > 1) for spec, x in zip(specs, tokens)]
+            + [by_columns(spec, False) for spec in specs[len(tokens):]])
+  cotangent_specs = [by_columns(_layout(f.width, sizes)[1], f.width != "C") for f in op.fields]
+  square = by_columns(_token_spec(C, C), False)
+  q, k, g, v, beta = tokens
+  out_specs = [rows(K), rows(K), rows(V),
+               pl.BlockSpec((None, None, S, None, 1),
+                            lambda b, h, c, p: (p % n_cb, b, c * n + p // n_cb, h, 0)),
+               rows(K), pl.BlockSpec((None, None, None, K // n_cb),
+                                     lambda b, h, c, p: (b, c * n + p // n_cb, h, p % n_cb))]
+  out_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)] + [
+      jax.ShapeDtypeStruct((n_cb, B, T, HV, 1), F32), jax.ShapeDtypeStruct((B, T, HV, K), F32),
+      jax.ShapeDtypeStruct((B, T // S, HV, K), F32)]
+  return _triton_call(
+      _gradient_rows_kernel, (B, HV, T // C, n * n_cb),
+      inputs + cotangent_specs + [square] * 2, out_specs, out_shapes, interpret,
+      LAUNCH["gradient_rows"], num_tokens=len(tokens), scale=scale, precision=precision,
+      column_blocks=n_cb)(*tokens, *masks, *cotangents, dA_kk, T_inverse)
 
 
 def _value_block(V):
