@@ -682,21 +682,16 @@ def _gradient_rows(op, tokens, masks, cotangents, dA_kk, T_inverse, *, scale, si
   S = _kernel_subchunk.SUB
   n, n_cb = C // S, _column_blocks(sizes)
 
-  def by_columns(spec, split):  # a per-chunk block spec on program p = j n_cb + cb
-    width = spec.block_shape[-1]
-    return pl.BlockSpec((*spec.block_shape[:-1], width // n_cb if split else width),
-                        lambda b, h, c, p: (*spec.index_map(b, h, c)[:-1],
-                                            p % n_cb if split else 0))
-
-  def rows(width, split=True):  # sub-chunk j's row block, column block cb when split
-    return pl.BlockSpec((None, S, None, width // n_cb if split else width),
-                        lambda b, h, c, p: (b, c * n + p // n_cb, h, p % n_cb if split else 0))
+  def rows(width):  # sub-chunk j's row block, column block cb, for program p = j n_cb + cb
+    return pl.BlockSpec((None, S, None, width // n_cb),
+                        lambda b, h, c, p: (b, c * n + p // n_cb, h, p % n_cb))
 
   specs = _input_specs(tokens, C)
-  inputs = ([by_columns(spec, x.shape[-1] > 1) for spec, x in zip(specs, tokens)]
-            + [by_columns(spec, False) for spec in specs[len(tokens):]])
-  cotangent_specs = [by_columns(_layout(f.width, sizes)[1], f.width != "C") for f in op.fields]
-  square = by_columns(_token_spec(C, C), False)
+  inputs = ([_column_block(spec, n_cb, x.shape[-1] > 1) for spec, x in zip(specs, tokens)]
+            + [_column_block(spec, n_cb, False) for spec in specs[len(tokens):]])
+  cotangent_specs = [_column_block(_layout(f.width, sizes)[1], n_cb, f.width != "C")
+                     for f in op.fields]
+  square = _column_block(_token_spec(C, C), n_cb, False)
   q, k, g, v, beta = tokens
   out_specs = [rows(K), rows(K), rows(V),
                pl.BlockSpec((None, None, S, None, 1),
