@@ -21,9 +21,11 @@ its own chunk mathematics. For KDA (``ops.kda._kernel_subchunk`` has the sub-chu
   intra backward   three kernels, on the saved P_kk and T:
     dT rows        grid (B, HV, chunks, C/16)  row block j of dT = dW (beta k Gamma)^T +
                                                dU (beta v)^T
-    dA_kk          grid (B, HV, chunks)        dA_kk = -T^T dT T^T on [16, 16] blocks
-    gradient rows  grid (B, HV, chunks, C/16)  one sub-chunk's dq, dk, dv, dbeta and dG; dg
-                                               then by a reverse cumulative sum (XLA)
+    dA_kk          grid (B, HV, chunks)        dA_kk = -T^T dT T^T on [16, 16] blocks, and
+                                               dbeta's part through A_kk
+    gradient rows  grid (B, HV, chunks,        one sub-chunk's dq, dk, dv, dbeta and dG on
+                        C/16 x K/64)           64 key and value columns; dg then by a reverse
+                                               cumulative sum (XLA)
 
 RWKV-7's intra forward and backward are one kernel per chunk each (``_intra_forward``,
 ``_intra_backward``) that go through the chunk by sub-chunks in order; KDA's were too, until
