@@ -16,8 +16,12 @@ its own chunk mathematics. For KDA (``ops.kda._kernel_subchunk`` has the sub-chu
                                                K*exp(G_C - G), exp(G_C), by 64-column blocks
   state forward    grid (B, HV, V/BV)     walks the chunks: V~ = U - W S, O = (Q Gamma) S + A_qk V~,
                                           S' = diag(exp G_C) S + Kg^T V~ (keeps S per chunk)
-  state backward   grid (B, HV, V/BV)     walks the chunks backwards with dS: dU, dW, dQg, dKg,
-                                          dA_qk, d exp(G_C) (summed over V blocks outside)
+  state backward   two kernels:
+    reverse walk   grid (B, HV, V/BV)          walks the chunks backwards with dS only,
+                                               keeping the dS after each chunk
+    cotangents     grid (B, HV, chunks, V/BV)  each chunk's dU, dW, dQg, dKg, dA_qk,
+                                               d exp(G_C) from its S and dS (summed over V
+                                               blocks outside)
   intra backward   three kernels, on the saved P_kk and T:
     dT rows        grid (B, HV, chunks, C/16)  row block j of dT = dW (beta k Gamma)^T +
                                                dU (beta v)^T
