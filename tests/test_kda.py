@@ -566,7 +566,8 @@ def test_stages_give_each_stage_and_each_kernel_of_the_intra_stages():
   rows = pallas_gpu.stages(q, k, v, g, beta, h0, scale=K ** -0.5, chunk_size=32, interpret=True)
   assert [name for name, _, _ in rows] == [
       "intra_forward", "intra_forward.pair_rows", "intra_forward.inverse_blocks",
-      "intra_forward.chunk_outputs", "state_forward", "state_backward", "intra_backward",
+      "intra_forward.chunk_outputs", "state_forward", "state_backward",
+      "state_backward.state_walk_backward", "state_backward.state_cotangents", "intra_backward",
       "intra_backward.dT_rows", "intra_backward.dA_kk", "intra_backward.gradient_rows"]
   needed = ("intra_forward", "intra_forward.inverse_blocks", "intra_forward.chunk_outputs",
             "intra_backward", "intra_backward.gradient_rows")

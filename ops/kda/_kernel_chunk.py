@@ -28,6 +28,8 @@ Per chunk, with S the state before it (all float32):
                     K exp(G_C - G) (last-segment rows), A_qk, the state decay exp(G_C)
   state_forward     V~ = U - W S, O = (Q Gamma) S + A_qk V~, S' = decay S + Kg^T V~
   state_backward    dS -> dU, dW, dQg, dKg, dA_qk, d decay and the dS before the chunk
+                    (``state_step_backward``: the dS before only, for the reverse walk;
+                    ``state_cotangents``: the rest, from S and dS, chunk by chunk)
   intra_backward    those cotangents -> dq, dk, dv, dg, dbeta
 """
 
@@ -276,15 +278,40 @@ def state_backward(S, dS, m: ChunkMatrices, dO, dot):
   Returns ``(ChunkMatrices of cotangents, dS before the chunk)``; the [C, K] and [C, C] entries
   are sums over this value block only (the caller adds the other value blocks).
   """
+  d_pseudo = _pseudo_values_cotangent(dS, m, dO, dot)
+  return (_state_cotangents(S, dS, d_pseudo, m, dO, dot),
+          _state_before_cotangent(dS, d_pseudo, m, dO, dot))
+
+
+def state_step_backward(dS, m: ChunkMatrices, dO, dot):
+  """dS before the chunk from dS [K, V] after it and dO [C, V]: ``state_backward``'s part that
+  the reverse walk over the chunks needs (no state S), for kernels that take the cotangents
+  later, chunk by chunk in parallel (``state_cotangents``)."""
+  return _state_before_cotangent(dS, _pseudo_values_cotangent(dS, m, dO, dot), m, dO, dot)
+
+
+def state_cotangents(S, dS, m: ChunkMatrices, dO, dot) -> ChunkMatrices:
+  """``state_backward``'s cotangents of the chunk matrices, from the state S before the chunk
+  and the dS after it: independent across chunks once the walk has given every dS."""
+  return _state_cotangents(S, dS, _pseudo_values_cotangent(dS, m, dO, dot), m, dO, dot)
+
+
+def _pseudo_values_cotangent(dS, m, dO, dot):
+  """d V~ [C, V], V~ = U - W S feeding both o and the next state."""
+  return dot(m.A, dO, trans_a=True) + dot(m.Kg, dS)
+
+
+def _state_cotangents(S, dS, d_pseudo, m, dO, dot):
   pseudo_values = m.U - dot(m.W, S)
-  d_pseudo = dot(m.A, dO, trans_a=True) + dot(m.Kg, dS)
-  grads = ChunkMatrices(
+  return ChunkMatrices(
       W=-dot(d_pseudo, S, trans_b=True), U=d_pseudo, Qg=dot(dO, S, trans_b=True),
       Kg=dot(pseudo_values, dS, trans_b=True), A=dot(dO, pseudo_values, trans_b=True),
       decay=jnp.transpose(jnp.sum(dS * S, axis=1, keepdims=True)))
-  dS_before = (jnp.transpose(m.decay) * dS + dot(m.Qg, dO, trans_a=True)
-               - dot(m.W, d_pseudo, trans_a=True))
-  return grads, dS_before
+
+
+def _state_before_cotangent(dS, d_pseudo, m, dO, dot):
+  return (jnp.transpose(m.decay) * dS + dot(m.Qg, dO, trans_a=True)
+          - dot(m.W, d_pseudo, trans_a=True))
 
 
 def intra_backward(c: Chunk, v, d: ChunkMatrices):

@@ -16,8 +16,12 @@ its own chunk mathematics. For KDA (``ops.kda._kernel_subchunk`` has the sub-chu
                                                K*exp(G_C - G), exp(G_C), by 64-column blocks
   state forward    grid (B, HV, V/BV)     walks the chunks: V~ = U - W S, O = (Q Gamma) S + A_qk V~,
                                           S' = diag(exp G_C) S + Kg^T V~ (keeps S per chunk)
-  state backward   grid (B, HV, V/BV)     walks the chunks backwards with dS: dU, dW, dQg, dKg,
-                                          dA_qk, d exp(G_C) (summed over V blocks outside)
+  state backward   two kernels:
+    reverse walk   grid (B, HV, V/BV)          walks the chunks backwards with dS only,
+                                               keeping the dS after each chunk
+    cotangents     grid (B, HV, chunks, V/BV)  each chunk's dU, dW, dQg, dKg, dA_qk,
+                                               d exp(G_C) from its S and dS (summed over V
+                                               blocks outside)
   intra backward   three kernels, on the saved P_kk and T:
     dT rows        grid (B, HV, chunks, C/16)  row block j of dT = dW (beta k Gamma)^T +
                                                dU (beta v)^T
@@ -89,8 +93,8 @@ VALUE_BLOCK = 64
 PAIR_KEY_BLOCKS = 2  # key blocks of the pair rows' grid (docs/kernels.md, version 6)
 LAUNCH = {"intra_forward": (8, 1), "intra_backward": (8, 1), "state_forward": (8, 2),
           "state_backward": (8, 2), "pair_rows": (1, 1), "inverse_blocks": (1, 1),
-          "chunk_outputs": (4, 1), "dT_rows": (2, 1), "dA_kk": (1, 1),
-          "gradient_rows": (8, 1)}  # (num_warps, num_stages), measured in docs/kernels.md
+          "chunk_outputs": (4, 1), "dT_rows": (2, 1), "dA_kk": (1, 1), "gradient_rows": (8, 1),
+          "state_cotangents": (8, 1)}  # (num_warps, num_stages), measured in docs/kernels.md
 
 
 def default_interpret() -> bool:
@@ -182,7 +186,7 @@ class TritonOp(NamedTuple):
 
   primitives(precision) -> the chunk module's ``Primitives``.
   math: the op's chunk module, shared with the TPU kernels; the state kernels take its
-    ``ChunkMatrices``, ``state_forward`` and ``state_backward``.
+    ``ChunkMatrices``, ``state_forward``, ``state_step_backward`` and ``state_cotangents``.
   value_index: which token input is v.
   fields: a ``math.ChunkMatrices`` of ``Field``s.
   sub_chunks: the module forming the chunk matrices and the token gradients from 16-row
@@ -423,13 +427,12 @@ def _state_forward_kernel(*refs, op, sizes, BV, precision, keep_states):
                                                  h0_ref[b, h, :, values].astype(F32))
 
 
-def _state_backward_kernel(*refs, op, sizes, BV, precision):
+def _state_walk_backward_kernel(*refs, op, sizes, BV, precision):
+  """The reverse walk over the chunks (``math.state_step_backward``): the dS after each chunk
+  to ``dstates`` [B, T/C, HV, K, V] and dh0, value block program_id(2)."""
   num_fields = len(op.fields)
   matrix_refs = refs[:num_fields]
-  states_ref, do_ref, dfinal_ref = refs[num_fields:num_fields + 3]
-  grad_refs, dh0_ref = refs[num_fields + 3:-1], refs[-1]
-  written = [(name, f.width) for name, f in zip(op.fields._fields, op.fields)
-             if not f.cotangent_is_dO]
+  do_ref, dfinal_ref, dstates_ref, dh0_ref = refs[num_fields:]
   b, h, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   num_chunks = sizes.T // sizes.C
   values = pl.ds(vb * BV, BV)
@@ -438,19 +441,36 @@ def _state_backward_kernel(*refs, op, sizes, BV, precision):
   def chunk(step, dS):
     c = num_chunks - 1 - step
     rows = pl.ds(c * sizes.C, sizes.C)
+    dstates_ref[b, c, h, :, values] = dS
     m = _load_matrices(op, matrix_refs, b, h, c, rows, values)
-    grads, dS = op.math.state_backward(states_ref[b, c, h, :, values], dS, m,
-                                       do_ref[b, rows, h, values].astype(F32), dot)
-    for ref, (name, width) in zip(grad_refs, written):
-      value, block = getattr(grads, name), _block(width, b, h, c, rows, values)
-      if width == "V":
-        ref[block] = value
-      else:  # this value block's part, at [vb]
-        ref[(vb, *block)] = value.reshape(ref.shape[-1]) if width == "chunk" else value
-    return dS
+    return op.math.state_step_backward(dS, m, do_ref[b, rows, h, values].astype(F32), dot)
 
   dh0_ref[b, h, :, values] = jax.lax.fori_loop(0, num_chunks, chunk,
                                                dfinal_ref[b, h, :, values].astype(F32))
+
+
+def _state_cotangents_kernel(*refs, op, sizes, BV, precision):
+  """Chunk program_id(2)'s cotangents of its matrices on value block program_id(3)
+  (``math.state_cotangents``) from the state before it and the dS after it: a "V" field's
+  block in place, the others' sums over this value block at [value block]."""
+  num_fields = len(op.fields)
+  matrix_refs = refs[:num_fields]
+  states_ref, dstates_ref, do_ref = refs[num_fields:num_fields + 3]
+  grad_refs = refs[num_fields + 3:]
+  written = [(name, f.width) for name, f in zip(op.fields._fields, op.fields)
+             if not f.cotangent_is_dO]
+  b, h, c, vb = (pl.program_id(axis) for axis in range(4))
+  rows, values = pl.ds(c * sizes.C, sizes.C), pl.ds(vb * BV, BV)
+  grads = op.math.state_cotangents(
+      states_ref[b, c, h, :, values], dstates_ref[b, c, h, :, values],
+      _load_matrices(op, matrix_refs, b, h, c, rows, values),
+      do_ref[b, rows, h, values].astype(F32), op.primitives(precision).dot)
+  for ref, (name, width) in zip(grad_refs, written):
+    value, block = getattr(grads, name), _block(width, b, h, c, rows, values)
+    if width == "V":
+      ref[block] = value
+    else:
+      ref[(vb, *block)] = value.reshape(ref.shape[-1]) if width == "chunk" else value
 
 
 # ------------------------------------------------------------------------------------ wrappers
@@ -731,23 +751,29 @@ def _state_forward(op, matrices, h0, out_dtype, *, keep_states, sizes, interpret
 
 
 def _state_backward(op, matrices, states, dO, dfinal, *, sizes, interpret, precision):
-  """The cotangents of the chunk matrices (a ``ChunkMatrices``) and dh0."""
-  B, _, HV, K, V, _ = sizes
+  """The cotangents of the chunk matrices (a ``ChunkMatrices``) and dh0, by two kernels: the
+  reverse walk (grid B x HV x V/64) gives dh0 and the dS after every chunk (float32
+  [B, T/C, HV, K, V]), then every chunk's cotangents at once (grid B x HV x chunks x V/64),
+  as fla's backward does, so that the walk carries only what dS needs."""
+  B, T, HV, K, V, C = sizes
   BV = _value_block(V)
   NV = V // BV
+  whole = pl.no_block_spec
+  params = dict(op=op, sizes=sizes, BV=BV, precision=precision)
+  dstates, dh0 = _triton_call(
+      _state_walk_backward_kernel, (B, HV, NV), [whole] * (len(matrices) + 2), [whole] * 2,
+      [jax.ShapeDtypeStruct(states.shape, F32), jax.ShapeDtypeStruct((B, HV, K, V), F32)],
+      interpret, LAUNCH["state_backward"], **params)(*matrices, dO, dfinal)
 
   def shape(f):  # "V": each program writes its own block; else one copy per value block
     whole = _layout(f.width, sizes)[0]
     return whole if f.width == "V" else (NV, *whole)
 
   shapes = [jax.ShapeDtypeStruct(shape(f), F32) for f in op.fields if not f.cotangent_is_dO]
-  shapes.append(jax.ShapeDtypeStruct((B, HV, K, V), F32))
-  whole = pl.no_block_spec
-  *grads, dh0 = _triton_call(
-      _state_backward_kernel, (B, HV, NV), [whole] * (len(matrices) + 3), [whole] * len(shapes),
-      shapes, interpret, LAUNCH["state_backward"], op=op, sizes=sizes, BV=BV,
-      precision=precision)(*matrices, states, dO, dfinal)
-  grads = iter(grads)
+  grads = iter(_triton_call(
+      _state_cotangents_kernel, (B, HV, T // C, NV), [whole] * (len(matrices) + 3),
+      [whole] * len(shapes), shapes, interpret, LAUNCH["state_cotangents"], **params)(
+          *matrices, states, dstates, dO))
   cotangents = []
   for f in op.fields:
     if f.cotangent_is_dO:

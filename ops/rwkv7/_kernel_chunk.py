@@ -23,6 +23,7 @@ X = A_ab X + (a exp(G~)) S + A_ak v, so with T = (I - A_ab)^-1:
   state_forward     X = U + W S, o = (r exp(G)) S + A_rb X + Y,
                     S' = exp(G_C) S + (b exp(G_C - G))^T X + (k exp(G_C - G))^T v
   state_backward    dO, dS' -> the cotangents of those matrices and dS before the chunk
+                    (``state_step_backward`` and ``state_cotangents``: the two apart)
   intra_backward    those cotangents -> dr, dw, dk, dv, da, db
 
 Packed rows: every pair product is masked to the same segment, the incoming state reaches only
@@ -131,16 +132,40 @@ def state_backward(S, dS, m: ChunkMatrices, dO, dot):
   Returns ``(ChunkMatrices of cotangents, dS before the chunk)``; the [C, K], [C, C] and [1, K]
   entries are sums over this value block only (the caller adds the other value blocks).
   """
+  dX = _removed_rows_cotangent(dS, m, dO, dot)
+  return (_state_cotangents(S, dS, dX, m, dO, dot),
+          _state_before_cotangent(dS, dX, m, dO, dot))
+
+
+def state_step_backward(dS, m: ChunkMatrices, dO, dot):
+  """dS before the chunk from dS [K, V] after it and dO [C, V]: ``state_backward``'s part that
+  the reverse walk over the chunks needs (no state S; ``state_cotangents`` the rest)."""
+  return _state_before_cotangent(dS, _removed_rows_cotangent(dS, m, dO, dot), m, dO, dot)
+
+
+def state_cotangents(S, dS, m: ChunkMatrices, dO, dot) -> ChunkMatrices:
+  """``state_backward``'s cotangents of the chunk matrices, from the state S before the chunk
+  and the dS after it: independent across chunks once the walk has given every dS."""
+  return _state_cotangents(S, dS, _removed_rows_cotangent(dS, m, dO, dot), m, dO, dot)
+
+
+def _removed_rows_cotangent(dS, m, dO, dot):
+  """dX [C, V], X = U + W S feeding both o and the next state."""
+  return dot(m.A, dO, trans_a=True) + dot(m.Bg, dS)
+
+
+def _state_cotangents(S, dS, dX, m, dO, dot):
   X = m.U + dot(m.W, S)
-  dX = dot(m.A, dO, trans_a=True) + dot(m.Bg, dS)
-  grads = ChunkMatrices(
+  return ChunkMatrices(
       W=dot(dX, S, trans_b=True), U=dX, Rg=dot(dO, S, trans_b=True),
       A=dot(dO, X, trans_b=True), Y=dO, Bg=dot(X, dS, trans_b=True),
       Kg=dot(m.values, dS, trans_b=True), values=dot(m.Kg, dS),
       decay=jnp.transpose(jnp.sum(dS * S, axis=1, keepdims=True)))
-  dS_before = (jnp.transpose(m.decay) * dS + dot(m.Rg, dO, trans_a=True)
-               + dot(m.W, dX, trans_a=True))
-  return grads, dS_before
+
+
+def _state_before_cotangent(dS, dX, m, dO, dot):
+  return (jnp.transpose(m.decay) * dS + dot(m.Rg, dO, trans_a=True)
+          + dot(m.W, dX, trans_a=True))
 
 
 def intra_backward(c: Chunk, v, d: ChunkMatrices):
