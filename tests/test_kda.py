@@ -567,8 +567,9 @@ def test_stages_give_each_stage_and_each_kernel_of_the_intra_stages():
   assert [name for name, _, _ in rows] == [
       "intra_forward", "intra_forward.pair_rows", "intra_forward.inverse_blocks",
       "intra_forward.chunk_outputs", "state_forward", "state_backward",
-      "state_backward.state_walk_backward", "state_backward.state_cotangents", "intra_backward",
-      "intra_backward.dT_rows", "intra_backward.dA_kk", "intra_backward.gradient_rows"]
+      "state_backward.state_walk_backward", "state_backward.state_cotangents[W,U,Qg,Kg,A,decay]",
+      "intra_backward", "intra_backward.dT_rows", "intra_backward.dA_kk",
+      "intra_backward.gradient_rows"]
   needed = ("intra_forward", "intra_forward.inverse_blocks", "intra_forward.chunk_outputs",
             "intra_backward", "intra_backward.gradient_rows")
   run = {name: fn(*args) for name, fn, args in rows if name in needed}

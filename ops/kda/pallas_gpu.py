@@ -77,6 +77,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -91,6 +92,7 @@ from ops.kda._step_common import next_power_of_2
 F32 = jnp.float32
 VALUE_BLOCK = 64
 PAIR_KEY_BLOCKS = 2  # key blocks of the pair rows' grid (docs/kernels.md, version 6)
+COTANGENT_SUMS = 2 * 64 * 128  # floats one state-cotangents program sums (docs/kernels.md, v7)
 LAUNCH = {"intra_forward": (8, 1), "intra_backward": (8, 1), "state_forward": (8, 2),
           "state_backward": (8, 2), "pair_rows": (1, 1), "inverse_blocks": (1, 1),
           "chunk_outputs": (4, 1), "dT_rows": (2, 1), "dA_kk": (1, 1), "gradient_rows": (4, 3),
@@ -168,7 +170,7 @@ class Field(NamedTuple):
   width: "K" or "C" ([C, K] or [C, C] per chunk, read whole by every state-kernel program), "V"
     ([C, V], one value block per program), or "chunk" (a [1, K] row per chunk, kept as
     [B, T/C, HV, K]). The state backward writes a "V" field's cotangent per value block and
-    the others' once per value block, summed outside.
+    sums the others' over the value blocks in the kernel.
   dtype: the stored dtype; None: v's (the cotangents are float32).
   token: None, or the token input the field is (the intra forward stores nothing for it).
   cotangent_is_dO: the field's cotangent is dO itself; the state backward does not write it.
@@ -449,28 +451,36 @@ def _state_walk_backward_kernel(*refs, op, sizes, BV, precision):
                                                dfinal_ref[b, h, :, values].astype(F32))
 
 
-def _state_cotangents_kernel(*refs, op, sizes, BV, precision):
-  """Chunk program_id(2)'s cotangents of its matrices on value block program_id(3)
-  (``math.state_cotangents``) from the state before it and the dS after it: a "V" field's
-  block in place, the others' sums over this value block at [value block]."""
+def _state_cotangents_kernel(*refs, op, sizes, BV, precision, names):
+  """Chunk program_id(2)'s cotangents of the chunk matrices ``names`` (``math.state_cotangents``)
+  from the state before it and the dS after it, value block by value block: a "V" field's
+  block written in place, the others summed over the blocks in the loop and written once."""
   num_fields = len(op.fields)
   matrix_refs = refs[:num_fields]
   states_ref, dstates_ref, do_ref = refs[num_fields:num_fields + 3]
-  grad_refs = refs[num_fields + 3:]
-  written = [(name, f.width) for name, f in zip(op.fields._fields, op.fields)
-             if not f.cotangent_is_dO]
-  b, h, c, vb = (pl.program_id(axis) for axis in range(4))
-  rows, values = pl.ds(c * sizes.C, sizes.C), pl.ds(vb * BV, BV)
-  grads = op.math.state_cotangents(
-      states_ref[b, c, h, :, values], dstates_ref[b, c, h, :, values],
-      _load_matrices(op, matrix_refs, b, h, c, rows, values),
-      do_ref[b, rows, h, values].astype(F32), op.primitives(precision).dot)
-  for ref, (name, width) in zip(grad_refs, written):
-    value, block = getattr(grads, name), _block(width, b, h, c, rows, values)
-    if width == "V":
-      ref[block] = value
-    else:
-      ref[(vb, *block)] = value.reshape(ref.shape[-1]) if width == "chunk" else value
+  written = [(name, getattr(op.fields, name).width, ref)
+             for name, ref in zip(names, refs[num_fields + 3:])]
+  per_block = [(name, width, ref) for name, width, ref in written if width == "V"]
+  summed = [(name, width, ref) for name, width, ref in written if width != "V"]
+  b, h, c = (pl.program_id(axis) for axis in range(3))
+  rows = pl.ds(c * sizes.C, sizes.C)
+  dot = op.primitives(precision).dot
+
+  def value_block(vb, sums):
+    values = pl.ds(vb * BV, BV)
+    grads = op.math.state_cotangents(
+        states_ref[b, c, h, :, values], dstates_ref[b, c, h, :, values],
+        _load_matrices(op, matrix_refs, b, h, c, rows, values),
+        do_ref[b, rows, h, values].astype(F32), dot)
+    for name, width, ref in per_block:
+      ref[_block(width, b, h, c, rows, values)] = getattr(grads, name)
+    return tuple(s + getattr(grads, name) for s, (name, _, _) in zip(sums, summed))
+
+  sums = jax.lax.fori_loop(0, sizes.V // BV, value_block,
+                           tuple(jnp.zeros(_tile(width, sizes), F32) for _, width, _ in summed))
+  for (_, width, ref), value in zip(summed, sums):
+    ref[_block(width, b, h, c, rows, None)] = (value.reshape(ref.shape[-1])
+                                               if width == "chunk" else value)
 
 
 # ------------------------------------------------------------------------------------ wrappers
@@ -479,9 +489,11 @@ _kernel_calls: contextvars.ContextVar[list | None] = contextvars.ContextVar("ker
                                                                             default=None)
 
 
-def _triton_call(kernel, grid, in_specs, out_specs, out_shape, interpret, launch, **params):
+def _triton_call(kernel, grid, in_specs, out_specs, out_shape, interpret, launch, *,
+                 label: str = "", **params):
   """``pallas_call`` on the Triton backend; ``launch`` is (num_warps, num_stages). Inside
-  ``_recording_kernel_calls`` each call is also recorded."""
+  ``_recording_kernel_calls`` each call is also recorded, named after the kernel and
+  ``label``."""
   num_warps, num_stages = launch
   call = pl.pallas_call(
       functools.partial(kernel, **params), grid=grid, in_specs=in_specs, out_specs=out_specs,
@@ -493,7 +505,8 @@ def _triton_call(kernel, grid, in_specs, out_specs, out_shape, interpret, launch
     return call
 
   def call_and_record(*args):
-    recorded.append((kernel.__name__.strip("_").removesuffix("_kernel"), jax.jit(call), args))
+    name = kernel.__name__.strip("_").removesuffix("_kernel") + label
+    recorded.append((name, jax.jit(call), args))
     return call(*args)
 
   return call_and_record
@@ -750,11 +763,40 @@ def _state_forward(op, matrices, h0, out_dtype, *, keep_states, sizes, interpret
                           *matrices, h0)
 
 
+def _tile(width, sizes: Sizes):
+  """One chunk's tile of a chunk matrix of ``width`` other than "V", as the chunk math has it."""
+  return {"K": (sizes.C, sizes.K), "C": (sizes.C, sizes.C), "chunk": (1, sizes.K)}[width]
+
+
+def _cotangent_groups(op, sizes) -> list[tuple[str, ...]]:
+  """The fields whose cotangents the state backward writes, in groups of one kernel call each.
+
+  With one value block (V <= 64) one call writes them all. Otherwise each program sums its
+  chunk's [C, K], [C, C] and [1, K] cotangents over the value blocks in a loop, and all of them
+  at once would not fit its registers (KDA at K = V = 128, 8 warps: 912 bytes of spills a
+  thread), so the fields are taken in order, a new group started where the sums would pass
+  ``COTANGENT_SUMS`` floats; each call reads S and dS again."""
+  names = [n for n, f in zip(op.fields._fields, op.fields) if not f.cotangent_is_dO]
+  if sizes.V <= _value_block(sizes.V):
+    return [tuple(names)]
+  groups, floats = [[]], 0
+  for name in names:
+    width = getattr(op.fields, name).width
+    size = 0 if width == "V" else math.prod(_tile(width, sizes))
+    if groups[-1] and floats + size > COTANGENT_SUMS:
+      groups.append([])
+      floats = 0
+    groups[-1].append(name)
+    floats += size
+  return [tuple(g) for g in groups]
+
+
 def _state_backward(op, matrices, states, dO, dfinal, *, sizes, interpret, precision):
   """The cotangents of the chunk matrices (a ``ChunkMatrices``) and dh0, by two kernels: the
   reverse walk (grid B x HV x V/64) gives dh0 and the dS after every chunk (float32
-  [B, T/C, HV, K, V]), then every chunk's cotangents at once (grid B x HV x chunks x V/64),
-  as fla's backward does, so that the walk carries only what dS needs."""
+  [B, T/C, HV, K, V]), then every chunk's cotangents at once (grid B x HV x chunks, the value
+  blocks a loop in each program), as fla's backward does, so that the walk carries only what dS
+  needs."""
   B, T, HV, K, V, C = sizes
   BV = _value_block(V)
   NV = V // BV
@@ -765,22 +807,16 @@ def _state_backward(op, matrices, states, dO, dfinal, *, sizes, interpret, preci
       [jax.ShapeDtypeStruct(states.shape, F32), jax.ShapeDtypeStruct((B, HV, K, V), F32)],
       interpret, LAUNCH["state_backward"], **params)(*matrices, dO, dfinal)
 
-  def shape(f):  # "V": each program writes its own block; else one copy per value block
-    whole = _layout(f.width, sizes)[0]
-    return whole if f.width == "V" else (NV, *whole)
-
-  shapes = [jax.ShapeDtypeStruct(shape(f), F32) for f in op.fields if not f.cotangent_is_dO]
-  grads = iter(_triton_call(
-      _state_cotangents_kernel, (B, HV, T // C, NV), [whole] * (len(matrices) + 3),
-      [whole] * len(shapes), shapes, interpret, LAUNCH["state_cotangents"], **params)(
-          *matrices, states, dstates, dO))
-  cotangents = []
-  for f in op.fields:
-    if f.cotangent_is_dO:
-      cotangents.append(dO)
-    else:
-      grad = next(grads)
-      cotangents.append(grad if f.width == "V" else jnp.sum(grad, axis=0))  # over value blocks
+  cotangents = {}
+  for names in _cotangent_groups(op, sizes):
+    shapes = [jax.ShapeDtypeStruct(_layout(getattr(op.fields, name).width, sizes)[0], F32)
+              for name in names]
+    cotangents.update(zip(names, _triton_call(
+        _state_cotangents_kernel, (B, HV, T // C), [whole] * (len(matrices) + 3),
+        [whole] * len(shapes), shapes, interpret, LAUNCH["state_cotangents"], names=names,
+        label=f"[{','.join(names)}]", **params)(*matrices, states, dstates, dO)))
+  cotangents = [dO if f.cotangent_is_dO else cotangents[name]
+                for name, f in zip(op.fields._fields, op.fields)]
   return op.math.ChunkMatrices(*cotangents), dh0
 
 
