@@ -19,9 +19,10 @@ its own chunk mathematics. For KDA (``ops.kda._kernel_subchunk`` has the sub-chu
   state backward   two kernels:
     reverse walk   grid (B, HV, V/BV)          walks the chunks backwards with dS only,
                                                keeping the dS after each chunk
-    cotangents     grid (B, HV, chunks, V/BV)  each chunk's dU, dW, dQg, dKg, dA_qk,
-                                               d exp(G_C) from its S and dS (summed over V
-                                               blocks outside)
+    cotangents     grid (B, HV, chunks)        each chunk's dU, dW, dQg, dKg, dA_qk,
+                                               d exp(G_C) from its S and dS, summed over the
+                                               value blocks in a loop; one call per group of
+                                               fields whose sums fit the registers
   intra backward   three kernels, on the saved P_kk and T:
     dT rows        grid (B, HV, chunks, C/16)  row block j of dT = dW (beta k Gamma)^T +
                                                dU (beta v)^T
