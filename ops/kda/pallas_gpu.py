@@ -94,7 +94,7 @@ F32 = jnp.float32
 VALUE_BLOCK = 64
 PAIR_KEY_BLOCKS = 2  # key blocks of the pair rows' grid (docs/kernels.md, version 6)
 COTANGENT_SUMS = 2 * 64 * 128  # floats one state-cotangents program sums (docs/kernels.md, v7)
-LAUNCH = {"intra_forward": (8, 1), "intra_backward": (8, 1), "state_forward": (8, 2),
+LAUNCH = {"intra_forward": (8, 1), "intra_backward": (8, 1), "state_forward": (8, 3),
           "state_backward": (8, 2), "pair_rows": (1, 1), "inverse_blocks": (1, 1),
           "chunk_outputs": (4, 1), "dT_rows": (2, 1), "dA_kk": (1, 1), "gradient_rows": (4, 3),
           "state_cotangents": (8, 1)}  # (num_warps, num_stages), measured in docs/kernels.md
