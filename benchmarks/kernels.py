@@ -47,7 +47,8 @@ How: every JAX case is compiled once (``jax.jit(...).lower(...).compile()``), ca
 output feeds the check below), warmed up ``--warmup`` more times and timed over ``--iters`` calls
 with ``block_until_ready`` (host wall clock); every PyTorch case is warmed up the same way, then
 timed call by call between two ``torch.cuda.Event``s (``benchmarks/peers.py``). The table gives
-the median. Inputs are fresh ``jax.random`` draws (never zeros); fla gets the very same arrays
+the median; the JSON also gives each row's wall time, its compiles, check and timing included
+(fla's first calls include its autotuning), as "row_s", for planning device time. Inputs are fresh ``jax.random`` draws (never zeros); fla gets the very same arrays
 through DLPack. ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` is set before JAX starts, so JAX and
 PyTorch share the card.
 
@@ -469,9 +470,10 @@ class Bench:
     flops, nbytes = counts
     return {"op": op, "size": str(size), "dtype": jnp.dtype(dtype).name,
             "implementation": implementation, "pass": pass_name, **shape, "flops": flops,
-            "bytes": nbytes, "status": "ok", "median_ms": None}
+            "bytes": nbytes, "status": "ok", "median_ms": None, "_started": time.perf_counter()}
 
   def emit(self, record: dict) -> None:
+    record["row_s"] = time.perf_counter() - record.pop("_started")
     if record["median_ms"] is not None:
       seconds = record["median_ms"] / 1e3
       if record["flops"] is not None:

@@ -89,6 +89,7 @@ def test_kernels_script_smoke(tmp_path, capsys):
   timed = [r for r in records if r["median_ms"] is not None]
   assert {r["op"] for r in timed} == set(kernels_bench.DEFAULT_OPS)
   for record in records:
+    assert record["row_s"] > 0, record  # each row's wall time, for planning device time
     if record["implementation"] in ("reference", "xla"):
       assert record["status"] == "ok" and record["median_ms"] is not None, record
     else:  # the PyTorch peers
