@@ -34,8 +34,9 @@ What is timed, on whatever device JAX sees (meant for an NVIDIA H200), in one ta
              each kernel of the intra stages alone (rows "<stage>.<kernel>", no FLOP count).
 
 ``--launch gradient_rows=4,1 state_backward=8,2`` sets the (num_warps, num_stages) of those
-GPU kernels of KDA and RWKV-7 (``ops.kda.pallas_gpu.LAUNCH``, which both ops share) for the
-run, to sweep them; every JSON records the settings it ran with ("launch").
+GPU kernels of KDA and RWKV-7 (``ops.kda.pallas_gpu.LAUNCH``, which both ops share but for an
+op's own "<op>.<kernel>" entries, e.g. ``rwkv7.state_forward=8,3``) for the run, to sweep them;
+every JSON records the settings it ran with ("launch").
 
 ``--kernel-chunks 32,16`` also times the KDA and RWKV-7 kernels at those chunk sizes (rows
 "pallas_gpu C32", ...), checked like the default rows; the nominal counts stay the C = 64 ones.

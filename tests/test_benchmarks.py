@@ -120,6 +120,20 @@ def test_registers_captures_each_kernel_with_its_launch_settings():
   assert "@_forward_kernel" in forward["ir"] and "@_backward_kernel" in backward["ir"]
 
 
+def test_an_ops_own_launch_entry_overrides_the_shared_one(monkeypatch):
+  """RWKV-7's kernels ask for its own ``LAUNCH["rwkv7.<kernel>"]`` where there is one and for
+  the shared entry elsewhere, as the lowered program shows."""
+  from benchmarks import registers
+  from ops.kda import pallas_gpu
+  monkeypatch.setattr(pallas_gpu, "LAUNCH", {**pallas_gpu.LAUNCH, "state_forward": (8, 3),
+                                              "rwkv7.state_forward": (2, 1),
+                                              "state_backward": (4, 2)})
+  launches = {k["name"]: (k["num_warps"], k["num_stages"])
+              for k in registers.triton_kernels("rwkv7", 16)}
+  assert launches["_state_forward_kernel"] == (2, 1)
+  assert launches["_state_walk_backward_kernel"] == (4, 2)
+
+
 def test_registers_reads_the_ptxas_report():
   from benchmarks import registers
   report = ("ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"

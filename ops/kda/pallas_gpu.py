@@ -97,7 +97,16 @@ COTANGENT_SUMS = 2 * 64 * 128  # floats one state-cotangents program sums (docs/
 LAUNCH = {"intra_forward": (8, 1), "intra_backward": (8, 1), "state_forward": (8, 3),
           "state_backward": (8, 2), "pair_rows": (1, 1), "inverse_blocks": (1, 1),
           "chunk_outputs": (4, 1), "dT_rows": (2, 1), "dA_kk": (1, 1), "gradient_rows": (4, 3),
-          "state_cotangents": (8, 1)}  # (num_warps, num_stages), measured in docs/kernels.md
+          "state_cotangents": (8, 1),
+          # "<op>.<kernel>": one op's own setting. RWKV-7's state forward loads four [C, K]
+          # fields a chunk to KDA's three, and its loop's buffers for 3 stages would pass the
+          # H200's shared memory at K = 128 (docs/kernels.md, version 7).
+          "rwkv7.state_forward": (8, 2)}  # (num_warps, num_stages), measured in docs/kernels.md
+
+
+def _launch(op, kernel: str) -> tuple[int, int]:
+  """``op``'s (num_warps, num_stages) for ``kernel``: its own ``LAUNCH`` entry, else the shared."""
+  return LAUNCH.get(f"{op.name}.{kernel}", LAUNCH[kernel])
 
 
 def default_interpret() -> bool:
@@ -187,6 +196,7 @@ class TritonOp(NamedTuple):
   """What a chunkwise op gives the four stages below (KDA's here, RWKV-7's in
   ``ops.rwkv7.pallas_gpu``), for token inputs in the op's order, each [B, T, HV, width].
 
+  name: the op's name, for its own ``LAUNCH`` entries ("<name>.<kernel>").
   primitives(precision) -> the chunk module's ``Primitives``.
   math: the op's chunk module, shared with the TPU kernels; the state kernels take its
     ``ChunkMatrices``, ``state_forward``, ``state_step_backward`` and ``state_cotangents``.
@@ -205,6 +215,7 @@ class TritonOp(NamedTuple):
     ``_kda_intra_backward``, three kernels).
   """
 
+  name: str
   primitives: Callable
   math: object
   value_index: int
@@ -561,7 +572,7 @@ def _intra_forward(op, tokens, masks, *, scale, sizes, interpret, precision):
   stored = _triton_call(
       _intra_forward_kernel, (sizes.B, sizes.HV, sizes.T // sizes.C),
       _input_specs(tokens, sizes.C), [spec for _, spec in layouts], shapes, interpret,
-      LAUNCH["intra_forward"], op=op, num_tokens=len(tokens), scale=scale,
+      _launch(op, "intra_forward"), op=op, num_tokens=len(tokens), scale=scale,
       precision=precision)(*tokens, *masks)
   stored = dict(zip(names, stored))
   return op.math.ChunkMatrices(*(stored[name] if f.token is None else tokens[f.token]
@@ -664,7 +675,7 @@ def _intra_backward(op, tokens, masks, cotangents, saved, *, scale, sizes, inter
       _intra_backward_kernel, (sizes.B, sizes.HV, sizes.T // sizes.C),
       specs + [_layout(f.width, sizes)[1] for f in op.fields], specs[:len(tokens)],
       [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in tokens], interpret,
-      LAUNCH["intra_backward"], op=op, num_tokens=len(tokens), scale=scale,
+      _launch(op, "intra_backward"), op=op, num_tokens=len(tokens), scale=scale,
       precision=precision)(*tokens, *masks, *cotangents)
 
 
@@ -759,7 +770,7 @@ def _state_forward(op, matrices, h0, out_dtype, *, keep_states, sizes, interpret
     shapes.append(jax.ShapeDtypeStruct((B, T // C, HV, K, V), F32))
   whole = pl.no_block_spec
   return _triton_call(_state_forward_kernel, (B, HV, V // BV), [whole] * (len(matrices) + 1),
-                      [whole] * len(shapes), shapes, interpret, LAUNCH["state_forward"], op=op,
+                      [whole] * len(shapes), shapes, interpret, _launch(op, "state_forward"), op=op,
                       sizes=sizes, BV=BV, precision=precision, keep_states=keep_states)(
                           *matrices, h0)
 
@@ -806,7 +817,7 @@ def _state_backward(op, matrices, states, dO, dfinal, *, sizes, interpret, preci
   dstates, dh0 = _triton_call(
       _state_walk_backward_kernel, (B, HV, NV), [whole] * (len(matrices) + 2), [whole] * 2,
       [jax.ShapeDtypeStruct(states.shape, F32), jax.ShapeDtypeStruct((B, HV, K, V), F32)],
-      interpret, LAUNCH["state_backward"], **params)(*matrices, dO, dfinal)
+      interpret, _launch(op, "state_backward"), **params)(*matrices, dO, dfinal)
 
   cotangents = {}
   for names in _cotangent_groups(op, sizes):
@@ -814,7 +825,7 @@ def _state_backward(op, matrices, states, dO, dfinal, *, sizes, interpret, preci
               for name in names]
     cotangents.update(zip(names, _triton_call(
         _state_cotangents_kernel, (B, HV, T // C), [whole] * (len(matrices) + 3),
-        [whole] * len(shapes), shapes, interpret, LAUNCH["state_cotangents"], names=names,
+        [whole] * len(shapes), shapes, interpret, _launch(op, "state_cotangents"), names=names,
         label=f"[{','.join(names)}]", **params)(*matrices, states, dstates, dO)))
   cotangents = [dO if f.cotangent_is_dO else cotangents[name]
                 for name, f in zip(op.fields._fields, op.fields)]
@@ -936,7 +947,7 @@ def walk_stages(op: TritonOp, tokens, initial_state, *, scale: float, chunk_size
 
 # ------------------------------------------------------------------------------------------ KDA
 
-KDA = TritonOp(primitives=primitives, math=chunk_math, value_index=3,
+KDA = TritonOp(name="kda", primitives=primitives, math=chunk_math, value_index=3,
                fields=chunk_math.ChunkMatrices(W=Field("K"), U=Field("V", F32), Qg=Field("K"),
                                                Kg=Field("K"), A=Field("C", F32),
                                                decay=Field("chunk", F32)),

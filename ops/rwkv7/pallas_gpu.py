@@ -22,7 +22,9 @@ it loads a chunk, its gradients' order and how its chunk matrices are kept.
                                          itself) to dr, dw, dk, dv, da, db
 
 Why the Triton backend: KDA's (``ops.kda.pallas_gpu``), the same kernels; so are the launch
-settings (``ops.kda.pallas_gpu.LAUNCH``), not yet tuned for RWKV-7.
+settings (``ops.kda.pallas_gpu.LAUNCH``), not yet tuned for RWKV-7, except that its state forward
+keeps 2 pipeline stages (``"rwkv7.state_forward"``: its four [C, K] fields a chunk would pass the
+shared memory at K = 128 with KDA's 3).
 
 Precision: KDA's (``ops.kda.pallas_gpu.precision_for``): float32 inputs run three TF32 passes,
 16-bit inputs bfloat16 operands with a TF32 triangular inverse, and the chunk matrices are stored
@@ -63,10 +65,10 @@ def _primitives(precision: kda_gpu.Precision):
 
 _K = Field("K")
 RWKV7 = kda_gpu.TritonOp(
-    primitives=_primitives, math=chunk_math, value_index=5,
+    name="rwkv7", primitives=_primitives, math=chunk_math, value_index=5,
     fields=chunk_math.ChunkMatrices(
-        W=_K, U=Field("V", F32), Rg=_K, A=Field("C", F32), Y=Field("V", cotangent_is_dO=True), Bg=_K, Kg=_K,
-        values=Field("V", token=5), decay=Field("chunk", F32)),
+        W=_K, U=Field("V", F32), Rg=_K, A=Field("C", F32), Y=Field("V", cotangent_is_dO=True),
+        Bg=_K, Kg=_K, values=Field("V", token=5), decay=Field("chunk", F32)),
     sub_chunks=_kernel_subchunk)
 
 
