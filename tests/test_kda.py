@@ -750,6 +750,27 @@ def test_none_resolves_to_the_platform_kernels(monkeypatch):
     kda(**arrays, chunk_size=48, implementation="pallas_tpu")
 
 
+def test_keys_too_wide_for_the_gpu_kernels_fall_back_on_a_gpu(monkeypatch):
+  """Compiled for a GPU (the platform faked), K above ``pallas_gpu.MAX_KEY_DIM`` after padding
+  to a power of two is refused with K named: ``None`` falls back to "xla" with a warning,
+  naming "pallas_gpu" raises. Interpreted, the kernels take any K."""
+  assert pallas_gpu.unsupported(64, 128, interpret=False) is None
+  assert pallas_gpu.unsupported(64, 256, interpret=True) is None
+  assert "K = 192" in pallas_gpu.unsupported(64, 192, interpret=False)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  rng = np.random.default_rng(0)
+  B, T, H, K, V = 1, 20, 1, 256, 16
+  q, k = (num.normal(rng, (B, T, H, K)) for _ in range(2))
+  v = num.normal(rng, (B, T, H, V))
+  g = -np.abs(num.normal(rng, (B, T, H, K))) * 0.1
+  beta = 1 / (1 + np.exp(-num.normal(rng, (B, T, H))))
+  with pytest.warns(UserWarning, match=r"pallas_gpu.*K must be at most 128.*using 'xla'"):
+    o, _ = kda(q, k, v, g, beta)
+  num.assert_close(kda(q, k, v, g, beta, implementation="reference")[0], o, TOL_F32, "o")
+  with pytest.raises(ValueError, match=r"pallas_gpu.*K must be at most 128.*got K = 256"):
+    kda(q, k, v, g, beta, implementation="pallas_gpu")
+
+
 # --- packed sequences -------------------------------------------------------------------------
 
 # Per row: segment labels and lengths. Ids change value but not always upward (a reset is any

@@ -155,7 +155,8 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, return_final_state=
                      f"{chunk_size}")
   implementation = resolve_implementation(
       implementation, IMPLEMENTATIONS, DEFAULT_BY_PLATFORM,
-      unsupported={name: kernels.unsupported(chunk_size) for name, kernels in KERNELS.items()})
+      unsupported={name: kernels.unsupported(chunk_size, q.shape[-1])
+                   for name, kernels in KERNELS.items()})
   H, HV, K, V = _check(q, k, v, g, beta, initial_state, "initial_state", ["B", "T"])
   B, T = q.shape[:2]
   if segment_ids is not None and cu_seqlens is not None:

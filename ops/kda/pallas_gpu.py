@@ -92,6 +92,7 @@ from ops.kda._step_common import next_power_of_2
 
 F32 = jnp.float32
 VALUE_BLOCK = 64
+MAX_KEY_DIM = 128  # the widest K the state kernels fit in shared memory (``unsupported``)
 PAIR_KEY_BLOCKS = 2  # key blocks of the pair rows' grid (docs/kernels.md, version 6)
 COTANGENT_SUMS = 2 * 64 * 128  # floats one state-cotangents program sums (docs/kernels.md, v7)
 LAUNCH = {"intra_forward": (8, 1), "intra_backward": (8, 1), "state_forward": (8, 3),
@@ -114,9 +115,19 @@ def default_interpret() -> bool:
   return jax.default_backend() != "gpu"
 
 
-def unsupported(chunk_size: int) -> str | None:
-  """Why these kernels cannot run a call, or None."""
-  return chunk_math.chunk_size_problem(chunk_size, "pallas_gpu")
+def unsupported(chunk_size: int, key_dim: int, interpret: bool | None = None) -> str | None:
+  """Why these kernels cannot run a call with this chunk and K, or None. Compiled for a GPU
+  (``interpret`` False, or None off a CPU), K padded to a power of two must be at most
+  ``MAX_KEY_DIM``: the state kernels keep the [K, 64] state block and every chunk's [C, K]
+  tiles in shared memory, which at K = 256 passes the H200's 227 KB (docs/kernels.md,
+  version 7)."""
+  if reason := chunk_math.chunk_size_problem(chunk_size, "pallas_gpu"):
+    return reason
+  compiled = not (default_interpret() if interpret is None else interpret)
+  if compiled and next_power_of_2(key_dim) > MAX_KEY_DIM:
+    return (f"K must be at most {MAX_KEY_DIM} for pallas_gpu on a GPU (its state kernels keep "
+            f"K-wide tiles in shared memory), got K = {key_dim}")
+  return None
 
 
 # ------------------------------------------------------------------------------ in-kernel pieces
@@ -866,11 +877,11 @@ def _walk_bwd(op, scale, C, interpret, residuals, cotangents):
 _walk.defvjp(_walk_fwd, _walk_bwd)
 
 
-def _kernel_inputs(tokens, initial_state, segment_index, chunk_size):
+def _kernel_inputs(tokens, initial_state, segment_index, chunk_size, interpret):
   """The padded token inputs, the packed-row masks (segment, carried, last) and h0: time padded
   to whole chunks, every width and h0's K and V to powers of two (zeros leave the state
   unchanged)."""
-  if reason := unsupported(chunk_size):
+  if reason := unsupported(chunk_size, initial_state.shape[-2], interpret):
     raise ValueError(reason)
   B, T = tokens[0].shape[:2]
   Tp = -(-T // chunk_size) * chunk_size
@@ -899,7 +910,8 @@ def walk(op: TritonOp, tokens, initial_state, segment_index, *, scale: float, ch
     o [B, T, HV, V] in v's dtype and the final state [B, HV, K, V] float32.
   """
   interpret = default_interpret() if interpret is None else interpret
-  padded, masks, h0 = _kernel_inputs(tokens, initial_state, segment_index, chunk_size)
+  padded, masks, h0 = _kernel_inputs(tokens, initial_state, segment_index, chunk_size,
+                                     interpret)
   o, final = _walk(op, float(scale), chunk_size, interpret, padded, masks, h0)
   T, (K, V) = tokens[0].shape[1], initial_state.shape[-2:]
   return o[:, :T, :, :V], final[:, :, :K, :V]
@@ -917,7 +929,7 @@ def walk_stages(op: TritonOp, tokens, initial_state, *, scale: float, chunk_size
   are the real outputs of what runs before it (the output cotangent is o itself, nonzero data).
   """
   interpret = default_interpret() if interpret is None else interpret
-  tokens, masks, h0 = _kernel_inputs(tokens, initial_state, None, chunk_size)
+  tokens, masks, h0 = _kernel_inputs(tokens, initial_state, None, chunk_size, interpret)
   config = _config(op, tokens, h0, chunk_size, interpret)
   out_dtype = tokens[op.value_index].dtype
   stage_functions = {

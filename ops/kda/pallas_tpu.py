@@ -75,8 +75,11 @@ def default_interpret() -> bool:
   return jax.default_backend() != "tpu"
 
 
-def unsupported(chunk_size: int) -> str | None:
-  """Why these kernels cannot run a call, or None (a power of two >= 16 is sublane-aligned)."""
+def unsupported(chunk_size: int, key_dim: int, interpret: bool | None = None) -> str | None:
+  """Why these kernels cannot run a call, or None (a power of two >= 16 is sublane-aligned); no
+  limit on K (``key_dim``) is known on a TPU, so the answer is the same interpreted or not
+  (``interpret``: the GPU kernels' signature)."""
+  del key_dim, interpret
   return chunk_math.chunk_size_problem(chunk_size, "pallas_tpu")
 
 
@@ -286,7 +289,7 @@ def walk(op: ChunkOp, tokens, initial_state, segment_index, *, scale: float, chu
   Returns:
     o [B, T, HV, V] in v's dtype and the final state [B, HV, K, V] float32.
   """
-  if reason := unsupported(chunk_size):
+  if reason := chunk_math.chunk_size_problem(chunk_size, "pallas_tpu"):
     raise ValueError(reason)
   interpret = default_interpret() if interpret is None else interpret
   B, T = tokens[0].shape[:2]

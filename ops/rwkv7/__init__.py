@@ -96,7 +96,8 @@ def rwkv7(r, w, k, v, a, b, *, scale=1.0, initial_state=None, return_final_state
                      f"{chunk_size}")
   implementation = resolve_implementation(
       implementation, IMPLEMENTATIONS, DEFAULT_BY_PLATFORM,
-      unsupported={name: kernels.unsupported(chunk_size) for name, kernels in KERNELS.items()})
+      unsupported={name: kernels.unsupported(chunk_size, r.shape[-1])
+                   for name, kernels in KERNELS.items()})
   H, K, V = _check(r, w, k, v, a, b, initial_state, "initial_state", ["B", "T"])
   B, T = r.shape[:2]
   if segment_ids is not None:
