@@ -526,6 +526,16 @@ class TestPallasGpu(AgreementBase):
                                                   value_dim=128, with_segment_ids=True, seed=3),
                              self.implementation)
 
+  def test_state_cotangents_split_into_groups_only_over_several_value_blocks(self):
+    """One state-cotangents call per group of fields: all at once with one value block, and at
+    K = V = 128 (two value blocks, the sums held in the loop) two groups that hold every field
+    once; the wide-heads case above checks the values."""
+    sizes = lambda K, V: pallas_gpu.Sizes(B=1, T=64, HV=1, K=K, V=V, C=64)
+    written = ("W", "U", "Qg", "Kg", "A", "decay")
+    assert pallas_gpu._cotangent_groups(pallas_gpu.KDA, sizes(128, 64)) == [written]
+    assert pallas_gpu._cotangent_groups(pallas_gpu.KDA, sizes(128, 128)) == [written[:3],
+                                                                             written[3:]]
+
 
 class TestPallasTpu(AgreementBase):
   """The Pallas TPU kernels (``ops.kda.pallas_tpu``), in TPU interpret mode off a TPU. They share
