@@ -272,30 +272,6 @@ def state_forward(S, m: ChunkMatrices, dot):
   return o, jnp.transpose(m.decay) * S + dot(m.Kg, pseudo_values, trans_a=True)
 
 
-def state_backward(S, dS, m: ChunkMatrices, dO, dot):
-  """Cotangents of one chunk of ``state_forward`` from dO [C, V] and dS [K, V] (after it).
-
-  Returns ``(ChunkMatrices of cotangents, dS before the chunk)``; the [C, K] and [C, C] entries
-  are sums over this value block only (the caller adds the other value blocks).
-  """
-  d_pseudo = _pseudo_values_cotangent(dS, m, dO, dot)
-  return (_state_cotangents(S, dS, d_pseudo, m, dO, dot),
-          _state_before_cotangent(dS, d_pseudo, m, dO, dot))
-
-
-def state_step_backward(dS, m: ChunkMatrices, dO, dot):
-  """dS before the chunk from dS [K, V] after it and dO [C, V]: ``state_backward``'s part that
-  the reverse walk over the chunks needs (no state S), for kernels that take the cotangents
-  later, chunk by chunk in parallel (``state_cotangents``)."""
-  return _state_before_cotangent(dS, _pseudo_values_cotangent(dS, m, dO, dot), m, dO, dot)
-
-
-def state_cotangents(S, dS, m: ChunkMatrices, dO, dot) -> ChunkMatrices:
-  """``state_backward``'s cotangents of the chunk matrices, from the state S before the chunk
-  and the dS after it: independent across chunks once the walk has given every dS."""
-  return _state_cotangents(S, dS, _pseudo_values_cotangent(dS, m, dO, dot), m, dO, dot)
-
-
 def _pseudo_values_cotangent(dS, m, dO, dot):
   """d V~ [C, V], V~ = U - W S feeding both o and the next state."""
   return dot(m.A, dO, trans_a=True) + dot(m.Kg, dS)
@@ -312,6 +288,38 @@ def _state_cotangents(S, dS, d_pseudo, m, dO, dot):
 def _state_before_cotangent(dS, d_pseudo, m, dO, dot):
   return (jnp.transpose(m.decay) * dS + dot(m.Qg, dO, trans_a=True)
           - dot(m.W, d_pseudo, trans_a=True))
+
+
+def state_backward_forms(values_cotangent: Callable, cotangents: Callable, before: Callable):
+  """An op's chunk of ``state_forward`` differentiated, in the three forms the kernels call,
+  from its three parts: ``values_cotangent(dS, m, dO, dot)``, the cotangent [C, V] of the
+  values that feed both o and the next state (KDA's V~, RWKV-7's X); ``cotangents(S, dS,
+  d_values, m, dO, dot)``, the chunk matrices' cotangents; ``before(dS, d_values, m, dO,
+  dot)``, the dS before the chunk. Returns:
+
+  state_backward(S, dS, m, dO, dot): ``(ChunkMatrices of cotangents, dS before the chunk)``
+    from dO [C, V] and dS [K, V] after the chunk; the entries other than [C, V] are sums over
+    this value block only (the caller adds the other value blocks).
+  state_step_backward(dS, m, dO, dot): the dS before only, what the reverse walk over the
+    chunks needs (no state S).
+  state_cotangents(S, dS, m, dO, dot): the cotangents only, from the state S before the chunk
+    and the dS after it: independent across chunks once the walk has given every dS.
+  """
+  def state_backward(S, dS, m, dO, dot):
+    d_values = values_cotangent(dS, m, dO, dot)
+    return cotangents(S, dS, d_values, m, dO, dot), before(dS, d_values, m, dO, dot)
+
+  def state_step_backward(dS, m, dO, dot):
+    return before(dS, values_cotangent(dS, m, dO, dot), m, dO, dot)
+
+  def state_cotangents(S, dS, m, dO, dot):
+    return cotangents(S, dS, values_cotangent(dS, m, dO, dot), m, dO, dot)
+
+  return state_backward, state_step_backward, state_cotangents
+
+
+state_backward, state_step_backward, state_cotangents = state_backward_forms(
+    _pseudo_values_cotangent, _state_cotangents, _state_before_cotangent)
 
 
 def intra_backward(c: Chunk, v, d: ChunkMatrices):

@@ -42,7 +42,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ops.kda._kernel_chunk import F32, LevelSplit, Primitives, eye, iota, last_row
+from ops.kda._kernel_chunk import (F32, LevelSplit, Primitives, eye, iota, last_row,
+                                   state_backward_forms)
 
 
 def shift_matrix(C: int):
@@ -126,29 +127,6 @@ def state_forward(S, m: ChunkMatrices, dot):
   return o, S
 
 
-def state_backward(S, dS, m: ChunkMatrices, dO, dot):
-  """Cotangents of one chunk of ``state_forward`` from dO [C, V] and dS [K, V] (after it).
-
-  Returns ``(ChunkMatrices of cotangents, dS before the chunk)``; the [C, K], [C, C] and [1, K]
-  entries are sums over this value block only (the caller adds the other value blocks).
-  """
-  dX = _removed_rows_cotangent(dS, m, dO, dot)
-  return (_state_cotangents(S, dS, dX, m, dO, dot),
-          _state_before_cotangent(dS, dX, m, dO, dot))
-
-
-def state_step_backward(dS, m: ChunkMatrices, dO, dot):
-  """dS before the chunk from dS [K, V] after it and dO [C, V]: ``state_backward``'s part that
-  the reverse walk over the chunks needs (no state S; ``state_cotangents`` the rest)."""
-  return _state_before_cotangent(dS, _removed_rows_cotangent(dS, m, dO, dot), m, dO, dot)
-
-
-def state_cotangents(S, dS, m: ChunkMatrices, dO, dot) -> ChunkMatrices:
-  """``state_backward``'s cotangents of the chunk matrices, from the state S before the chunk
-  and the dS after it: independent across chunks once the walk has given every dS."""
-  return _state_cotangents(S, dS, _removed_rows_cotangent(dS, m, dO, dot), m, dO, dot)
-
-
 def _removed_rows_cotangent(dS, m, dO, dot):
   """dX [C, V], X = U + W S feeding both o and the next state."""
   return dot(m.A, dO, trans_a=True) + dot(m.Bg, dS)
@@ -166,6 +144,10 @@ def _state_cotangents(S, dS, dX, m, dO, dot):
 def _state_before_cotangent(dS, dX, m, dO, dot):
   return (jnp.transpose(m.decay) * dS + dot(m.Rg, dO, trans_a=True)
           + dot(m.W, dX, trans_a=True))
+
+
+state_backward, state_step_backward, state_cotangents = state_backward_forms(
+    _removed_rows_cotangent, _state_cotangents, _state_before_cotangent)
 
 
 def intra_backward(c: Chunk, v, d: ChunkMatrices):
