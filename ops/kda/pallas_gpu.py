@@ -604,6 +604,14 @@ def _column_block(spec, blocks: int, split: bool):
                                           p % blocks if split else 0))
 
 
+def _sub_chunk_rows_spec(width, n: int, blocks: int):
+  """Output block of a [B, T, HV, width] array for a grid B x HV x chunks x (n x ``blocks``):
+  program p writes sub-chunk p // ``blocks``'s rows of column block p % ``blocks``."""
+  S = _kernel_subchunk.SUB
+  return pl.BlockSpec((None, S, None, width // blocks),
+                      lambda b, h, c, p: (b, c * n + p // blocks, h, p % blocks))
+
+
 def _key_blocks(sizes) -> int:
   """Key blocks of the pair rows' grid: ``PAIR_KEY_BLOCKS``, each at least 16 columns wide."""
   return max(1, min(PAIR_KEY_BLOCKS, sizes.K // 16))
@@ -705,16 +713,14 @@ def _kda_intra_backward(op, tokens, masks, cotangents, saved, *, scale, sizes, i
   n = C // S
   M, T_inverse = saved
   per_sub_chunk = lambda spec: _column_block(spec, 1, False)
-  row_block = lambda width: pl.BlockSpec((None, S, None, width),
-                                         lambda b, h, c, j: (b, c * n + j, h, 0))
   inputs = [per_sub_chunk(spec) for spec in _input_specs(tokens, C)]
   cotangent_specs = [per_sub_chunk(_layout(f.width, sizes)[1]) for f in op.fields]
   square = _token_spec(C, C)
   params = dict(num_tokens=len(tokens), scale=scale, precision=precision)
   dT = _triton_call(
-      _dT_rows_kernel, (B, HV, T // C, n), inputs + cotangent_specs[:2], row_block(C),
-      jax.ShapeDtypeStruct((B, T, HV, C), F32), interpret, LAUNCH["dT_rows"], **params)(
-          *tokens, *masks, cotangents.W, cotangents.U)
+      _dT_rows_kernel, (B, HV, T // C, n), inputs + cotangent_specs[:2],
+      _sub_chunk_rows_spec(C, n, 1), jax.ShapeDtypeStruct((B, T, HV, C), F32), interpret,
+      LAUNCH["dT_rows"], **params)(*tokens, *masks, cotangents.W, cotangents.U)
   dA_kk, dbeta_pairs = _triton_call(
       _dA_kk_kernel, (B, HV, T // C), [square] * 3 + [pl.BlockSpec((None, C, 1),
                                                                    lambda b, h, c: (b, c, 0))],
@@ -739,11 +745,6 @@ def _gradient_rows(op, tokens, masks, cotangents, dA_kk, T_inverse, *, scale, si
   B, T, HV, K, V, C = sizes
   S = _kernel_subchunk.SUB
   n, n_cb = C // S, _column_blocks(sizes)
-
-  def rows(width):  # sub-chunk j's row block, column block cb, for program p = j n_cb + cb
-    return pl.BlockSpec((None, S, None, width // n_cb),
-                        lambda b, h, c, p: (b, c * n + p // n_cb, h, p % n_cb))
-
   specs = _input_specs(tokens, C)
   inputs = ([_column_block(spec, n_cb, x.shape[-1] > 1) for spec, x in zip(specs, tokens)]
             + [_column_block(spec, n_cb, False) for spec in specs[len(tokens):]])
@@ -751,6 +752,7 @@ def _gradient_rows(op, tokens, masks, cotangents, dA_kk, T_inverse, *, scale, si
                      for f in op.fields]
   square = _column_block(_token_spec(C, C), n_cb, False)
   q, k, g, v, beta = tokens
+  rows = lambda width: _sub_chunk_rows_spec(width, n, n_cb)
   out_specs = [rows(K), rows(K), rows(V),
                pl.BlockSpec((None, None, S, None, 1),
                             lambda b, h, c, p: (p % n_cb, b, c * n + p // n_cb, h, 0)),
