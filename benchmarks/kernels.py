@@ -719,7 +719,7 @@ def run_kda_parts(bench: Bench, sizes: Sequence[SeqSize]) -> None:
       form = "pallas_gpu" if chunk_size is None else f"pallas_gpu C{chunk_size}"
       for name, fn, args in pallas_gpu.stages(*prepared, inputs["initial_state"],
                                               scale=size.dim ** -0.5,
-                                              chunk_size=chunk_size or 64):
+                                              chunk_size=chunk_size or 64, l2_normalize_qk=True):
         out = jax.block_until_ready(fn(*args))
         nbytes = sum(x.nbytes for x in jax.tree.leaves((args, out)))
         flops = kda_stage_flops(name, size) if "." not in name else None  # stages only

@@ -53,7 +53,7 @@ from hypothesis import strategies as st
 
 import ops.kda as kda_module
 from ops._validate import resolve_implementation
-from ops.kda import gated_delta_rule, kda, kda_gate, kda_step, pallas_gpu, pallas_tpu
+from ops.kda import gated_delta_rule, kda, kda_gate, kda_step, l2norm, pallas_gpu, pallas_tpu
 from tests import _numerics as num
 
 TOL_F32, tolerance = num.TOL_F32, num.tolerance
@@ -548,6 +548,24 @@ class TestPallasTpu(AgreementBase):
   test_matches_reference = settings(max_examples=2)(AgreementBase.test_matches_reference)
 
 
+@pytest.mark.parametrize("key_dim, dtype", [(16, "float32"), (128, "bfloat16"), (1, "float32")])
+def test_l2norm_backward_equals_the_derivative_of_the_normalisation(key_dim, dtype):
+  """``l2norm.normalize_backward`` (the GPU kernels' normalisation backward, in XLA) against
+  float64 autodiff of x / sqrt(sum x^2 + eps) on the same inputs. At K = 1 the normalised value
+  is constant up to eps and the two terms cancel to about a thousandth of either (measured 8e-5
+  off in float32); either rounded to bfloat16 first would miss by more than the result."""
+  rng = np.random.default_rng(key_dim)
+  x = jnp.asarray(rng.normal(size=(3, 5, key_dim)), dtype)
+  dy = jnp.asarray(rng.normal(size=(3, 5, key_dim)), jnp.float32)
+  got = l2norm.normalize_backward(x, l2norm.inverse_norm(x), dy)
+  assert got.dtype == jnp.float32 and got.shape == x.shape
+  with jax.enable_x64(True):
+    wide = lambda y: y * jax.lax.rsqrt(jnp.sum(y * y, axis=-1, keepdims=True) + l2norm.EPS)
+    _, vjp = jax.vjp(wide, jnp.asarray(num.to_f64(x)))
+    expected = num.to_f64(vjp(jnp.asarray(num.to_f64(dy)))[0])
+  num.assert_close(expected, got, 1e-3 if key_dim == 1 else 1e-6, "dx")
+
+
 # --- the kernels lower for their hardware without it ------------------------------------------
 
 def _kernel_functions(kernels, dtype):
@@ -557,7 +575,7 @@ def _kernel_functions(kernels, dtype):
   arrays = case.arrays()
   index = kda_module._segment_index(arrays["segment_ids"])
   forward = lambda q, k, v, g, beta, h0: kernels.scan(q, k, v, g, beta, h0, index, scale=0.1,
-                                                      interpret=False)
+                                                      l2_normalize_qk=True, interpret=False)
   loss = lambda *args: sum(jnp.sum(x.astype(jnp.float32)) for x in forward(*args))
   args = tuple(arrays[name] for name in DIFFERENTIABLE)
   return forward, jax.grad(loss, argnums=tuple(range(6))), args
@@ -573,7 +591,14 @@ def test_stages_give_each_stage_and_each_kernel_of_the_intra_stages():
   g = -np.abs(num.normal(rng, (B, T, H, K))) * 0.1
   beta = 1 / (1 + np.exp(-num.normal(rng, (B, T, H))))
   h0 = num.normal(rng, (B, H, K, V))
-  rows = pallas_gpu.stages(q, k, v, g, beta, h0, scale=K ** -0.5, chunk_size=32, interpret=True)
+  q, k = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+  rows = pallas_gpu.stages(q, k, v, g, beta, h0, scale=K ** -0.5, chunk_size=32,
+                           l2_normalize_qk=True, interpret=True)
+  # The kernels read q and k as given (bfloat16) and multiply in their inverse norms.
+  tokens = rows[0][2][0]
+  assert [x.dtype for x in tokens[:2]] == [jnp.bfloat16] * 2
+  for x, inverse in zip(tokens[:2], tokens[5:]):
+    np.testing.assert_allclose(np.asarray(inverse), np.asarray(l2norm.inverse_norm(x)))
   assert [name for name, _, _ in rows] == [
       "intra_forward", "intra_forward.pair_rows", "intra_forward.inverse_blocks",
       "intra_forward.chunk_outputs", "state_forward", "state_backward",

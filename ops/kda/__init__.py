@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ops._validate import check_shape, resolve_implementation
-from ops.kda import (chunk, pallas_gpu, pallas_gpu_step, pallas_tpu, pallas_tpu_step,
+from ops.kda import (chunk, l2norm, pallas_gpu, pallas_gpu_step, pallas_tpu, pallas_tpu_step,
                      reference)
 
 IMPLEMENTATIONS = ("xla", "reference", "pallas_gpu", "pallas_tpu")
@@ -36,11 +36,6 @@ STEP_UPDATES = {"reference": reference.update, "pallas_gpu": pallas_gpu_step.upd
                 "pallas_tpu": pallas_tpu_step.update}
 DEFAULT_BY_PLATFORM = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}
 KERNELS = {"pallas_gpu": pallas_gpu, "pallas_tpu": pallas_tpu}
-L2_NORM_EPS = 1e-6
-
-
-def _l2_normalize(x):
-  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + L2_NORM_EPS)
 
 
 def _is_concrete(x) -> bool:
@@ -77,23 +72,20 @@ def _check(q, k, v, g, beta, state, state_name: str, layout: list[str]):
 
 
 def _prepare(q, k, v, g, beta, H, HV, K, scale, use_qk_l2norm_in_kernel, *, for_kernel=False):
-  """q, k repeated to the value heads (head axis -2) and L2-normalised if asked.
+  """q, k repeated to the value heads (head axis -2), L2-normalised if asked, q scaled; every
+  input float32.
 
-  By default every input comes back float32 with q scaled. ``for_kernel`` keeps each input's
-  dtype and leaves q unscaled: the Pallas kernels read the narrow inputs and apply the scale
-  themselves. Normalised q and k stay float32 even then: rounded back to bfloat16 they would
-  add a rounding the reference does not have, which shows where q . k cancels.
+  ``for_kernel``: each input keeps its dtype and q, k are neither normalised nor scaled (the
+  Pallas kernels take ``use_qk_l2norm_in_kernel`` and the scale themselves).
   """
-  dtypes = [x.dtype if for_kernel else jnp.float32 for x in (q, k, v, g, beta)]
-  if use_qk_l2norm_in_kernel:
-    dtypes[:2] = [jnp.float32] * 2
+  if for_kernel:
+    q, k = (jnp.repeat(x, HV // H, axis=-2) for x in (q, k))
+    return q, k, v, g, beta
   q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
   if use_qk_l2norm_in_kernel:
-    q32, k32 = _l2_normalize(q32), _l2_normalize(k32)
-  if not for_kernel:
-    q32 = q32 * _scale(scale, K)
-  q, k = (jnp.repeat(x, HV // H, axis=-2) for x in (q32, k32))
-  return tuple(x.astype(d) for x, d in zip((q, k, v, g, beta), dtypes))
+    q32, k32 = l2norm.normalize(q32), l2norm.normalize(k32)
+  q, k = (jnp.repeat(x, HV // H, axis=-2) for x in (q32 * _scale(scale, K), k32))
+  return tuple(x.astype(jnp.float32) for x in (q, k, v, g, beta))
 
 
 def _scale(scale, K):
@@ -187,8 +179,9 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, return_final_state=
   if implementation in KERNELS:
     inputs = _prepare(q, k, v, g, beta, H, HV, K, scale, use_qk_l2norm_in_kernel,
                       for_kernel=True)
-    o, final_state = KERNELS[implementation].scan(*inputs, h0, index, scale=_scale(scale, K),
-                                                  chunk_size=chunk_size)
+    o, final_state = KERNELS[implementation].scan(
+        *inputs, h0, index, scale=_scale(scale, K), chunk_size=chunk_size,
+        l2_normalize_qk=use_qk_l2norm_in_kernel)
     return o, final_state if return_final_state else None
   inputs = _prepare(q, k, v, g, beta, H, HV, K, scale, use_qk_l2norm_in_kernel)
   if implementation == "reference":

@@ -87,7 +87,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ops.kda import _kernel_chunk as chunk_math
-from ops.kda import _kernel_subchunk
+from ops.kda import _kernel_subchunk, l2norm
 from ops.kda._step_common import next_power_of_2
 
 F32 = jnp.float32
@@ -275,23 +275,34 @@ def _load_matrices(op, refs, b, h, c, rows, values):
 
 # ------------------------------------------------------------------------------------ kernels
 
-def _sub_chunk_rows(op, refs, num_tokens, scale):
+def _load_tokens(token_refs, where, normalized):
+  """The op's token inputs at ``where`` as float32 tiles, from the kernel's token refs (the op's
+  tokens, then the inverse norms [.., 1] of those whose indices are in ``normalized``, in that
+  order): each token in ``normalized`` multiplied by its inverse norm, as it is loaded."""
+  tiles = [ref[where].astype(F32) for ref in token_refs]
+  tokens, inverse_norms = tiles[:len(tiles) - len(normalized)], tiles[len(tiles) - len(normalized):]
+  for i, inverse in zip(normalized, inverse_norms):
+    tokens[i] = tokens[i] * inverse
+  return tokens
+
+
+def _sub_chunk_rows(op, refs, num_tokens, scale, normalized):
   """(S, rows(b): sub-chunk b's slice, load(b): its ``Rows``) of a chunk's token and mask refs."""
   token_refs, mask_refs = refs[:num_tokens], refs[num_tokens:num_tokens + 3]
   S = op.sub_chunks.SUB
   rows = lambda b: pl.ds(b * S, S)
 
   def load(b):
-    tokens = [ref[rows(b), :].astype(F32) for ref in token_refs]
+    tokens = _load_tokens(token_refs, (rows(b), slice(None)), normalized)
     return op.sub_chunks.load_rows(tokens, *(ref[rows(b), :] for ref in mask_refs), scale)
 
   return S, rows, load
 
 
-def _intra_forward_kernel(*refs, op, num_tokens, scale, precision):
+def _intra_forward_kernel(*refs, op, num_tokens, scale, normalized, precision):
   """Each sub-chunk's rows loaded once, each chunk matrix written by [S, width] row blocks
   ([S, S] blocks for a "C" field) as soon as it is known."""
-  S, rows, load = _sub_chunk_rows(op, refs, num_tokens, scale)
+  S, rows, load = _sub_chunk_rows(op, refs, num_tokens, scale, normalized)
   out_refs = dict(zip([name for name, f in zip(op.fields._fields, op.fields) if f.token is None],
                       refs[num_tokens + 3:]))
 
@@ -318,10 +329,10 @@ def _cotangent_loader(op, refs, rows):
   return cotangent
 
 
-def _intra_backward_kernel(*refs, op, num_tokens, scale, precision):
+def _intra_backward_kernel(*refs, op, num_tokens, scale, normalized, precision):
   """The rows and the cotangents read by [S, width] row blocks ([S, S] blocks of a "C" field),
   each gradient written by row blocks."""
-  S, rows, load = _sub_chunk_rows(op, refs, num_tokens, scale)
+  S, rows, load = _sub_chunk_rows(op, refs, num_tokens, scale, normalized)
   num_fields = len(op.fields)
   cotangent = _cotangent_loader(op, refs[num_tokens + 3:][:num_fields], rows)
   grad_refs = dict(zip(op.sub_chunks.GRADIENTS, refs[num_tokens + 3 + num_fields:]))
@@ -333,11 +344,11 @@ def _intra_backward_kernel(*refs, op, num_tokens, scale, precision):
                                store, scale)
 
 
-def _pair_rows_kernel(*refs, num_tokens, scale, precision, key_blocks):
+def _pair_rows_kernel(*refs, num_tokens, scale, normalized, precision, key_blocks):
   """KDA's sub-chunk j of a chunk (``_kernel_subchunk.pair_rows``) on key block kb, with
   program_id(3) = j key_blocks + kb: its row blocks [S, C] of A_qk's and of M's partial sums
   over that block's key columns (every entry is a sum over the key columns)."""
-  S, rows, load = _sub_chunk_rows(KDA, refs, num_tokens, scale)
+  S, rows, load = _sub_chunk_rows(KDA, refs, num_tokens, scale, normalized)
   outs = dict(zip(("A", "M"), refs[num_tokens + 3:]))
 
   def store(name, value, a):
@@ -365,11 +376,11 @@ def _inverse_blocks_kernel(a_parts_ref, m_parts_ref, beta_ref, a_ref, m_ref, t_r
                                   primitives(precision), store)
 
 
-def _chunk_outputs_kernel(*refs, num_tokens, scale, precision):
+def _chunk_outputs_kernel(*refs, num_tokens, scale, normalized, precision):
   """A chunk's W, U, Qg, Kg and decay from its rows and T (``_kernel_subchunk.chunk_outputs``)."""
   token_refs, mask_refs = refs[:num_tokens], refs[num_tokens:num_tokens + 3]
   t_ref, out_refs = refs[num_tokens + 3], dict(zip(_CHUNK_OUTPUTS, refs[num_tokens + 4:]))
-  x = _kernel_subchunk.load_rows([ref[...].astype(F32) for ref in token_refs],
+  x = _kernel_subchunk.load_rows(_load_tokens(token_refs, Ellipsis, normalized),
                                  *(ref[...] for ref in mask_refs), scale)
 
   def store(name, value):
@@ -379,9 +390,9 @@ def _chunk_outputs_kernel(*refs, num_tokens, scale, precision):
   _kernel_subchunk.chunk_outputs(x, t_ref[...], primitives(precision), store)
 
 
-def _dT_rows_kernel(*refs, num_tokens, scale, precision):
+def _dT_rows_kernel(*refs, num_tokens, scale, normalized, precision):
   """Row block j = program_id(3) of a chunk's dT (``_kernel_subchunk.dT_rows``)."""
-  S, rows, load = _sub_chunk_rows(KDA, refs, num_tokens, scale)
+  S, rows, load = _sub_chunk_rows(KDA, refs, num_tokens, scale, normalized)
   dW_ref, dU_ref, out_ref = refs[num_tokens + 3:]
   cotangents = {"W": dW_ref, "U": dU_ref}
 
@@ -411,10 +422,10 @@ def _dA_kk_kernel(t_ref, dt_ref, p_ref, segment_ref, out_ref, dbeta_ref, *, prec
                                 primitives(precision), store, store_dbeta)
 
 
-def _gradient_rows_kernel(*refs, num_tokens, scale, precision, column_blocks):
+def _gradient_rows_kernel(*refs, num_tokens, scale, normalized, precision, column_blocks):
   """Sub-chunk j's token gradients on column block cb (``_kernel_subchunk.gradient_rows``),
   with program_id(3) = j column_blocks + cb."""
-  S, rows, load = _sub_chunk_rows(KDA, refs, num_tokens, scale)
+  S, rows, load = _sub_chunk_rows(KDA, refs, num_tokens, scale, normalized)
   num_fields = len(KDA.fields)
   rest = refs[num_tokens + 3:]
   cotangent = _cotangent_loader(KDA, rest[:num_fields], rows)
@@ -571,7 +582,7 @@ def _layout(width, sizes: Sizes):
   return (B, T, HV, getattr(sizes, width)), _token_spec(C, getattr(sizes, width))
 
 
-def _intra_forward(op, tokens, masks, *, scale, sizes, interpret, precision):
+def _intra_forward(op, tokens, masks, *, scale, normalized, sizes, interpret, precision):
   """The chunk matrices as a ``ChunkMatrices`` of arrays (stored, or the token inputs they are)
   and nothing saved for the backward."""
   store = tokens[op.value_index].dtype
@@ -584,7 +595,7 @@ def _intra_forward(op, tokens, masks, *, scale, sizes, interpret, precision):
       _intra_forward_kernel, (sizes.B, sizes.HV, sizes.T // sizes.C),
       _input_specs(tokens, sizes.C), [spec for _, spec in layouts], shapes, interpret,
       _launch(op, "intra_forward"), op=op, num_tokens=len(tokens), scale=scale,
-      precision=precision)(*tokens, *masks)
+      normalized=normalized, precision=precision)(*tokens, *masks)
   stored = dict(zip(names, stored))
   return op.math.ChunkMatrices(*(stored[name] if f.token is None else tokens[f.token]
                                  for name, f in zip(op.fields._fields, op.fields))), ()
@@ -617,7 +628,7 @@ def _key_blocks(sizes) -> int:
   return max(1, min(PAIR_KEY_BLOCKS, sizes.K // 16))
 
 
-def _pair_rows(tokens, masks, *, scale, sizes, interpret, precision):
+def _pair_rows(tokens, masks, *, scale, normalized, sizes, interpret, precision):
   """The key blocks' partial sums of A_qk and of M = P_kk, each float32
   [key blocks, B, T, HV, C], grid B x HV x chunks x (C/16 x key blocks)."""
   B, T, HV, _, _, C = sizes
@@ -631,8 +642,8 @@ def _pair_rows(tokens, masks, *, scale, sizes, interpret, precision):
   return _triton_call(
       _pair_rows_kernel, (B, HV, T // C, n * n_kb), in_specs, [row_block] * 2,
       [jax.ShapeDtypeStruct((n_kb, B, T, HV, C), F32)] * 2, interpret, LAUNCH["pair_rows"],
-      num_tokens=len(tokens), scale=scale, precision=precision, key_blocks=n_kb)(
-          *tokens, *masks)
+      num_tokens=len(tokens), scale=scale, normalized=normalized, precision=precision,
+      key_blocks=n_kb)(*tokens, *masks)
 
 
 def _inverse_blocks(A_parts, M_parts, beta, *, sizes, interpret, precision):
@@ -654,7 +665,8 @@ def _column_blocks(sizes) -> int:
   return max(1, min(sizes.K, sizes.V) // 64)
 
 
-def _chunk_outputs(op, tokens, masks, T_inverse, *, scale, sizes, interpret, precision):
+def _chunk_outputs(op, tokens, masks, T_inverse, *, scale, normalized, sizes, interpret,
+                   precision):
   """W, U, Qg, Kg and decay (``_CHUNK_OUTPUTS``) stored as ``op.fields`` asks, grid
   B x HV x chunks x column blocks: every output is a column-wise function of its inputs and
   T, so each program takes 1 / ``_column_blocks`` of the K and V columns."""
@@ -671,38 +683,51 @@ def _chunk_outputs(op, tokens, masks, T_inverse, *, scale, sizes, interpret, pre
       [_column_block(_layout(f.width, sizes)[1], n, True) for f in fields],
       [jax.ShapeDtypeStruct(_layout(f.width, sizes)[0], store if f.dtype is None else f.dtype)
        for f in fields], interpret, LAUNCH["chunk_outputs"],
-      num_tokens=len(tokens), scale=scale, precision=precision)(*tokens, *masks, T_inverse)
+      num_tokens=len(tokens), scale=scale, normalized=normalized, precision=precision)(
+          *tokens, *masks, T_inverse)
 
 
-def _kda_intra_forward(op, tokens, masks, *, scale, sizes, interpret, precision):
+def _kda_intra_forward(op, tokens, masks, *, scale, normalized, sizes, interpret, precision):
   """KDA's chunk matrices (a ``ChunkMatrices`` of arrays) from three kernels: the pair rows
   (partial sums of A_qk and M = P_kk by key blocks), the block inverse (their sums, and T from
   M and beta) and the chunk outputs (W, U, Qg, Kg, decay from T); M and T pass through memory
   as float32 [B, T, HV, C] and are saved for the intra backward."""
   config = dict(sizes=sizes, interpret=interpret, precision=precision)
-  A, M, T_inverse = _inverse_blocks(*_pair_rows(tokens, masks, scale=scale, **config),
+  reading = dict(scale=scale, normalized=normalized)
+  A, M, T_inverse = _inverse_blocks(*_pair_rows(tokens, masks, **reading, **config),
                                     tokens[4], **config)
-  outputs = _chunk_outputs(op, tokens, masks, T_inverse, scale=scale, **config)
+  outputs = _chunk_outputs(op, tokens, masks, T_inverse, **reading, **config)
   return op.math.ChunkMatrices(A=A, **dict(zip(_CHUNK_OUTPUTS, outputs))), (M, T_inverse)
 
 
-def _intra_backward(op, tokens, masks, cotangents, saved, *, scale, sizes, interpret, precision):
-  """The token inputs' gradients from the chunk matrices' cotangents (``saved``: empty, what
+def _gradient_shapes(tokens, normalized):
+  """The op's token gradients' shapes and dtypes, from the kernel's tokens (the op's, then the
+  inverse norms of those in ``normalized``): a normalised token's gradient float32 (the
+  normalisation's backward follows in XLA), each other's in its token's dtype."""
+  count = len(tokens) - len(normalized)
+  return [jax.ShapeDtypeStruct(x.shape, F32 if i in normalized else x.dtype)
+          for i, x in enumerate(tokens[:count])]
+
+
+def _intra_backward(op, tokens, masks, cotangents, saved, *, scale, normalized, sizes, interpret,
+                    precision):
+  """The gradients of the op's token inputs (float32 for those in ``normalized``, of the
+  normalised token) from the chunk matrices' cotangents (``saved``: empty, what
   ``_intra_forward`` saved)."""
   specs = _input_specs(tokens, sizes.C)
+  shapes = _gradient_shapes(tokens, normalized)
   return _triton_call(
       _intra_backward_kernel, (sizes.B, sizes.HV, sizes.T // sizes.C),
-      specs + [_layout(f.width, sizes)[1] for f in op.fields], specs[:len(tokens)],
-      [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in tokens], interpret,
-      _launch(op, "intra_backward"), op=op, num_tokens=len(tokens), scale=scale,
-      precision=precision)(*tokens, *masks, *cotangents)
+      specs + [_layout(f.width, sizes)[1] for f in op.fields], specs[:len(shapes)], shapes,
+      interpret, _launch(op, "intra_backward"), op=op, num_tokens=len(tokens), scale=scale,
+      normalized=normalized, precision=precision)(*tokens, *masks, *cotangents)
 
 
 _GRADIENT_ROWS = ("dq", "dk", "dv", "dbeta", "dG", "through_end")
 
 
-def _kda_intra_backward(op, tokens, masks, cotangents, saved, *, scale, sizes, interpret,
-                        precision):
+def _kda_intra_backward(op, tokens, masks, cotangents, saved, *, scale, normalized, sizes,
+                        interpret, precision):
   """KDA's token gradients from its chunk matrices' cotangents and the forward's saved P_kk
   and T, by three kernels: dT's rows (grid B x HV x chunks x C/16), dA_kk and dbeta's part
   through A_kk (grid B x HV x chunks) and the gradient rows (grid B x HV x chunks x
@@ -716,7 +741,7 @@ def _kda_intra_backward(op, tokens, masks, cotangents, saved, *, scale, sizes, i
   inputs = [per_sub_chunk(spec) for spec in _input_specs(tokens, C)]
   cotangent_specs = [per_sub_chunk(_layout(f.width, sizes)[1]) for f in op.fields]
   square = _token_spec(C, C)
-  params = dict(num_tokens=len(tokens), scale=scale, precision=precision)
+  params = dict(num_tokens=len(tokens), scale=scale, normalized=normalized, precision=precision)
   dT = _triton_call(
       _dT_rows_kernel, (B, HV, T // C, n), inputs + cotangent_specs[:2],
       _sub_chunk_rows_spec(C, n, 1), jax.ShapeDtypeStruct((B, T, HV, C), F32), interpret,
@@ -728,8 +753,8 @@ def _kda_intra_backward(op, tokens, masks, cotangents, saved, *, scale, sizes, i
       [jax.ShapeDtypeStruct((B, T, HV, C), F32), jax.ShapeDtypeStruct((B, T, HV, 1), F32)],
       interpret, LAUNCH["dA_kk"], precision=precision)(T_inverse, dT, M, masks[0])
   dq, dk, dv, dbeta, dG, through_end = _gradient_rows(
-      op, tokens, masks, cotangents, dA_kk, T_inverse, scale=scale, sizes=sizes,
-      interpret=interpret, precision=precision)
+      op, tokens, masks, cotangents, dA_kk, T_inverse, scale=scale, normalized=normalized,
+      sizes=sizes, interpret=interpret, precision=precision)
   by_chunk = lambda x, rows: jnp.moveaxis(x.reshape(B, T // C, rows, HV, K), 2, 3)
   dg = _kernel_subchunk.dg_from_rows(by_chunk(dG, C), by_chunk(through_end, n))
   dg = jnp.moveaxis(dg, 3, 2).reshape(B, T, HV, K)
@@ -737,8 +762,8 @@ def _kda_intra_backward(op, tokens, masks, cotangents, saved, *, scale, sizes, i
   return dq, dk, dg.astype(g.dtype), dv, (dbeta_pairs + jnp.sum(dbeta, axis=0)).astype(beta.dtype)
 
 
-def _gradient_rows(op, tokens, masks, cotangents, dA_kk, T_inverse, *, scale, sizes, interpret,
-                   precision):
+def _gradient_rows(op, tokens, masks, cotangents, dA_kk, T_inverse, *, scale, normalized, sizes,
+                   interpret, precision):
   """dq, dk, dv, the column blocks' partial sums of dbeta's part through W and U (float32
   [column blocks, B, T, HV, 1]), dG [B, T, HV, K] and through_end [B, T/16, HV, K], float32;
   grid B x HV x chunks x (C/16 x column blocks)."""
@@ -751,21 +776,21 @@ def _gradient_rows(op, tokens, masks, cotangents, dA_kk, T_inverse, *, scale, si
   cotangent_specs = [_column_block(_layout(f.width, sizes)[1], n_cb, f.width != "C")
                      for f in op.fields]
   square = _column_block(_token_spec(C, C), n_cb, False)
-  q, k, g, v, beta = tokens
   rows = lambda width: _sub_chunk_rows_spec(width, n, n_cb)
   out_specs = [rows(K), rows(K), rows(V),
                pl.BlockSpec((None, None, S, None, 1),
                             lambda b, h, c, p: (p % n_cb, b, c * n + p // n_cb, h, 0)),
                rows(K), pl.BlockSpec((None, None, None, K // n_cb),
                                      lambda b, h, c, p: (b, c * n + p // n_cb, h, p % n_cb))]
-  out_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)] + [
+  dq, dk, _, dv, _ = _gradient_shapes(tokens, normalized)
+  out_shapes = [dq, dk, dv] + [
       jax.ShapeDtypeStruct((n_cb, B, T, HV, 1), F32), jax.ShapeDtypeStruct((B, T, HV, K), F32),
       jax.ShapeDtypeStruct((B, T // S, HV, K), F32)]
   return _triton_call(
       _gradient_rows_kernel, (B, HV, T // C, n * n_cb),
       inputs + cotangent_specs + [square] * 2, out_specs, out_shapes, interpret,
-      LAUNCH["gradient_rows"], num_tokens=len(tokens), scale=scale, precision=precision,
-      column_blocks=n_cb)(*tokens, *masks, *cotangents, dA_kk, T_inverse)
+      LAUNCH["gradient_rows"], num_tokens=len(tokens), scale=scale, normalized=normalized,
+      precision=precision, column_blocks=n_cb)(*tokens, *masks, *cotangents, dA_kk, T_inverse)
 
 
 def _value_block(V):
@@ -845,34 +870,44 @@ def _state_backward(op, matrices, states, dO, dfinal, *, sizes, interpret, preci
   return op.math.ChunkMatrices(*cotangents), dh0
 
 
-def _forward(op, scale, C, interpret, tokens, masks, h0, *, keep_states):
+def _with_inverse_norms(tokens, normalized):
+  """The kernels' token inputs: the op's, then the inverse L2 norm [B, T, HV, 1] float32 of
+  each whose index is in ``normalized`` (the kernels normalise those as they load them)."""
+  return tuple(tokens) + tuple(l2norm.inverse_norm(tokens[i]) for i in normalized)
+
+
+def _forward(op, scale, normalized, C, interpret, tokens, masks, h0, *, keep_states):
+  tokens = _with_inverse_norms(tokens, normalized)
   config = _config(op, tokens, h0, C, interpret)
-  matrices, saved = (op.intra_forward or _intra_forward)(op, tokens, masks, scale=scale,
-                                                         **config)
+  matrices, saved = (op.intra_forward or _intra_forward)(
+      op, tokens, masks, scale=scale, normalized=normalized, **config)
   o, final, *states = _state_forward(op, matrices, h0, tokens[op.value_index].dtype,
                                      keep_states=keep_states, **config)
-  return o, final, (matrices, saved, states[0] if keep_states else None)
+  return o, final, (tokens, matrices, saved, states[0] if keep_states else None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _walk(op, scale, C, interpret, tokens, masks, h0):
-  o, final, _ = _forward(op, scale, C, interpret, tokens, masks, h0, keep_states=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _walk(op, scale, normalized, C, interpret, tokens, masks, h0):
+  o, final, _ = _forward(op, scale, normalized, C, interpret, tokens, masks, h0,
+                         keep_states=False)
   return o, final
 
 
-def _walk_fwd(op, scale, C, interpret, tokens, masks, h0):
-  o, final, (matrices, saved, states) = _forward(op, scale, C, interpret, tokens, masks, h0,
-                                                 keep_states=True)
-  return (o, final), (tokens, masks, matrices, saved, states)
+def _walk_fwd(op, scale, normalized, C, interpret, tokens, masks, h0):
+  o, final, residuals = _forward(op, scale, normalized, C, interpret, tokens, masks, h0,
+                                 keep_states=True)
+  return (o, final), (masks, *residuals)
 
 
-def _walk_bwd(op, scale, C, interpret, residuals, cotangents):
-  tokens, masks, matrices, saved, states = residuals
+def _walk_bwd(op, scale, normalized, C, interpret, residuals, cotangents):
+  masks, tokens, matrices, saved, states = residuals
   dO, dfinal = cotangents
   config = _config(op, tokens, dfinal, C, interpret)
   matrix_cotangents, dh0 = _state_backward(op, matrices, states, dO, dfinal, **config)
-  grads = (op.intra_backward or _intra_backward)(op, tokens, masks, matrix_cotangents, saved,
-                                                 scale=scale, **config)
+  grads = list((op.intra_backward or _intra_backward)(
+      op, tokens, masks, matrix_cotangents, saved, scale=scale, normalized=normalized, **config))
+  for i, inverse in zip(normalized, tokens[len(grads):]):
+    grads[i] = l2norm.normalize_backward(tokens[i], inverse, grads[i]).astype(tokens[i].dtype)
   return tuple(grads), (None,) * len(masks), dh0
 
 
@@ -897,7 +932,7 @@ def _kernel_inputs(tokens, initial_state, segment_index, chunk_size, interpret):
 
 
 def walk(op: TritonOp, tokens, initial_state, segment_index, *, scale: float, chunk_size: int,
-         interpret: bool | None):
+         interpret: bool | None, normalized: tuple[int, ...] = ()):
   """One op's chunkwise forward (and, through a ``custom_vjp``, backward) as the four stages.
 
   Args:
@@ -907,6 +942,9 @@ def walk(op: TritonOp, tokens, initial_state, segment_index, *, scale: float, ch
     initial_state: [B, HV, K, V] float32.
     segment_index: None, or [B, T] non-decreasing int32.
     scale, chunk_size, interpret: as ``scan``'s.
+    normalized: the indices of the tokens that the op L2-normalises over their last axis
+      (``ops.kda.l2norm``): the kernels read them as they are and multiply in their inverse
+      norms, computed once per token.
 
   Returns:
     o [B, T, HV, V] in v's dtype and the final state [B, HV, K, V] float32.
@@ -914,13 +952,13 @@ def walk(op: TritonOp, tokens, initial_state, segment_index, *, scale: float, ch
   interpret = default_interpret() if interpret is None else interpret
   padded, masks, h0 = _kernel_inputs(tokens, initial_state, segment_index, chunk_size,
                                      interpret)
-  o, final = _walk(op, float(scale), chunk_size, interpret, padded, masks, h0)
+  o, final = _walk(op, float(scale), tuple(normalized), chunk_size, interpret, padded, masks, h0)
   T, (K, V) = tokens[0].shape[1], initial_state.shape[-2:]
   return o[:, :T, :, :V], final[:, :, :K, :V]
 
 
 def walk_stages(op: TritonOp, tokens, initial_state, *, scale: float, chunk_size: int,
-                interpret: bool | None):
+                interpret: bool | None, normalized: tuple[int, ...] = ()):
   """The four stages of one forward and backward as separate jitted calls, for timing each,
   and, after a stage of several kernels, each of its kernels alone.
 
@@ -932,16 +970,18 @@ def walk_stages(op: TritonOp, tokens, initial_state, *, scale: float, chunk_size
   """
   interpret = default_interpret() if interpret is None else interpret
   tokens, masks, h0 = _kernel_inputs(tokens, initial_state, None, chunk_size, interpret)
+  tokens = _with_inverse_norms(tokens, normalized)
   config = _config(op, tokens, h0, chunk_size, interpret)
   out_dtype = tokens[op.value_index].dtype
+  reading = dict(scale=scale, normalized=normalized)
   stage_functions = {
       "intra_forward": lambda x, m: (op.intra_forward or _intra_forward)(
-          op, x, m, scale=scale, **config),
+          op, x, m, **reading, **config),
       "state_forward": lambda m, h: _state_forward(op, m, h, out_dtype, keep_states=True,
                                                    **config),
       "state_backward": lambda m, s, dO, df: _state_backward(op, m, s, dO, df, **config),
       "intra_backward": lambda x, m, d, saved: (op.intra_backward or _intra_backward)(
-          op, x, m, d, saved, scale=scale, **config)}
+          op, x, m, d, saved, **reading, **config)}
   rows = []
 
   def run(name, *args):  # eagerly, so each kernel's arguments are real arrays
@@ -970,7 +1010,7 @@ KDA = TritonOp(name="kda", primitives=primitives, math=chunk_math, value_index=3
 
 
 def scan(q, k, v, g, beta, initial_state, segment_index, *, scale: float, chunk_size: int = 64,
-         interpret: bool | None = None):
+         l2_normalize_qk: bool = False, interpret: bool | None = None):
   """KDA over sequences with the Pallas kernels.
 
   Args:
@@ -983,19 +1023,24 @@ def scan(q, k, v, g, beta, initial_state, segment_index, *, scale: float, chunk_
       steps up.
     scale: the query scale, applied in the kernels.
     chunk_size: tokens per chunk, a power of two >= 16.
+    l2_normalize_qk: L2-normalise q and k over K first (``ops.kda.l2norm``), in the kernels:
+      they read q and k in their own dtype and multiply in each token's float32 inverse norm,
+      so the normalised values are float32 without a float32 copy in memory.
     interpret: run the kernels in Pallas interpret mode; None: unless the backend is a GPU.
 
   Returns:
     o [B, T, HV, V] in v's dtype and the final state [B, HV, K, V] float32.
   """
   return walk(KDA, (q, k, g, v, beta[..., None]), initial_state, segment_index, scale=scale,
-              chunk_size=chunk_size, interpret=interpret)
+              chunk_size=chunk_size, interpret=interpret,
+              normalized=(0, 1) if l2_normalize_qk else ())
 
 
 def stages(q, k, v, g, beta, initial_state, *, scale: float, chunk_size: int = 64,
-           interpret: bool | None = None):
+           l2_normalize_qk: bool = False, interpret: bool | None = None):
   """KDA's four stages as separate jitted calls, each of the intra stages' kernels too
   (``walk_stages``): takes ``scan``'s arguments (no packing), returns
   ``[(name, function, args)]``."""
   return walk_stages(KDA, (q, k, g, v, beta[..., None]), initial_state, scale=scale,
-                     chunk_size=chunk_size, interpret=interpret)
+                     chunk_size=chunk_size, interpret=interpret,
+                     normalized=(0, 1) if l2_normalize_qk else ())

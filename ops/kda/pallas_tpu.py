@@ -64,6 +64,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from ops.kda import _kernel_chunk as chunk_math
+from ops.kda import l2norm
 
 F32 = jnp.float32
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -307,7 +308,7 @@ KDA = ChunkOp(primitives=primitives, math=chunk_math, value_index=3)
 
 
 def scan(q, k, v, g, beta, initial_state, segment_index, *, scale: float, chunk_size: int = 64,
-         interpret: bool | None = None):
+         l2_normalize_qk: bool = False, interpret: bool | None = None):
   """KDA over sequences with the Pallas TPU kernels; the contract of ``pallas_gpu.scan``.
 
   Args:
@@ -320,10 +321,14 @@ def scan(q, k, v, g, beta, initial_state, segment_index, *, scale: float, chunk_
       steps up.
     scale: the query scale, applied in the kernels.
     chunk_size: tokens per chunk, a power of two >= 16.
+    l2_normalize_qk: L2-normalise q and k over K first (``ops.kda.l2norm``; here in XLA, to
+      float32, before the kernels).
     interpret: TPU interpret mode; None: unless the backend is a TPU.
 
   Returns:
     o [B, T, HV, V] in v's dtype and the final state [B, HV, K, V] float32.
   """
+  if l2_normalize_qk:
+    q, k = l2norm.normalize(q), l2norm.normalize(k)
   return walk(KDA, (q, k, g, v, beta[..., None]), initial_state, segment_index, scale=scale,
               chunk_size=chunk_size, interpret=interpret)
