@@ -70,7 +70,10 @@ forward's kernels read them twice), P_kk and T (float32 [C, C]) written once and
 directions, the chunk matrices (W, Q Gamma, K exp(G_C - G) in v's dtype, U, A_qk and
 exp(G_C) float32) written once and read once per value block. U stays float32 because the
 gradients take it into sums that can cancel (dA_qk = dO U^T): rounded to bfloat16 it made a
-one-token dq 1.6% off the reference at the gradient's usual size.
+one-token dq 1.6% off the reference at the gradient's usual size. Tokens that the op
+L2-normalises (``walk``'s ``normalized``: KDA's q and k under ``l2_normalize_qk``) arrive in their
+own dtype with a float32 inverse norm per token, multiplied in as each kernel loads them, so the
+normalised values are float32 without a float32 copy in memory (docs/kernels.md, version 8).
 """
 
 from __future__ import annotations
@@ -94,6 +97,8 @@ F32 = jnp.float32
 VALUE_BLOCK = 64
 MAX_KEY_DIM = 128  # the widest K the state kernels fit in shared memory (``unsupported``)
 PAIR_KEY_BLOCKS = 2  # key blocks of the pair rows' grid (docs/kernels.md, version 6)
+OUTPUT_COLUMNS = 64  # key and value columns a chunk-outputs program takes
+GRADIENT_COLUMNS = 64  # key and value columns a gradient-rows program takes (docs/kernels.md)
 COTANGENT_SUMS = 2 * 64 * 128  # floats one state-cotangents program sums (docs/kernels.md, v7)
 LAUNCH = {"intra_forward": (8, 1), "intra_backward": (8, 1), "state_forward": (8, 3),
           "state_backward": (8, 2), "pair_rows": (1, 1), "inverse_blocks": (1, 1),
@@ -659,10 +664,10 @@ def _inverse_blocks(A_parts, M_parts, beta, *, sizes, interpret, precision):
       precision=precision)(A_parts, M_parts, beta)
 
 
-def _column_blocks(sizes) -> int:
-  """Column blocks of the chunk outputs' grid: 64-wide where K and V allow (their widths split
-  alike, so each program takes its K block and its V block)."""
-  return max(1, min(sizes.K, sizes.V) // 64)
+def _column_blocks(sizes, width: int) -> int:
+  """Column blocks of a grid that splits the K and V columns alike (each program takes its K
+  block and its V block): ``width`` wide where K and V allow."""
+  return max(1, min(sizes.K, sizes.V) // width)
 
 
 def _chunk_outputs(op, tokens, masks, T_inverse, *, scale, normalized, sizes, interpret,
@@ -670,7 +675,7 @@ def _chunk_outputs(op, tokens, masks, T_inverse, *, scale, normalized, sizes, in
   """W, U, Qg, Kg and decay (``_CHUNK_OUTPUTS``) stored as ``op.fields`` asks, grid
   B x HV x chunks x column blocks: every output is a column-wise function of its inputs and
   T, so each program takes 1 / ``_column_blocks`` of the K and V columns."""
-  n = _column_blocks(sizes)
+  n = _column_blocks(sizes, OUTPUT_COLUMNS)
   C = sizes.C
   inputs = _input_specs(tokens, C)  # the tokens by column block, beta and the masks whole
   in_specs = ([_column_block(spec, n, x.shape[-1] > 1) for spec, x in zip(inputs, tokens)]
@@ -769,7 +774,7 @@ def _gradient_rows(op, tokens, masks, cotangents, dA_kk, T_inverse, *, scale, no
   grid B x HV x chunks x (C/16 x column blocks)."""
   B, T, HV, K, V, C = sizes
   S = _kernel_subchunk.SUB
-  n, n_cb = C // S, _column_blocks(sizes)
+  n, n_cb = C // S, _column_blocks(sizes, GRADIENT_COLUMNS)
   specs = _input_specs(tokens, C)
   inputs = ([_column_block(spec, n_cb, x.shape[-1] > 1) for spec, x in zip(specs, tokens)]
             + [_column_block(spec, n_cb, False) for spec in specs[len(tokens):]])
