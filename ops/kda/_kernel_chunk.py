@@ -164,19 +164,21 @@ class LevelSplit:
 
     Returns (dx per pair, dy per pair, dR per row gate, dG through the column factors), each
     [C, K]. The level references need none: a level pair's weight exp(R_r - G_m) exp(G_m - G_i)
-    does not depend on G_m.
+    does not depend on G_m. Nor do the gates need sums of their own: a product reads x only as
+    x exp(R) and y only as y exp(-G), so dR_j = sum of x dx over the pairs with row gate j and
+    dG = -sum of y dy, formed once from dx and dy after the levels.
     """
     row_gates = (self.G,) if row_gates is None else row_gates
     dot = self.prims.dot
-    dx, dy, dR, dG = [0.0] * len(pairs), [0.0] * len(pairs), [0.0] * len(row_gates), 0.0
+    dx, dy = [0.0] * len(pairs), [0.0] * len(pairs)
     for rows, col, mask in self.levels(row_gates):
       for n, ((x, y, j), dP) in enumerate(zip(pairs, cotangents)):
-        X_l, Y_l, dP_l = x * rows[j], y * col, dP * mask
-        dX_l, dY_l = dot(dP_l, Y_l), dot(dP_l, X_l, trans_a=True)
-        dR[j] = dR[j] + X_l * dX_l
-        dG = dG - Y_l * dY_l
-        dx[n] = dx[n] + dX_l * rows[j]
-        dy[n] = dy[n] + dY_l * col
+        dP_l = dP * mask
+        dx[n] = dx[n] + dot(dP_l, y * col) * rows[j]
+        dy[n] = dy[n] + dot(dP_l, x * rows[j], trans_a=True) * col
+    dR = [sum(x * dx[n] for n, (x, _, i) in enumerate(pairs) if i == j)
+          for j in range(len(row_gates))]
+    dG = -sum(y * dy[n] for n, (_, y, _) in enumerate(pairs))
     return dx, dy, dR, dG
 
   def inverse(self, A):
@@ -344,29 +346,25 @@ def intra_backward(c: Chunk, v, d: ChunkMatrices):
   dP_kk = beta * dA_kk
   dA_qk = d.A * c.lower
 
-  (dq, dk_row), (dk_qk, dk_kk), (dG_row,), dG = c.products_backward(
+  (dq_pairs, dk_row), (dk_qk, dk_kk), _, _ = c.products_backward(
       [(q, k, 0), (k, k, 0)], [dA_qk, dP_kk])
-  dk = dk_row + dk_qk + dk_kk
-  dG = dG + dG_row
   diagonal = jnp.sum(jnp.where(iota((C, C), 0) == iota((C, C), 1), dA_qk, 0.0), axis=1,
                      keepdims=True)
-  dq = dq + diagonal * k
-  dk = dk + diagonal * q
-
   dbeta = (dbeta + jnp.sum(dX_w * k * gamma, axis=1, keepdims=True)
            + jnp.sum(dX_u * v, axis=1, keepdims=True))
-  dk = dk + dX_w * beta * gamma
-  dG = dG + dX_w * X_w
   dv = dX_u * beta
   # Q Gamma (carried rows), K exp(G_C - G) (last-segment rows), exp(G_C) (the state decay).
-  dQg = d.Qg * c.carried
-  dq = dq + dQg * gamma
-  dG = dG + dQg * q * gamma
-  dKg = d.Kg * c.last
-  dk = dk + dKg * to_end
-  through_end = dKg * k * to_end
-  dG = dG - through_end
-  dG_last = (jnp.sum(through_end, axis=0, keepdims=True)
+  dKg_end = d.Kg * c.last * to_end
+  # Apart from the diagonal of A_qk (q . k, no gate), every term reads q and k as rows, q exp(G)
+  # and k exp(G) (the pair products' rows, W, Q Gamma), or as columns, k exp(-G) (the pair
+  # products' columns, Kg): the cotangent of G is q dq_rows + k (dk_rows - dk_columns).
+  dq_rows = dq_pairs + d.Qg * c.carried * gamma
+  dk_rows = dk_row + dX_w * beta * gamma
+  dk_columns = dk_qk + dk_kk + dKg_end
+  dq = dq_rows + diagonal * k
+  dk = dk_rows + dk_columns + diagonal * q
+  dG = q * dq_rows + k * (dk_rows - dk_columns)
+  dG_last = (jnp.sum(dKg_end * k, axis=0, keepdims=True)
              + d.decay * c.carried_last * jnp.exp(G_last))
   dG = dG + jnp.where(iota((C, 1), 0) == C - 1, dG_last, 0.0)
   # G = cumsum(g): dg_r = sum_{j >= r} dG_j.

@@ -245,22 +245,19 @@ def gradient_rows(load: Callable, cotangent: Callable, load_dA_kk: Callable, loa
   total = last_row(local)
 
   def earlier(step, carry):
-    since, dq, dk, dG = carry
+    since, dq, dk = carry
     a = j - 1 - step
     y = load(a)
     columns, y_total = _gated_columns(y, prims)
     to_m = jnp.exp(local + since)
-    q_rows, k_rows = x.q * to_m, x.k * to_m
     mask = same_segment(x.segment, y.segment)
     dA_qk = cotangent("A", j, a) * mask
     dA_kk = load_dA_kk(j, a)
-    dX_q, dX_k = dot(dA_qk, columns), dot(x.beta * dA_kk, columns)
-    return (since + y_total, dq + dX_q * to_m, dk + dX_k * to_m,
-            dG + q_rows * dX_q + k_rows * dX_k)
+    return (since + y_total, dq + dot(dA_qk, columns) * to_m,
+            dk + dot(x.beta * dA_kk, columns) * to_m)
 
   zeros = jnp.zeros_like(x.k)
-  G_start, dq, dk, dG = jax.lax.fori_loop(0, j, earlier,
-                                          (jnp.zeros((1, K), F32), zeros, zeros, zeros))
+  G_start, dq, dk = jax.lax.fori_loop(0, j, earlier, (jnp.zeros((1, K), F32), zeros, zeros))
 
   def later(b, carry):
     gap, dY, dX_w, dX_u = carry
@@ -282,41 +279,34 @@ def gradient_rows(load: Callable, cotangent: Callable, load_dA_kk: Callable, loa
        dot(T_jj, x.carried * cotangent("W", j), trans_a=True),
        dot(T_jj, cotangent("U", j), trans_a=True)))
 
-  to_own_end = jnp.exp(total - local)
-  dk = dk + dY * to_own_end
-  dG = dG - dY * x.k * to_own_end
-
   dA_qk_jj = cotangent("A", j, j) * split.lower
   dA_kk_jj = load_dA_kk(j, j)
-  (dq_d, dk_row), (dk_qk, dk_kk), (dG_row,), dG_d = split.products_backward(
+  (dq_d, dk_row), (dk_qk, dk_kk), _, _ = split.products_backward(
       [(x.q, x.k, 0), (x.k, x.k, 0)], [dA_qk_jj, x.beta * dA_kk_jj])
   on_diagonal = jnp.sum(jnp.where(iota((SUB, SUB), 0) == iota((SUB, SUB), 1), dA_qk_jj, 0.0),
                         axis=1, keepdims=True)
-  dq = dq + dq_d + on_diagonal * x.k
-  dk = dk + dk_row + dk_qk + dk_kk + on_diagonal * x.q
-  dG = dG + dG_row + dG_d
 
   G = G_start + local
   gamma = jnp.exp(G)
   dbeta = (jnp.sum(dX_w * x.k * gamma, axis=1, keepdims=True)
            + jnp.sum(dX_u * x.v, axis=1, keepdims=True))
-  dk = dk + dX_w * x.beta * gamma
-  dG = dG + dX_w * x.beta * x.k * gamma
-  dQg = cotangent("Qg", j) * x.carried
-  dq = dq + dQg * gamma
-  dG = dG + dQg * x.q * gamma
   G_C = G_start + total + gap
-  dKg = cotangent("Kg", j) * x.last
   to_end = jnp.exp(G_C - G)
-  dk = dk + dKg * to_end
-  dG = dG - dKg * x.k * to_end
-  through_end = jnp.sum(dKg * x.k * to_end, axis=0, keepdims=True) + jnp.where(
+  dKg_end = cotangent("Kg", j) * x.last * to_end
+  # Apart from the diagonal of A_qk (q . k, no gate), every term reads j's q and k as rows,
+  # q exp(G) and k exp(G) (the earlier sub-chunks, the diagonal block's rows, W and Qg), or as
+  # columns, k exp(-G) (the later ones, the diagonal block's columns, Kg): the cotangent of G is
+  # q dq_rows + k (dk_rows - dk_columns), formed once here.
+  dq_rows = dq + dq_d + cotangent("Qg", j) * x.carried * gamma
+  dk_rows = dk + dk_row + dX_w * x.beta * gamma
+  dk_columns = dY * jnp.exp(total - local) + dk_qk + dk_kk + dKg_end
+  through_end = jnp.sum(dKg_end * x.k, axis=0, keepdims=True) + jnp.where(
       j == num_blocks - 1, cotangent("decay", None) * last_row(x.carried) * jnp.exp(G_C), 0.0)
-  store("dq", dq * scale)
-  store("dk", dk)
+  store("dq", (dq_rows + on_diagonal * x.k) * scale)
+  store("dk", dk_rows + dk_columns + on_diagonal * x.q)
   store("dv", dX_u * x.beta)
   store("dbeta", dbeta)
-  store("dG", dG)
+  store("dG", x.q * dq_rows + x.k * (dk_rows - dk_columns))
   store("through_end", through_end)
 
 
