@@ -1,10 +1,15 @@
-"""Registers, spills and shared memory of the Pallas Triton kernels, measured without a GPU.
+"""Registers, spills, shared memory and instruction counts of the Pallas Triton kernels, measured
+without a GPU.
 
 Each op's kernels (forward and backward, as ``jax.grad`` runs them) are lowered for CUDA on this
 host; the Triton IR of every ``pallas_call`` is taken from Pallas' Triton lowering, compiled for
 sm_90 (the H200) by the ``triton`` package (``pip install triton``; it carries ``ptxas``) with
 the launch settings the kernel asked for, and ``ptxas -v`` reports the registers per thread and
-the bytes spilled to local memory. A kernel that spills reloads its tiles from local memory (L1,
+the bytes spilled to local memory; ``nvdisasm`` of the result gives the machine (SASS)
+instructions, counted statically (a loop's body once): in all, and those that move spills
+(``LDL``, ``STL``). The kernels here are latency-bound, each warp waiting on its own chain of
+instructions (docs/kernels.md, version 8), so the count is a first estimate of a change's
+effect. A kernel that spills reloads its tiles from local memory (L1,
 then L2) inside its inner loops, which is what docs/kernels.md's timings pointed at; this report
 lets the fix be counted before any device time is spent::
 
@@ -159,9 +164,25 @@ def parse_ptxas(report: str) -> dict:
               spill_store_bytes=int(spills.group(2)), spill_load_bytes=int(spills.group(3)))
 
 
+# "        /*0090*/                   @!P0 LDL.64 R4, [R1+0x8] ;": the address, a predicate, the opcode
+_SASS_OPCODE = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T\d]+\s+)?([A-Z][A-Z0-9_]*)",
+                          re.M)
+SPILL_OPCODES = ("LDL", "STL")
+
+
+def parse_sass(listing: str) -> dict:
+  """Static instruction counts of one kernel from ``nvdisasm``'s listing: every instruction,
+  and the local-memory loads and stores that move spills."""
+  opcodes = _SASS_OPCODE.findall(listing)
+  if not opcodes:
+    raise ValueError(f"no instructions in the SASS listing: {listing[:300]!r}")
+  return dict(instructions=len(opcodes),
+              spill_instructions=sum(op in SPILL_OPCODES for op in opcodes))
+
+
 def compile_kernel(kernel: dict, workdir: pathlib.Path) -> dict:
-  """``kernel`` compiled for sm_90 by the ``triton`` package: its ptxas report and shared
-  memory."""
+  """``kernel`` compiled for sm_90 by the ``triton`` package: its ptxas report, shared memory
+  and SASS instruction counts."""
   os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # fused multiply-adds, as XLA's Triton
   try:
     import triton
@@ -178,10 +199,14 @@ def compile_kernel(kernel: dict, workdir: pathlib.Path) -> dict:
   binaries = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
   errors = []
   for ptxas in sorted(binaries.glob("ptxas*"), reverse=True):  # the newest PTX ISA first
+    cubin = ptx.with_suffix(".cubin")
     run = subprocess.run([str(ptxas), "-v", f"--gpu-name=sm_{ARCH}a", str(ptx), "-o",
-                          str(ptx.with_suffix(".cubin"))], capture_output=True, text=True)
+                          str(cubin)], capture_output=True, text=True)
     if run.returncode == 0:
-      return dict(parse_ptxas(run.stderr), shared_bytes=int(compiled.metadata.shared))
+      listing = subprocess.run([str(binaries / "nvdisasm"), str(cubin)], capture_output=True,
+                               text=True, check=True).stdout
+      return dict(parse_ptxas(run.stderr), shared_bytes=int(compiled.metadata.shared),
+                  **parse_sass(listing))
     errors.append(f"{ptxas.name}: {run.stderr.strip()[-300:]}")
   raise RuntimeError("no ptxas of the triton package assembled the PTX: " + "; ".join(errors))
 
@@ -202,13 +227,15 @@ def report(ops: Sequence[str], chunks: Sequence[int]) -> list[dict]:
 
 
 HEADER = (f"{'op':>6} {'chunk':>5} {'kernel':<30} {'warps':>5} {'stages':>6} {'regs':>5} "
-          f"{'spill st B':>10} {'spill ld B':>10} {'stack B':>8} {'smem B':>8}")
+          f"{'spill st B':>10} {'spill ld B':>10} {'stack B':>8} {'smem B':>8} {'SASS':>6} "
+          f"{'LDL+STL':>7}")
 
 
 def format_row(row: dict) -> str:
   return (f"{row['op']:>6} {row['chunk'] or '-':>5} {row['kernel']:<30} {row['num_warps']:>5} "
           f"{row['num_stages']:>6} {row['registers']:>5} {row['spill_store_bytes']:>10} "
-          f"{row['spill_load_bytes']:>10} {row['stack_bytes']:>8} {row['shared_bytes']:>8}")
+          f"{row['spill_load_bytes']:>10} {row['stack_bytes']:>8} {row['shared_bytes']:>8} "
+          f"{row['instructions']:>6} {row['spill_instructions']:>7}")
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:

@@ -146,6 +146,27 @@ def test_registers_reads_the_ptxas_report():
     registers.parse_ptxas("ptxas fatal : Unsupported .version 9.4")
 
 
+def test_registers_counts_the_sass_instructions():
+  """Every instruction of nvdisasm's listing once, predicated ones included, and the spill
+  moves (LDL, STL) apart; labels and section names are not instructions."""
+  from benchmarks import registers
+  listing = """
+        .text._k:
+.L_x_0:
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   S2R R0, SR_TID.X ;
+        /*0020*/              @!P0 LDL.64 R4, [R1+0x8] ;
+        /*0030*/               @P1 STL [R1], R2 ;
+        /*0040*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;
+        /*0050*/                   EXIT ;
+.L_x_1:
+        /*0060*/                   BRA `(.L_x_1);
+"""
+  assert registers.parse_sass(listing) == dict(instructions=7, spill_instructions=2)
+  with pytest.raises(ValueError, match="no instructions"):
+    registers.parse_sass(".text._k:\n")
+
+
 def test_kernels_times_the_kernels_at_each_kernel_chunk():
   """``--kernel-chunks`` adds rows "<kernel form> C<size>" for the chunked ops, each built with
   that chunk size and checked against "xla" like the default rows."""
