@@ -164,7 +164,7 @@ def parse_ptxas(report: str) -> dict:
               spill_store_bytes=int(spills.group(2)), spill_load_bytes=int(spills.group(3)))
 
 
-# "        /*0090*/                   @!P0 LDL.64 R4, [R1+0x8] ;": the address, a predicate, the opcode
+# "  /*0090*/   @!P0 LDL.64 R4, [R1+0x8] ;": the address, a predicate, the opcode
 _SASS_OPCODE = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T\d]+\s+)?([A-Z][A-Z0-9_]*)",
                           re.M)
 SPILL_OPCODES = ("LDL", "STL")
