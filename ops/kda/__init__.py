@@ -134,7 +134,9 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, return_final_state=
       the id changes; initial and final states belong to each row's first and last segment.
     cu_seqlens: optional concrete [N + 1] offsets of N sequences packed in one row (B = 1);
       each sequence runs alone from its own initial state and returns its own final state.
-    use_qk_l2norm_in_kernel: L2-normalise q and k over K first (x / sqrt(sum x^2 + 1e-6)).
+    use_qk_l2norm_in_kernel: L2-normalise q and k over K first (x / sqrt(sum x^2 + 1e-6),
+      ``ops.kda.l2norm``); the GPU kernels do it as they load q and k, from a float32 inverse
+      norm per token, the other forms in XLA before the op.
     implementation: None, "reference", "xla", "pallas_gpu" or "pallas_tpu".
     chunk_size: tokens per chunk of "xla" (a positive multiple of 16) and of the Pallas kernels
       (a power of two >= 16).
