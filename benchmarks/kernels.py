@@ -36,7 +36,12 @@ What is timed, on whatever device JAX sees (meant for an NVIDIA H200), in one ta
 ``--launch gradient_rows=4,1 state_backward=8,2`` sets the (num_warps, num_stages) of those
 GPU kernels of KDA and RWKV-7 (``ops.kda.pallas_gpu.LAUNCH``, which both ops share but for an
 op's own "<op>.<kernel>" entries, e.g. ``rwkv7.state_forward=8,3``) for the run, to sweep them;
-every JSON records the settings it ran with ("launch").
+every JSON records the settings it ran with ("launch"). With ``--ops kda-parts``,
+``--launch-variants base gradient_rows=2,3 "chunk_outputs=8,1;dT_rows=4,1"`` times the stages
+under each set of settings (on top of ``--launch``; "base" adds none) in one process, and
+``--rounds 2`` repeats the variants in turn (rows "pallas_gpu [<variant>] <stage>", with " r<n>"
+for the round when there are several): the same kernel moved by up to 30% between processes on
+the H200 (docs/kernels.md, version 8), so variants are compared within one.
 
 ``--kernel-chunks 32,16`` also times the KDA and RWKV-7 kernels at those chunk sizes (rows
 "pallas_gpu C32", ...), checked like the default rows; the nominal counts stay the C = 64 ones.
@@ -107,6 +112,7 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with PyTorch
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import dataclasses  # noqa: E402
 import statistics  # noqa: E402
@@ -707,30 +713,40 @@ def run_scan(bench: Bench, sizes: Sequence[ScanSize]) -> None:
 
 def run_kda_parts(bench: Bench, sizes: Sequence[SeqSize]) -> None:
   """Each of the GPU KDA stages and intra kernels timed alone (``ops.kda.pallas_gpu.stages``),
-  bf16 inputs, at the default chunk and each ``--kernel-chunks`` size; bytes are the stage's
-  arguments and outputs (FLOPs the C = 64 counts, stages only)."""
+  bf16 inputs, at the default chunk and each ``--kernel-chunks`` size, under each
+  ``--launch-variants`` setting (in turn, ``--rounds`` times); bytes are the stage's arguments
+  and outputs (FLOPs the C = 64 counts, stages only)."""
   dtype = jnp.bfloat16
+  variants = bench.args.launch_variants or [(None, ())]
+  rounds = bench.args.rounds
   for size in sizes:
     inputs, _ = kda_inputs(size, dtype)
     shape = dict(batch=size.batch, time=size.time, heads=size.heads, dim=size.dim)
     prepared = _prepare(inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["beta"],
                         size.heads, size.heads, size.dim, None, True, for_kernel=True)
-    for chunk_size in [None] + bench.args.kernel_chunks:
-      form = "pallas_gpu" if chunk_size is None else f"pallas_gpu C{chunk_size}"
-      for name, fn, args in pallas_gpu.stages(*prepared, inputs["initial_state"],
-                                              scale=size.dim ** -0.5,
-                                              chunk_size=chunk_size or 64, l2_normalize_qk=True):
-        out = jax.block_until_ready(fn(*args))
-        nbytes = sum(x.nbytes for x in jax.tree.leaves((args, out)))
-        flops = kda_stage_flops(name, size) if "." not in name else None  # stages only
-        rec = bench.record("kda-parts", size, dtype, f"{form} {name}",
-                           "bwd" if "backward" in name else "fwd", (flops, nbytes), **shape)
-        rec.update(time_compiled(fn, args, bench.args.warmup, bench.args.iters))
-        bench.emit(rec)
+    for round_index in range(rounds):
+      for label, settings in variants:
+        for chunk_size in [None] + bench.args.kernel_chunks:
+          form = " ".join(filter(None, [
+              "pallas_gpu", chunk_size and f"C{chunk_size}", label and f"[{label}]"]))
+          with launch_variant(settings):
+            rows = pallas_gpu.stages(*prepared, inputs["initial_state"],
+                                     scale=size.dim ** -0.5, chunk_size=chunk_size or 64,
+                                     l2_normalize_qk=True)
+            for name, fn, args in rows:
+              out = jax.block_until_ready(fn(*args))
+              nbytes = sum(x.nbytes for x in jax.tree.leaves((args, out)))
+              flops = kda_stage_flops(name, size) if "." not in name else None  # stages only
+              suffix = f" r{round_index + 1}" if rounds > 1 else ""
+              rec = bench.record("kda-parts", size, dtype, f"{form} {name}{suffix}",
+                                 "bwd" if "backward" in name else "fwd", (flops, nbytes),
+                                 **shape)
+              rec.update(time_compiled(fn, args, bench.args.warmup, bench.args.iters))
+              if label:
+                rec.update(launch_variant=label, round=round_index + 1)
+              bench.emit(rec)
     del inputs, prepared
 
-
-# ----------------------------------------------------------------------------------- ratios
 
 def _timed(records, **match):
   return [r for r in records if r["median_ms"] is not None
@@ -775,9 +791,29 @@ def _launch_setting(text: str) -> tuple[str, tuple[int, int]]:
   return name.strip(), tuple(numbers)
 
 
+def _launch_variant(text: str) -> tuple[str, tuple]:
+  """``base`` or ``NAME=WARPS,STAGES[;NAME=WARPS,STAGES...]`` as (the text, its settings)."""
+  text = text.strip()
+  if text == "base":
+    return text, ()
+  return text, tuple(_launch_setting(part) for part in text.split(";") if part.strip())
+
+
 def apply_launch(settings: Sequence[tuple[str, tuple[int, int]]]) -> None:
   """Sets the GPU kernels' launch settings (``ops.kda.pallas_gpu.LAUNCH``) for this process."""
   pallas_gpu.LAUNCH.update(settings)
+
+
+@contextlib.contextmanager
+def launch_variant(settings: Sequence[tuple[str, tuple[int, int]]]):
+  """``settings`` applied over the process's launch settings inside the block only."""
+  before = dict(pallas_gpu.LAUNCH)
+  apply_launch(settings)
+  try:
+    yield
+  finally:
+    pallas_gpu.LAUNCH.clear()
+    pallas_gpu.LAUNCH.update(before)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -799,6 +835,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       metavar="NAME=WARPS,STAGES",
                       help="KDA and RWKV-7 GPU kernels: launch settings for this run, of "
                       f"{', '.join(pallas_gpu.LAUNCH)}")
+  parser.add_argument("--launch-variants", nargs="+", type=_launch_variant, default=None,
+                      metavar="VARIANT",
+                      help="kda-parts: time the stages under each variant in one process: "
+                      "'base' or NAME=WARPS,STAGES[;NAME=WARPS,STAGES...], over --launch")
+  parser.add_argument("--rounds", type=int, default=1,
+                      help="kda-parts: time every launch variant this many times, in turn")
   parser.add_argument("--kernel-chunks", type=_ints, default=[],
                       help="KDA and RWKV-7: also time the kernels at these chunk sizes "
                       "(comma-separated; rows '<form> C<size>'), beside the default 64")
@@ -838,9 +880,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   args.ops = [op.strip() for op in args.ops.split(",") if op.strip()]
   if unknown := set(args.ops) - set(OPS):
     parser.error(f"--ops: unknown {sorted(unknown)}; choose from {','.join(OPS)}")
-  if unknown := {name for name, _ in args.launch} - set(pallas_gpu.LAUNCH):
-    parser.error(f"--launch: unknown kernels {sorted(unknown)}; choose from "
-                 f"{', '.join(pallas_gpu.LAUNCH)}")
+  for flag, settings in [("--launch", args.launch)] + [
+      ("--launch-variants", settings) for _, settings in args.launch_variants or []]:
+    if unknown := {name for name, _ in settings} - set(pallas_gpu.LAUNCH):
+      parser.error(f"{flag}: unknown kernels {sorted(unknown)}; choose from "
+                   f"{', '.join(pallas_gpu.LAUNCH)}")
+  if args.rounds < 1:
+    parser.error(f"--rounds must be at least 1, got {args.rounds}")
   sizes = SIZES[args.sizes or ("tiny" if args.smoke or not gpu else "full")]
   args.kda_sizes = args.kda_sizes or [SeqSize.parse(s) for s in sizes["kda"]]
   args.decode_sizes = args.decode_sizes or [DecodeSize.parse(s) for s in sizes["decode"]]

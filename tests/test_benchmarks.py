@@ -212,6 +212,42 @@ def test_kernels_launch_sets_the_gpu_kernels_launch_settings(monkeypatch, capsys
     assert message in capsys.readouterr().err
 
 
+def test_kernels_launch_variants_time_the_stages_under_each_setting_in_turn(monkeypatch,
+                                                                            capsys):
+  """``--launch-variants`` (kda-parts) builds the stages under each variant's settings, over
+  ``--launch``, ``--rounds`` times in turn, labels the rows with the variant and the round, and
+  leaves the process's settings as they were; a bad variant is refused."""
+  from benchmarks import kernels as kernels_bench
+  from ops.kda import pallas_gpu
+  monkeypatch.setattr(pallas_gpu, "LAUNCH", dict(pallas_gpu.LAUNCH))
+  seen = []
+
+  def stages(*args, **kwargs):  # the stages as built, without compiling the kernels
+    seen.append((pallas_gpu.LAUNCH["gradient_rows"], pallas_gpu.LAUNCH["dT_rows"]))
+    return [("intra_forward", lambda x: x + 1.0, (jnp.ones(3),))]
+
+  monkeypatch.setattr(kernels_bench.pallas_gpu, "stages", stages)
+  args = kernels_bench.parse_args([
+      "--smoke", "--ops", "kda-parts", "--kda-sizes", "B1,T64,H1,D16", "--launch", "dT_rows=4,1",
+      "--launch-variants", "base", "gradient_rows=2,3;dT_rows=1,1", "--rounds", "2"])
+  kernels_bench.apply_launch(args.launch)
+  before = dict(pallas_gpu.LAUNCH)
+  bench = kernels_bench.Bench(args)
+  kernels_bench.run_kda_parts(bench, args.kda_sizes)
+  base = before["gradient_rows"]
+  assert seen == [(base, (4, 1)), ((2, 3), (1, 1))] * 2
+  assert pallas_gpu.LAUNCH == before
+  assert [r["implementation"] for r in bench.records] == [
+      f"pallas_gpu [{v}] intra_forward r{n}" for n in (1, 2)
+      for v in ("base", "gradient_rows=2,3;dT_rows=1,1")]
+  assert all(r["median_ms"] > 0 for r in bench.records)
+  for bad, message in [("gradient_rows=2,3;nope=1,1", "unknown kernels"),
+                       ("gradient_rows=2", "NAME=WARPS,STAGES")]:
+    with pytest.raises(SystemExit):
+      kernels_bench.parse_args(["--smoke", "--launch-variants", bad])
+    assert message in capsys.readouterr().err
+
+
 def test_kernels_check_form_picks_what_the_chunked_kernels_are_checked_against():
   """``--check-form reference`` checks the KDA and RWKV-7 kernels against "reference" (never
   building "xla"); the decode step is always checked against "reference"."""
