@@ -16,8 +16,9 @@ Implementations: ``"reference"`` (token-by-token ``lax.scan``), ``"xla"`` (chunk
 UT-transform form, ``ops.kda.chunk``), ``"pallas_gpu"`` and ``"pallas_tpu"`` (the same chunkwise
 algorithm as Pallas Triton and Mosaic TPU kernels, ``ops.kda.pallas_gpu`` and
 ``ops.kda.pallas_tpu``; interpret mode off their hardware). ``None`` picks the platform's kernels
-on a GPU or TPU and ``"xla"`` elsewhere. Arithmetic is float32 whatever the input dtype (the kernels'
-matrix products use TF32 passes on the GPU, see ``ops.kda.pallas_gpu``); ``o`` takes v's dtype.
+on a GPU or TPU and ``"xla"`` elsewhere. Arithmetic is float32 whatever the input dtype (the
+kernels' matrix products use TF32 passes on the GPU, see ``ops.kda.pallas_gpu``); ``o`` takes v's
+dtype.
 """
 
 from __future__ import annotations
