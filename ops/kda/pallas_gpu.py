@@ -280,12 +280,19 @@ def _load_matrices(op, refs, b, h, c, rows, values):
 
 # ------------------------------------------------------------------------------------ kernels
 
+def _split_inverse_norms(tokens, normalized):
+  """(the op's tokens, their inverse norms) from the kernels' tokens: the op's tokens followed
+  by the inverse norm of each whose index is in ``normalized`` (``_with_inverse_norms``)."""
+  count = len(tokens) - len(normalized)
+  return list(tokens[:count]), tokens[count:]
+
+
 def _load_tokens(token_refs, where, normalized):
-  """The op's token inputs at ``where`` as float32 tiles, from the kernel's token refs (the op's
-  tokens, then the inverse norms [.., 1] of those whose indices are in ``normalized``, in that
-  order): each token in ``normalized`` multiplied by its inverse norm, as it is loaded."""
-  tiles = [ref[where].astype(F32) for ref in token_refs]
-  tokens, inverse_norms = tiles[:len(tiles) - len(normalized)], tiles[len(tiles) - len(normalized):]
+  """The op's token inputs at ``where`` as float32 tiles, from the kernel's token refs (laid out
+  as ``_split_inverse_norms`` reads them): each token in ``normalized`` multiplied by its
+  inverse norm [.., 1], as it is loaded."""
+  tokens, inverse_norms = _split_inverse_norms([ref[where].astype(F32) for ref in token_refs],
+                                               normalized)
   for i, inverse in zip(normalized, inverse_norms):
     tokens[i] = tokens[i] * inverse
   return tokens
@@ -706,12 +713,11 @@ def _kda_intra_forward(op, tokens, masks, *, scale, normalized, sizes, interpret
 
 
 def _gradient_shapes(tokens, normalized):
-  """The op's token gradients' shapes and dtypes, from the kernel's tokens (the op's, then the
-  inverse norms of those in ``normalized``): a normalised token's gradient float32 (the
-  normalisation's backward follows in XLA), each other's in its token's dtype."""
-  count = len(tokens) - len(normalized)
+  """The op's token gradients' shapes and dtypes, from the kernels' tokens
+  (``_split_inverse_norms``): a normalised token's gradient float32 (the normalisation's
+  backward follows in XLA), each other's in its token's dtype."""
   return [jax.ShapeDtypeStruct(x.shape, F32 if i in normalized else x.dtype)
-          for i, x in enumerate(tokens[:count])]
+          for i, x in enumerate(_split_inverse_norms(tokens, normalized)[0])]
 
 
 def _intra_backward(op, tokens, masks, cotangents, saved, *, scale, normalized, sizes, interpret,
@@ -911,7 +917,7 @@ def _walk_bwd(op, scale, normalized, C, interpret, residuals, cotangents):
   matrix_cotangents, dh0 = _state_backward(op, matrices, states, dO, dfinal, **config)
   grads = list((op.intra_backward or _intra_backward)(
       op, tokens, masks, matrix_cotangents, saved, scale=scale, normalized=normalized, **config))
-  for i, inverse in zip(normalized, tokens[len(grads):]):
+  for i, inverse in zip(normalized, _split_inverse_norms(tokens, normalized)[1]):
     grads[i] = l2norm.normalize_backward(tokens[i], inverse, grads[i]).astype(tokens[i].dtype)
   return tuple(grads), (None,) * len(masks), dh0
 
