@@ -324,6 +324,16 @@ state_backward, state_step_backward, state_cotangents = state_backward_forms(
     _pseudo_values_cotangent, _state_cotangents, _state_before_cotangent)
 
 
+def rows_and_columns_cotangents(q, k, diagonal, dq_rows, dk_rows, dk_columns):
+  """(dq, dk, dG) of the intra backward from its sums by kind. Apart from the diagonal of A_qk
+  (q . k, no gate; ``diagonal`` its cotangent [.., 1]), every term reads q and k either as rows,
+  q exp(G) and k exp(G) (the pair products' rows, W, Q Gamma: ``dq_rows``, ``dk_rows``), or as
+  columns, k exp(-G) (the pair products' columns, Kg: ``dk_columns``), so the cotangent of the
+  cumulative gate G is q dq_rows + k (dk_rows - dk_columns), formed once."""
+  return (dq_rows + diagonal * k, dk_rows + dk_columns + diagonal * q,
+          q * dq_rows + k * (dk_rows - dk_columns))
+
+
 def intra_backward(c: Chunk, v, d: ChunkMatrices):
   """(dq, dk, dv, dg, dbeta [C, 1]) of one chunk from the cotangents of its ``ChunkMatrices``;
   dq is for the scaled q."""
@@ -355,15 +365,9 @@ def intra_backward(c: Chunk, v, d: ChunkMatrices):
   dv = dX_u * beta
   # Q Gamma (carried rows), K exp(G_C - G) (last-segment rows), exp(G_C) (the state decay).
   dKg_end = d.Kg * c.last * to_end
-  # Apart from the diagonal of A_qk (q . k, no gate), every term reads q and k as rows, q exp(G)
-  # and k exp(G) (the pair products' rows, W, Q Gamma), or as columns, k exp(-G) (the pair
-  # products' columns, Kg): the cotangent of G is q dq_rows + k (dk_rows - dk_columns).
-  dq_rows = dq_pairs + d.Qg * c.carried * gamma
-  dk_rows = dk_row + dX_w * beta * gamma
-  dk_columns = dk_qk + dk_kk + dKg_end
-  dq = dq_rows + diagonal * k
-  dk = dk_rows + dk_columns + diagonal * q
-  dG = q * dq_rows + k * (dk_rows - dk_columns)
+  dq, dk, dG = rows_and_columns_cotangents(
+      q, k, diagonal, dq_rows=dq_pairs + d.Qg * c.carried * gamma,
+      dk_rows=dk_row + dX_w * beta * gamma, dk_columns=dk_qk + dk_kk + dKg_end)
   dG_last = (jnp.sum(dKg_end * k, axis=0, keepdims=True)
              + d.decay * c.carried_last * jnp.exp(G_last))
   dG = dG + jnp.where(iota((C, 1), 0) == C - 1, dG_last, 0.0)

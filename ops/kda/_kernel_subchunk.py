@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from ops.kda._kernel_chunk import (F32, Chunk, LevelSplit, Primitives, eye, iota, last_row,
-                                   unit_lower_inverse)
+                                   rows_and_columns_cotangents, unit_lower_inverse)
 
 SUB = 16  # rows per sub-chunk: the smallest tile Triton's tensor-core products take
 GRADIENTS = ("dq", "dk", "dg", "dv", "dbeta")  # the token gradients, in the token order
@@ -293,20 +293,19 @@ def gradient_rows(load: Callable, cotangent: Callable, load_dA_kk: Callable, loa
   G_C = G_start + total + gap
   to_end = jnp.exp(G_C - G)
   dKg_end = cotangent("Kg", j) * x.last * to_end
-  # Apart from the diagonal of A_qk (q . k, no gate), every term reads j's q and k as rows,
-  # q exp(G) and k exp(G) (the earlier sub-chunks, the diagonal block's rows, W and Qg), or as
-  # columns, k exp(-G) (the later ones, the diagonal block's columns, Kg): the cotangent of G is
-  # q dq_rows + k (dk_rows - dk_columns), formed once here.
+  # Rows: the earlier sub-chunks, the diagonal block's rows, W and Qg; columns: the later
+  # sub-chunks, the diagonal block's columns, Kg.
   dq_rows = dq + dq_d + cotangent("Qg", j) * x.carried * gamma
   dk_rows = dk + dk_row + dX_w * x.beta * gamma
   dk_columns = dY * jnp.exp(total - local) + dk_qk + dk_kk + dKg_end
   through_end = jnp.sum(dKg_end * x.k, axis=0, keepdims=True) + jnp.where(
       j == num_blocks - 1, cotangent("decay", None) * last_row(x.carried) * jnp.exp(G_C), 0.0)
-  store("dq", (dq_rows + on_diagonal * x.k) * scale)
-  store("dk", dk_rows + dk_columns + on_diagonal * x.q)
   store("dv", dX_u * x.beta)
   store("dbeta", dbeta)
-  store("dG", x.q * dq_rows + x.k * (dk_rows - dk_columns))
+  dq, dk, dG = rows_and_columns_cotangents(x.q, x.k, on_diagonal, dq_rows, dk_rows, dk_columns)
+  store("dq", dq * scale)
+  store("dk", dk)
+  store("dG", dG)
   store("through_end", through_end)
 
 
