@@ -214,17 +214,22 @@ def test_kernels_launch_sets_the_gpu_kernels_launch_settings(monkeypatch, capsys
 
 def test_kernels_launch_variants_time_the_stages_under_each_setting_in_turn(monkeypatch,
                                                                             capsys):
-  """``--launch-variants`` (kda-parts) builds the stages under each variant's settings, over
-  ``--launch``, ``--rounds`` times in turn, labels the rows with the variant and the round, and
-  leaves the process's settings as they were; a bad variant is refused."""
+  """``--launch-variants`` (kda-parts) builds and times the stages under each variant's
+  settings, over ``--launch``, ``--rounds`` times in turn, labels the rows with the variant and
+  the round, and leaves the process's settings as they were; a bad variant is refused."""
   from benchmarks import kernels as kernels_bench
   from ops.kda import pallas_gpu
   monkeypatch.setattr(pallas_gpu, "LAUNCH", dict(pallas_gpu.LAUNCH))
-  seen = []
+  seen, called = [], []
 
   def stages(*args, **kwargs):  # the stages as built, without compiling the kernels
     seen.append((pallas_gpu.LAUNCH["gradient_rows"], pallas_gpu.LAUNCH["dT_rows"]))
-    return [("intra_forward", lambda x: x + 1.0, (jnp.ones(3),))]
+
+    def stage(x):  # a stage row traces its kernels, reading LAUNCH, when it is called
+      called.append(pallas_gpu.LAUNCH["gradient_rows"])
+      return x + 1.0
+
+    return [("intra_forward", stage, (jnp.ones(3),))]
 
   monkeypatch.setattr(kernels_bench.pallas_gpu, "stages", stages)
   args = kernels_bench.parse_args([
@@ -236,6 +241,8 @@ def test_kernels_launch_variants_time_the_stages_under_each_setting_in_turn(monk
   kernels_bench.run_kda_parts(bench, args.kda_sizes)
   base = before["gradient_rows"]
   assert seen == [(base, (4, 1)), ((2, 3), (1, 1))] * 2
+  per_row = len(called) // 4
+  assert called == ([base] * per_row + [(2, 3)] * per_row) * 2
   assert pallas_gpu.LAUNCH == before
   assert [r["implementation"] for r in bench.records] == [
       f"pallas_gpu [{v}] intra_forward r{n}" for n in (1, 2)
