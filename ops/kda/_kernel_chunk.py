@@ -41,6 +41,14 @@ import jax
 import jax.numpy as jnp
 
 F32 = jnp.float32
+LOG2E = 1.4426950408889634  # log2(e)
+
+
+def exp(x):
+  """e**x as exp2(x log2(e)): a multiply and one special-function instruction on a GPU, where
+  ``jnp.exp`` is a libdevice call of about ten instructions (relative error ~1e-7 either way at
+  the gates' magnitudes)."""
+  return jnp.exp2(x * LOG2E)
 
 
 class Primitives(NamedTuple):
@@ -146,7 +154,7 @@ class LevelSplit:
     row_gates = (self.G,) if row_gates is None else row_gates
     for s in levels(self.C):
       before, end = self.prims.level_references(self.G, self.steps, s)
-      yield ([jnp.exp(R - before) for R in row_gates], jnp.exp(end - self.G),
+      yield ([exp(R - before) for R in row_gates], exp(end - self.G),
              level_mask(self.C, s))
 
   def products(self, pairs, row_gates=None):
@@ -254,7 +262,7 @@ class ChunkMatrices(NamedTuple):
 
 
 def intra_forward(c: Chunk, v) -> ChunkMatrices:
-  gamma = jnp.exp(c.G)
+  gamma = exp(c.G)
   G_last = last_row(c.G)
   diagonal = jnp.where(iota((c.C, c.C), 0) == iota((c.C, c.C), 1),
                        jnp.sum(c.q * c.k, axis=1, keepdims=True), 0.0)
@@ -262,9 +270,9 @@ def intra_forward(c: Chunk, v) -> ChunkMatrices:
       W=c.carried * c.prims.dot(c.T, c.beta * c.k * gamma),
       U=c.prims.dot(c.T, c.beta * v),
       Qg=c.carried * c.q * gamma,
-      Kg=c.last * c.k * jnp.exp(G_last - c.G),
+      Kg=c.last * c.k * exp(G_last - c.G),
       A=(c.P_qk + diagonal) * c.lower,
-      decay=c.carried_last * jnp.exp(G_last))
+      decay=c.carried_last * exp(G_last))
 
 
 def state_forward(S, m: ChunkMatrices, dot):
@@ -340,9 +348,9 @@ def intra_backward(c: Chunk, v, d: ChunkMatrices):
   dot = c.prims.dot
   C = c.C
   q, k, beta = c.q, c.k, c.beta
-  gamma = jnp.exp(c.G)
+  gamma = exp(c.G)
   G_last = last_row(c.G)
-  to_end = jnp.exp(G_last - c.G)
+  to_end = exp(G_last - c.G)
 
   # W = carried T (beta k Gamma), U = T (beta v).
   dW = c.carried * d.W
@@ -369,7 +377,7 @@ def intra_backward(c: Chunk, v, d: ChunkMatrices):
       q, k, diagonal, dq_rows=dq_pairs + d.Qg * c.carried * gamma,
       dk_rows=dk_row + dX_w * beta * gamma, dk_columns=dk_qk + dk_kk + dKg_end)
   dG_last = (jnp.sum(dKg_end * k, axis=0, keepdims=True)
-             + d.decay * c.carried_last * jnp.exp(G_last))
+             + d.decay * c.carried_last * exp(G_last))
   dG = dG + jnp.where(iota((C, 1), 0) == C - 1, dG_last, 0.0)
   # G = cumsum(g): dg_r = sum_{j >= r} dG_j.
   dg = c.prims.cumsum(dG, reverse=True)

@@ -46,7 +46,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ops.kda._kernel_chunk import (F32, Chunk, LevelSplit, Primitives, eye, iota, last_row,
+from ops.kda._kernel_chunk import (F32, Chunk, LevelSplit, Primitives, exp, eye, iota, last_row,
                                    rows_and_columns_cotangents, unit_lower_inverse)
 
 SUB = 16  # rows per sub-chunk: the smallest tile Triton's tensor-core products take
@@ -106,7 +106,7 @@ def _gated_columns(y: Rows, prims: Primitives):
   its total gate G_m - G_start [1, K]); exponents <= 0."""
   local = prims.cumsum(y.g, reverse=False)
   total = last_row(local)
-  return y.k * jnp.exp(total - local), total
+  return y.k * exp(total - local), total
 
 
 def pair_rows(load: Callable, j, num_blocks: int, prims: Primitives, store: Callable) -> None:
@@ -133,7 +133,7 @@ def pair_rows(load: Callable, j, num_blocks: int, prims: Primitives, store: Call
     a = j - 1 - step
     y = load(a)
     columns, total = _gated_columns(y, prims)
-    to_m = jnp.exp(c.G + since)
+    to_m = exp(c.G + since)
     mask = same_segment(x.segment, y.segment)
     store("A", dot(x.q * to_m, columns, trans_b=True) * mask, a)
     store("M", dot(x.k * to_m, columns, trans_b=True) * mask, a)
@@ -171,13 +171,13 @@ def chunk_outputs(x: Rows, T, prims: Primitives, store: Callable) -> None:
   decay carried_C exp(G_C) ([1, K]). Each is a column-wise function of x's columns, so x may
   hold a block of the key and value columns (the outputs are then that block's)."""
   G = prims.cumsum(x.g, reverse=False)
-  gamma = jnp.exp(G)
+  gamma = exp(G)
   store("W", x.carried * prims.dot(T, x.beta * x.k * gamma))
   store("U", prims.dot(T, x.beta * x.v))
   store("Qg", x.carried * x.q * gamma)
   G_C = last_row(G)
-  store("Kg", x.last * x.k * jnp.exp(G_C - G))
-  store("decay", last_row(x.carried) * jnp.exp(G_C))
+  store("Kg", x.last * x.k * exp(G_C - G))
+  store("decay", last_row(x.carried) * exp(G_C))
 
 
 def dT_rows(load: Callable, cotangent: Callable, j, prims: Primitives, store: Callable) -> None:
@@ -190,7 +190,7 @@ def dT_rows(load: Callable, cotangent: Callable, j, prims: Primitives, store: Ca
   def column(a, G_start):
     y = load(a)
     G = G_start + prims.cumsum(y.g, reverse=False)
-    store(prims.dot(dW, y.beta * y.k * jnp.exp(G), trans_b=True)
+    store(prims.dot(dW, y.beta * y.k * exp(G), trans_b=True)
           + prims.dot(dU, y.beta * y.v, trans_b=True), a)
     return last_row(G)
 
@@ -249,7 +249,7 @@ def gradient_rows(load: Callable, cotangent: Callable, load_dA_kk: Callable, loa
     a = j - 1 - step
     y = load(a)
     columns, y_total = _gated_columns(y, prims)
-    to_m = jnp.exp(local + since)
+    to_m = exp(local + since)
     mask = same_segment(x.segment, y.segment)
     dA_qk = cotangent("A", j, a) * mask
     dA_kk = load_dA_kk(j, a)
@@ -263,7 +263,7 @@ def gradient_rows(load: Callable, cotangent: Callable, load_dA_kk: Callable, loa
     gap, dY, dX_w, dX_u = carry
     z = load(b)
     z_local = prims.cumsum(z.g, reverse=False)
-    to_m = jnp.exp(z_local + gap)
+    to_m = exp(z_local + gap)
     mask = same_segment(z.segment, x.segment)
     T_bj = load_T(b, j)
     return (gap + last_row(z_local),
@@ -287,19 +287,19 @@ def gradient_rows(load: Callable, cotangent: Callable, load_dA_kk: Callable, loa
                         axis=1, keepdims=True)
 
   G = G_start + local
-  gamma = jnp.exp(G)
+  gamma = exp(G)
   dbeta = (jnp.sum(dX_w * x.k * gamma, axis=1, keepdims=True)
            + jnp.sum(dX_u * x.v, axis=1, keepdims=True))
   G_C = G_start + total + gap
-  to_end = jnp.exp(G_C - G)
+  to_end = exp(G_C - G)
   dKg_end = cotangent("Kg", j) * x.last * to_end
   # Rows: the earlier sub-chunks, the diagonal block's rows, W and Qg; columns: the later
   # sub-chunks, the diagonal block's columns, Kg.
   dq_rows = dq + dq_d + cotangent("Qg", j) * x.carried * gamma
   dk_rows = dk + dk_row + dX_w * x.beta * gamma
-  dk_columns = dY * jnp.exp(total - local) + dk_qk + dk_kk + dKg_end
+  dk_columns = dY * exp(total - local) + dk_qk + dk_kk + dKg_end
   through_end = jnp.sum(dKg_end * x.k, axis=0, keepdims=True) + jnp.where(
-      j == num_blocks - 1, cotangent("decay", None) * last_row(x.carried) * jnp.exp(G_C), 0.0)
+      j == num_blocks - 1, cotangent("decay", None) * last_row(x.carried) * exp(G_C), 0.0)
   store("dv", dX_u * x.beta)
   store("dbeta", dbeta)
   dq, dk, dG = rows_and_columns_cotangents(x.q, x.k, on_diagonal, dq_rows, dk_rows, dk_columns)

@@ -42,7 +42,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ops.kda._kernel_chunk import (F32, LevelSplit, Primitives, eye, iota, last_row,
+from ops.kda._kernel_chunk import (F32, LevelSplit, Primitives, exp, eye, iota, last_row,
                                    state_backward_forms)
 
 
@@ -111,11 +111,11 @@ class ChunkMatrices(NamedTuple):
 def intra_forward(c: Chunk, v) -> ChunkMatrices:
   dot = c.prims.dot
   G_last = last_row(c.G)
-  to_end = c.last * jnp.exp(G_last - c.G)
+  to_end = c.last * exp(G_last - c.G)
   return ChunkMatrices(
-      W=c.carried * dot(c.T, c.a * jnp.exp(c.G_before)), U=dot(c.T, dot(c.A_ak, v)),
-      Rg=c.carried * c.r * jnp.exp(c.G), A=c.A_rb, Y=dot(c.A_rk, v), Bg=c.b * to_end,
-      Kg=c.k * to_end, values=v, decay=c.carried_last * jnp.exp(G_last))
+      W=c.carried * dot(c.T, c.a * exp(c.G_before)), U=dot(c.T, dot(c.A_ak, v)),
+      Rg=c.carried * c.r * exp(c.G), A=c.A_rb, Y=dot(c.A_rk, v), Bg=c.b * to_end,
+      Kg=c.k * to_end, values=v, decay=c.carried_last * exp(G_last))
 
 
 def state_forward(S, m: ChunkMatrices, dot):
@@ -155,9 +155,9 @@ def intra_backward(c: Chunk, v, d: ChunkMatrices):
   ``ChunkMatrices``; dr is for the scaled r."""
   dot = c.prims.dot
   C = c.C
-  gamma, gamma_before = jnp.exp(c.G), jnp.exp(c.G_before)
+  gamma, gamma_before = exp(c.G), exp(c.G_before)
   G_last = last_row(c.G)
-  to_end = jnp.exp(G_last - c.G)
+  to_end = exp(G_last - c.G)
 
   # W = carried T (a exp(G~)), U = T Z with Z = A_ak v.
   dW = c.carried * d.W
@@ -192,7 +192,7 @@ def intra_backward(c: Chunk, v, d: ChunkMatrices):
   through_end = (dBg * c.b + dKg * c.k) * to_end
   dG = dG - through_end
   dG_last = (jnp.sum(through_end, axis=0, keepdims=True)
-             + d.decay * c.carried_last * jnp.exp(G_last))
+             + d.decay * c.carried_last * exp(G_last))
   dG = dG + jnp.where(iota((C, 1), 0) == C - 1, dG_last, 0.0)
   # G~_t = G_{t-1} and G = cumsum(w): dw_t = sum_{j >= t} dG_j + sum_{j > t} dG~_j.
   dw = c.prims.cumsum(dG + dG_before, reverse=True) - dG_before

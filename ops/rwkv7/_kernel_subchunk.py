@@ -23,7 +23,7 @@ from typing import Callable, NamedTuple
 
 import jax.numpy as jnp
 
-from ops.kda._kernel_chunk import F32, Primitives, iota, last_row
+from ops.kda._kernel_chunk import F32, Primitives, exp, iota, last_row
 from ops.kda._kernel_subchunk import SUB, block_inverse_backward, same_segment, substitution_row
 from ops.rwkv7._kernel_chunk import Chunk, _diagonal
 
@@ -65,7 +65,7 @@ def _rows_of_sub_chunk(x: Rows, G_start, earlier, prims: Primitives):
   rows = ([], [], [], [])
   for G_m, b_cols, k_cols, segment in earlier:
     mask = same_segment(x.segment, segment)
-    strict_rows, gated_rows = x.a * jnp.exp(G_before - G_m), x.r * jnp.exp(G - G_m)
+    strict_rows, gated_rows = x.a * exp(G_before - G_m), x.r * exp(G - G_m)
     for blocks, (row_factor, columns) in zip(rows, ((strict_rows, b_cols), (strict_rows, k_cols),
                                                     (gated_rows, b_cols), (gated_rows, k_cols))):
       blocks.append(prims.dot(row_factor, columns, trans_b=True) * mask)
@@ -95,20 +95,20 @@ def intra_forward(load: Callable[[int], Rows], num_blocks: int, prims: Primitive
     T.append(substitution_row(T, ab_row, c.T, dot, sign=-1.0))
     values = [v for *_, v, _ in kept] + [x.v]
     ak_v.append(sum(dot(A, v) for A, v in zip(ak_row, values)))
-    rhs_w.append(x.a * jnp.exp(G_before))
+    rhs_w.append(x.a * exp(G_before))
     store("W", x.carried * sum(dot(T[blk][a], rhs_w[a]) for a in range(blk + 1)), blk)
     store("U", sum(dot(T[blk][a], ak_v[a]) for a in range(blk + 1)), blk)
     store("Y", sum(dot(A, v) for A, v in zip(rk_row, values)), blk)
-    store("Rg", x.carried * x.r * jnp.exp(G), blk)
+    store("Rg", x.carried * x.r * exp(G), blk)
     G_end = last_row(G)
-    to_end = jnp.exp(G_end - G)
+    to_end = exp(G_end - G)
     kept.append((G_end, x.b * to_end, x.k * to_end, x.segment, x.v, x.last))
     carried = x.carried
   for blk, (G_m, b_cols, k_cols, _, _, last) in enumerate(kept):
-    to_end = last * jnp.exp(G_end - G_m)
+    to_end = last * exp(G_end - G_m)
     store("Bg", b_cols * to_end, blk)
     store("Kg", k_cols * to_end, blk)
-  store("decay", last_row(carried) * jnp.exp(G_end), None)
+  store("decay", last_row(carried) * exp(G_end), None)
 
 
 def intra_backward(load: Callable[[int], Rows], cotangent: Callable, num_blocks: int,
@@ -146,12 +146,12 @@ def intra_backward(load: Callable[[int], Rows], cotangent: Callable, num_blocks:
         x, G_start, list(zip(ends, b_cols, k_cols, segments)), prims)
     T.append(substitution_row(T, ab_row, c.T, dot, sign=-1.0))
     ak_v.append(sum(dot(A, v) for A, v in zip(ak_row, values + [x.v])))
-    rhs_w.append(x.a * jnp.exp(G_before))
+    rhs_w.append(x.a * exp(G_before))
     dW, dU = x.carried * cotangent("W", j), cotangent("U", j)
     dT.append([dot(dW, rhs_w[a], trans_b=True) + dot(dU, ak_v[a], trans_b=True)
                for a in range(j + 1)])
     G_end = last_row(G)
-    to_m = jnp.exp(G_end - G)
+    to_m = exp(G_end - G)
     b_cols.append(x.b * to_m)
     k_cols.append(x.k * to_m)
     through_end.append(jnp.sum(x.last * (cotangent("Bg", j) * b_cols[j]
@@ -166,8 +166,8 @@ def intra_backward(load: Callable[[int], Rows], cotangent: Callable, num_blocks:
     carried.append(x.carried)
     G_start = G_end
   G_C = G_start
-  dG_C = (sum(e * jnp.exp(G_C - G_m) for e, G_m in zip(through_end, ends))
-          + cotangent("decay", None) * last_row(carried[-1]) * jnp.exp(G_C))
+  dG_C = (sum(e * exp(G_C - G_m) for e, G_m in zip(through_end, ends))
+          + cotangent("decay", None) * last_row(carried[-1]) * exp(G_C))
 
   # Pass 2.
   t, i = iota((SUB, SUB), 0), iota((SUB, SUB), 1)
@@ -187,7 +187,7 @@ def intra_backward(load: Callable[[int], Rows], cotangent: Callable, num_blocks:
     x = load(j)
     c = Chunk(x.r, x.w, x.k, x.a, x.b, x.segment, x.carried, x.last, prims)
     G, G_before = starts[j] + c.G, starts[j] + c.G_before
-    gamma, gamma_before = jnp.exp(G), jnp.exp(G_before)
+    gamma, gamma_before = exp(G), exp(G_before)
     dZ = sum(dot(T[b][j], cotangent("U", b), trans_a=True) for b in range(j, n))
     dY_j = cotangent("Y", j)
     dA_ak = [dot(dZ, values[a], trans_b=True) * support(j, a, strict=True)
@@ -208,7 +208,7 @@ def intra_backward(load: Callable[[int], Rows], cotangent: Callable, num_blocks:
     dk = dk_a + dk_r + on_rk * x.r
     dG = dG + dG_row
     for a in range(j):  # block (j, a): j's gated rows against a's gated columns
-      strict_rows, rows = jnp.exp(G_before - ends[a]), jnp.exp(G - ends[a])
+      strict_rows, rows = exp(G_before - ends[a]), exp(G - ends[a])
       a_rows, r_rows = x.a * strict_rows, x.r * rows
       dA_b, dA_k = (dot(dA_ab[j][a], b_cols[a]) + dot(dA_ak[a], k_cols[a]),
                     dot(dA_rb[a], b_cols[a]) + dot(dA_rk[a], k_cols[a]))
@@ -222,7 +222,7 @@ def intra_backward(load: Callable[[int], Rows], cotangent: Callable, num_blocks:
                    dk_cols + dot(dA_ak[a], a_rows, trans_a=True)
                    + dot(dA_rk[a], r_rows, trans_a=True))
     db_cols, dk_cols = d_cols[j]
-    to_m = jnp.exp(ends[j] - G)
+    to_m = exp(ends[j] - G)
     db = db + db_cols * to_m
     dk = dk + dk_cols * to_m
     dG = dG - (db_cols * x.b + dk_cols * x.k) * to_m
@@ -234,7 +234,7 @@ def intra_backward(load: Callable[[int], Rows], cotangent: Callable, num_blocks:
     dr = dr + dRg * gamma
     dG = dG + dRg * x.r * gamma
     dBg, dKg = x.last * cotangent("Bg", j), x.last * cotangent("Kg", j)
-    to_end = jnp.exp(G_C - G)
+    to_end = exp(G_C - G)
     db = db + dBg * to_end
     dk = dk + dKg * to_end
     dG = dG - (dBg * x.b + dKg * x.k) * to_end
