@@ -45,9 +45,10 @@ the H200 (docs/kernels.md, version 8), so variants are compared within one.
 
 ``--kernel-chunks 32,16`` also times the KDA and RWKV-7 kernels at those chunk sizes (rows
 "pallas_gpu C32", ...), checked like the default rows; the nominal counts stay the C = 64 ones.
-``--scan-block-ds 4,8`` likewise times the scan's "pallas_gpu" kernel at those channels per
-program (rows "pallas_gpu d4", ...; ``ops.selective_scan.pallas_gpu.selective_scan(...,
-block_d=)`` called directly, as the public function leaves block_d to ``default_block_d``).
+``--scan-options block_d=32,segments=8 segments=1`` likewise times the scan's "pallas_gpu"
+kernel at those settings (rows "pallas_gpu block_d=32,segments=8", ...; keywords of
+``ops.selective_scan.pallas_gpu.selective_scan``, called directly, as the public function
+leaves them to their defaults).
 
 How: every JAX case is compiled once (``jax.jit(...).lower(...).compile()``), called once (that
 output feeds the check below), warmed up ``--warmup`` more times and timed over ``--iters`` calls
@@ -372,22 +373,47 @@ def decode_fn(form: str, backward: bool = False) -> Callable:
   return step
 
 
-def scan_fn(form: str, backward: bool, block_d: int | None = None) -> Callable:
-  """``selective_scan`` in ``form``; with ``block_d``, the "pallas_gpu" kernel called directly
-  at that many channels per program (the public function has no such argument)."""
+SCAN_OPTIONS = ("block_d", "segments", "chunk", "num_warps_forward", "num_warps_backward")
+
+
+def scan_options(text: str) -> dict[str, int]:
+  """``"block_d=32,segments=8"`` -> {"block_d": 32, "segments": 8}, keywords of SCAN_OPTIONS."""
+  options = {}
+  for item in text.split(","):
+    name, _, value = item.partition("=")
+    if name not in SCAN_OPTIONS or not value.isdigit():
+      raise ValueError(f"scan option {item!r}: expected NAME=INTEGER with NAME one of "
+                       f"{', '.join(SCAN_OPTIONS)}")
+    options[name] = int(value)
+  return options
+
+
+def _scan_options_text(text: str) -> str:
+  """``--scan-options``' type: the text, once ``scan_options`` has read it."""
+  try:
+    scan_options(text)
+  except ValueError as error:
+    raise argparse.ArgumentTypeError(str(error)) from error
+  return text
+
+
+def scan_fn(form: str, backward: bool, options: str | None = None) -> Callable:
+  """``selective_scan`` in ``form``; with ``options`` (``scan_options``), the "pallas_gpu"
+  kernel called directly with those settings (the public function has no such arguments)."""
+  settings = None if options is None else scan_options(options)
 
   def forward(inputs, cotangent=None):
     del cotangent
-    if block_d is None:
+    if settings is None:
       return selective_scan(**inputs, delta_softplus=True, implementation=form)
     if form != "pallas_gpu":
-      raise ValueError(f"block_d applies to the pallas_gpu kernel only, not {form!r}")
+      raise ValueError(f"scan options apply to the pallas_gpu kernel only, not {form!r}")
     B, C = inputs["B"], inputs["C"]
     if B.ndim == 3:  # [batch, time, state]: one group
       B, C = B[:, :, None], C[:, :, None]
     out, _ = scan_gpu.selective_scan(inputs["u"], inputs["delta"], inputs["A"], B, C, inputs["D"],
                                      inputs["z"], inputs["delta_bias"], True, None, None,
-                                     block_d=block_d)
+                                     **settings)
     return out
   return harness.with_backward(forward) if backward else forward
 
@@ -514,7 +540,7 @@ class Bench:
     the kernels against ``check_form`` first; returns ``check_form``'s outputs by pass (named
     leaves), for checking the peers. ``variants = (keyword, label, values)``: the kernels also
     run at each value of one keyword argument (``make_fn(form, backward, keyword=value)``), as
-    form "<form> <label><value>" (``--kernel-chunks``, ``--scan-block-ds``)."""
+    form "<form> <label><value>" (``--kernel-chunks``, ``--scan-options``)."""
     expected: dict[str, dict] = {}
     forms = [(f, None) for f in FORMS  # in this order, so "xla" is run (and kept) first
              if f in self.args.implementations and (f != "xla" or check_form == "xla")]
@@ -708,7 +734,7 @@ def run_scan(bench: Bench, sizes: Sequence[ScanSize]) -> None:
           "scan", size, dtype, impl, p, scan_counts(size, dtype, p == "fwd+bwd"))
       bench.jax_forms(make_record, scan_fn, (inputs, cotangent), dtype, harness.PASSES,
                       size.batch * size.time, "xla", {"fwd": ("out",), "fwd+bwd": None},
-                      variants=("block_d", "d", bench.args.scan_block_ds))
+                      variants=("options", "", bench.args.scan_options))
       del inputs, cotangent
 
 
@@ -844,10 +870,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--kernel-chunks", type=_ints, default=[],
                       help="KDA and RWKV-7: also time the kernels at these chunk sizes "
                       "(comma-separated; rows '<form> C<size>'), beside the default 64")
-  parser.add_argument("--scan-block-ds", type=_ints, default=[],
-                      help="scan: also time the pallas_gpu kernel at these channels per program "
-                      "(comma-separated powers of two; rows 'pallas_gpu d<block_d>'), beside the "
-                      "default (ops.selective_scan.pallas_gpu.default_block_d)")
+  parser.add_argument("--scan-options", nargs="+", default=[], type=_scan_options_text,
+                      help="scan: also time the pallas_gpu kernel at each of these settings, "
+                      f"NAME=INTEGER[,NAME=INTEGER...] with NAME in {', '.join(SCAN_OPTIONS)} "
+                      "(rows 'pallas_gpu <settings>'), beside its defaults")
   parser.add_argument("--scan-dtypes", nargs="+", choices=("float32", "bfloat16"),
                       default=["float32", "bfloat16"], help="dtypes of the scan's activations")
   parser.add_argument("--implementations", nargs="+", choices=FORMS, default=None,

@@ -114,10 +114,11 @@ def test_registers_captures_each_kernel_with_its_launch_settings():
   [step] = registers.triton_kernels("decode", 64)
   assert step["name"] == "kda_decode_step" and "tt.func" in step["ir"]
   assert step["num_warps"] == pallas_gpu_step._num_warps(128, pallas_gpu_step.DEFAULT_BLOCK_V)
-  forward, backward = registers.triton_kernels("scan", 64)
-  assert (forward["num_warps"], backward["num_warps"]) == (scan_gpu.NUM_WARPS_FORWARD,
-                                                           scan_gpu.NUM_WARPS_BACKWARD)
-  assert "@_forward_kernel" in forward["ir"] and "@_backward_kernel" in backward["ir"]
+  segment_ends, forward, backward = registers.triton_kernels("scan", 64)
+  assert ([k["num_warps"] for k in (segment_ends, forward, backward)]
+          == [scan_gpu.NUM_WARPS_FORWARD] * 2 + [scan_gpu.NUM_WARPS_BACKWARD])
+  assert all(f"@_{name}_kernel" in kernel["ir"] for name, kernel in
+             (("segment_end", segment_ends), ("forward", forward), ("backward", backward)))
 
 
 def test_an_ops_own_launch_entry_overrides_the_shared_one(monkeypatch):
@@ -279,42 +280,47 @@ def test_kernels_check_form_picks_what_the_chunked_kernels_are_checked_against()
   assert kernels_bench.Bench(kernels_bench.parse_args(["--smoke"])).check_form("kda") == "xla"
 
 
-def test_kernels_times_the_scan_kernel_at_each_block_d(monkeypatch):
-  """``--scan-block-ds`` adds scan rows "pallas_gpu d<block_d>", each built with that block_d and
-  checked against "xla" like the default rows; ``scan_fn`` then calls the GPU kernel itself at
-  that block_d (the public ``selective_scan`` has no such argument)."""
+def test_kernels_times_the_scan_kernel_at_each_setting(monkeypatch):
+  """``--scan-options`` adds scan rows "pallas_gpu <settings>", each built with those settings
+  and checked against "xla" like the default rows; ``scan_fn`` then calls the GPU kernel itself
+  with them (the public ``selective_scan`` has no such arguments)."""
   from benchmarks import kernels as kernels_bench
+  settings = ["block_d=4", "block_d=8,segments=2"]
   args = kernels_bench.parse_args(["--smoke", "--ops", "scan", "--scan-dtypes", "float32",
                                    "--implementations", "xla", "pallas_gpu",
-                                   "--scan-block-ds", "4,8"])
+                                   "--scan-options", *settings])
   bench = kernels_bench.Bench(args)
   scan_fn, built = kernels_bench.scan_fn, []
 
-  def make_fn(form, backward, block_d=None):
-    built.append((form, backward, block_d))
+  def make_fn(form, backward, options=None):
+    built.append((form, backward, options))
     return lambda inputs, cotangent: inputs["u"] * 2.0
 
   monkeypatch.setattr(kernels_bench, "scan_fn", make_fn)
   kernels_bench.run_scan(bench, args.scan_sizes[:1])
   assert [r["implementation"] for r in bench.records] == [
-      impl for impl in ("xla", "pallas_gpu", "pallas_gpu d4", "pallas_gpu d8") for _ in range(2)]
+      impl for impl in ("xla", "pallas_gpu", *(f"pallas_gpu {s}" for s in settings))
+      for _ in range(2)]
   assert all(r["status"] == "ok" and r["check_max"] == 0.0 for r in bench.records[2:])
   assert [b for b in built if not b[1]] == [("xla", False, None), ("pallas_gpu", False, None),
-                                            ("pallas_gpu", False, 4), ("pallas_gpu", False, 8)]
+                                            *(("pallas_gpu", False, s) for s in settings)]
 
   calls = []
 
-  def kernel(u, delta, A, B, C, *rest, block_d):
-    calls.append((B.shape, block_d))
+  def kernel(u, delta, A, B, C, *rest, **options):
+    calls.append((B.shape, options))
     return u, None
 
   monkeypatch.setattr(kernels_bench.scan_gpu, "selective_scan", kernel)
   inputs, cotangent = kernels_bench.scan_inputs(args.scan_sizes[0], jnp.float32)
-  assert scan_fn("pallas_gpu", False, block_d=4)(inputs) is inputs["u"]
+  assert scan_fn("pallas_gpu", False, "block_d=8,segments=2")(inputs) is inputs["u"]
   batch, time, state = inputs["B"].shape
-  assert calls == [((batch, time, 1, state), 4)]
-  with pytest.raises(ValueError, match="block_d"):
-    scan_fn("pallas_tpu", True, block_d=4)(inputs, cotangent)
+  assert calls == [((batch, time, 1, state), dict(block_d=8, segments=2))]
+  with pytest.raises(ValueError, match="pallas_gpu kernel only"):
+    scan_fn("pallas_tpu", True, "block_d=4")(inputs, cotangent)
+  for bad in ("blocks=4", "block_d=four", "block_d"):
+    with pytest.raises(SystemExit):
+      kernels_bench.parse_args(["--scan-options", bad])
 
 
 def test_kda_stage_flops_of_the_sub_chunk_forward():

@@ -282,13 +282,22 @@ class TestPallasGpuAgreement(AgreementBase):
     case = Case(batch=2, time=11, channels=8, state=4, groups=2, with_segment_ids=True, seed=2)
     _check_kernel_settings(pallas_gpu, case, block_d=2, chunk=4)
 
+  @pytest.mark.parametrize("time, segments", [(21, 4), (9, 4), (16, 2)])
+  def test_segments_agree(self, time, segments):
+    """The forward split into segments walked in parallel, each entered with the state its
+    predecessors' pass carries in: restarts inside and at segment ends, an initial state,
+    padding that fills part of the last segment (21 tokens in 4 x 3 chunks of 2) or all of it
+    (9 tokens in 4 x 2 chunks of 2), and no padding."""
+    case = Case(batch=2, time=time, channels=4, state=4, with_segment_ids=True, seed=5)
+    _check_kernel_settings(pallas_gpu, case, block_d=2, segments=segments, chunk=2)
+
   def test_default_block_d_splits_a_group(self):
-    """A small grid through the public function: ``default_block_d`` takes 4 of a group's 16
-    channels per program in both kernels (the group's divisor alone would give 16), so dB and
-    dC sum over four blocks."""
+    """A small grid through the public function: the backward's ``default_block_d`` takes 4 of
+    a group's 16 channels per program (the group's divisor alone would give 16), so dB and dC
+    sum over four blocks; the forward takes all 16."""
     case = Case(batch=1, time=9, channels=16, state=4, groups=1, seed=3)
-    for kernel in ("forward", "backward"):
-      assert pallas_gpu.default_block_d(case.batch, case.channels, case.groups, kernel) == 4
+    assert [pallas_gpu.default_block_d(case.batch, case.channels, case.groups, kernel)
+            for kernel in ("forward", "backward")] == [16, 4]
     self._check(case)
 
   def test_forward_and_backward_block_d_differ(self):
@@ -308,16 +317,28 @@ def test_default_block_d():
   dividing channels / groups) whose grid of batch * channels / block_d programs reaches the
   kernel's target, but at least MIN_BLOCK_D unless the group's divisor is smaller."""
   block_d = pallas_gpu.default_block_d
-  assert pallas_gpu.BLOCK_D_RULES == {"forward": (8, 2048), "backward": (32, 512)}
+  assert pallas_gpu.BLOCK_D_RULES == {"forward": (64, 1), "backward": (32, 512)}
   assert pallas_gpu.MIN_BLOCK_D == 4
   forward = lambda *args: block_d(*args, kernel="forward")
   backward = lambda *args: block_d(*args, kernel="backward")
-  assert (forward(2, 2048), backward(2, 2048)) == (4, 8)  # the measured bests at B2 D2048
-  assert (forward(8, 2048), backward(8, 2048)) == (8, 32)  # and at B8 D2048
-  assert (forward(64, 2048), backward(64, 2048)) == (8, 32)  # capped by each kernel's most
+  assert (forward(2, 2048), backward(2, 2048)) == (64, 8)  # the measured bests at B2 D2048
+  assert (forward(8, 2048), backward(8, 2048)) == (64, 32)  # and at B8 D2048
+  assert (forward(64, 2048), backward(64, 2048)) == (64, 32)  # capped by each kernel's most
   assert backward(64, 2048, 256) == 8  # 8 channels per group cap it
-  assert (forward(1, 64), backward(1, 64)) == (4, 4)  # the floor
+  assert (forward(1, 64), backward(1, 64)) == (64, 4)  # the backward's floor
   assert forward(1, 6) == 2 and backward(4, 14, 2) == 1  # divisors below the floor
+
+
+def test_default_segments():
+  """The fewest segments (a power of two) that give the forward FORWARD_PROGRAMS programs,
+  each segment keeping at least MIN_SEGMENT_TOKENS tokens."""
+  segments = pallas_gpu.default_segments
+  assert (pallas_gpu.FORWARD_PROGRAMS, pallas_gpu.MIN_SEGMENT_TOKENS) == (1024, 256)
+  assert segments(2, 4096, 2048 // 64) == 16  # the measured best at B2 L4096 D2048
+  assert segments(8, 8192, 2048 // 64) == 4  # B8 L8192
+  assert segments(64, 8192, 32) == 1  # the grid is full without
+  assert segments(1, 1024, 1) == 4  # each keeps 256 tokens
+  assert segments(1, 511, 1) == 1  # too short to split
 
 
 def _kernel_call(module, case: Case, **options):

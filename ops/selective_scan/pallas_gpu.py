@@ -1,51 +1,58 @@
 """Fused selective scan (SPEC 1.2) as Pallas GPU kernels on the Triton backend (``"pallas_gpu"``).
 
 One forward kernel does the whole op: the discretisation (``delta_bias``, softplus), the scan,
-the C readout, the D skip and the SiLU(z) gate. Each program owns one batch row and a block of
-``block_d`` channels (by default ``default_block_d``, per kernel: the most, up to 8 for the
-forward and 32 for the backward, that still give the grid the kernel's target number of
-programs, but at least 4), keeps the state [block_d, state] in float32
-registers and walks time in order: an outer ``fori_loop`` over chunks of ``chunk`` tokens and,
-inside it, a Python loop unrolled over the chunk's tokens, so the loads of later tokens (which
-do not depend on the state) can be issued early. The state leaves the chip only as the final
-state and, when a gradient is wanted, as the state entering each chunk (``time / chunk`` states
-per row, the residual).
+the C readout, the D skip and the SiLU(z) gate. Each program owns one batch row, a block of
+``block_d`` channels (by default up to 64, one per thread of two warps) and one of ``segments``
+equal stretches of time, keeps its state in float32 registers as ``state`` rows [block_d] (each
+thread holds every state entry of its channel, so nothing crosses lanes) and walks its stretch
+in order: an outer ``fori_loop`` over chunks of ``chunk`` tokens and, inside it, a Python loop
+unrolled over the chunk's tokens, so the loads of later tokens (which do not depend on the
+state) can be issued early. The state leaves the chip only as the final state and, when a
+gradient is wanted, as the state entering each chunk (``time / chunk`` states per row, the
+residual).
 
-The backward kernel (``jax.custom_vjp``) has the same grid and walks the chunks in reverse: it
-recomputes a chunk's states from the saved entering state (each token's state a separate value,
-so no scratch memory and no dynamic register indexing), then runs the adjoint recurrence
-``g_{t-1} = keep_t exp(delta_t A) g_t`` backwards through the chunk. Per-token gradients (u,
+Segments: the state is linear in the state before a stretch, h_end = carry * h_start + end with
+carry = exp(A * sum dt) (zero across a restart) and ``end`` the stretch walked from a zero
+state. A first kernel walks every segment but the last from zero for (end, carry), without
+readout or outputs; XLA chains them (``segments - 1`` steps of [batch, state, channels]) into
+each segment's entering state; the forward kernel then walks all segments at once. That costs
+a second pass over most tokens but multiplies the programs in flight by ``segments``
+(``default_segments``: to ``FORWARD_PROGRAMS``), where one program per row and channel block
+leaves most of the chip idle (B2 D2048: 64 programs).
+
+The backward kernel (``jax.custom_vjp``) has a grid of (batch row, channel block) and walks the
+chunks in reverse: it recomputes a chunk's states from the saved entering state (each token's
+state a separate value, so no scratch memory and no dynamic register indexing), then runs the
+adjoint recurrence ``g_{t-1} = keep_t exp(delta_t A) g_t`` backwards through the chunk. Its
+state is a [block_d, state] array (``km.GPU_LAYOUT``): its dB and dC sum over channels each
+token, which rows would turn into a cross-lane sum per state entry. Per-token gradients (u,
 delta, z) are written directly; dB and dC per token are written per channel block and summed by
 XLA; dA, dD and d(delta_bias) accumulate in registers over the whole sequence and are written
 once per program (summed over the batch by XLA); d(initial_state) is the last adjoint.
 
 Why Triton and not Mosaic GPU: the work is a latency-bound sequential loop over small per-token
-vectors ([block_d] and [state] rows) with a register-resident state; there is no matrix product
-for wgmma and no large tile for TMA to stream, which is what Mosaic GPU's warpgroup programming
-model is built around. Triton picks the register layouts, broadcasts and the reductions over the
-state axis by itself, and schedules the chunk's independent loads ahead of the arithmetic (each
-kernel issues a chunk's loads before its first store, which the compiler could not otherwise move
-them past).
+vectors with a register-resident state; there is no matrix product for wgmma and no large tile
+for TMA to stream, which is what Mosaic GPU's warpgroup programming model is built around.
+Triton lays out the backward's [block_d, state] arrays and their reductions by itself, and
+schedules a chunk's independent loads ahead of the arithmetic (each kernel issues a chunk's
+loads before its first store, which the compiler could not otherwise move them past). The decay
+is ``exp2`` of dt times A log2(e) (``km.decay_rate``): one special-function instruction where
+``exp`` is a libdevice call of about ten.
 
-Cost per token and channel, with state size n (forward): n ``exp`` (the decay), about 5n FLOPs
+Cost per token and channel, with state size n (forward): n ``exp2`` (the decay), about 5n FLOPs
 (decay product, state update, readout) and a few more for the gate; memory traffic is u, delta,
 z and out (2 bytes each in bfloat16) per channel plus B and C (n values each) per group. At
-n = 16 that is 16 ``exp`` and ~80 FLOPs per 8 bytes, so with enough programs in flight the
-special-function (``exp``) rate would bound it before HBM bandwidth. In practice the grid is
-small (``batch x channels / block_d`` programs of 1-2 warps) and each program's tokens depend on
-each other through the state, so the per-token dependency chain (latency) bounds it; hence the
-smaller channel blocks of ``default_block_d`` when the batch is small, so that each
-multiprocessor holds several programs. Measured once on an H200 (jax 0.11.2; batch 8, time
-2048, channels 1536, state 16, bfloat16, with D, z, delta_bias and softplus; block_d 32):
-forward 1.2 ms (``"xla"``: 5.1 ms), forward and backward 4.2 ms (``"xla"``: 23.3 ms); 200 MB of
-token traffic in 1.2 ms is ~0.17 TB/s and 4e8 ``exp`` ~0.3 T/s, both far below the chip's rates,
-as a latency bound predicts. The backward does about twice the forward's arithmetic (recompute
-plus adjoint) and also reads the output cotangent.
+n = 16 that is 16 ``exp2`` and ~80 FLOPs per 8 bytes, so with enough programs in flight the
+special-function rate would bound it before HBM bandwidth; in practice the per-token
+dependency chain (latency) and the instructions around it (each thread loads B and C as 2n
+broadcast scalars) bound it. Measured on an H200 (jax 0.11.2, D2048 N16, bfloat16, with D, z,
+delta_bias and softplus): forward 0.72 ms at B2 L4096 and ~3.2 ms at B8 L8192 (``"xla"``: 4.1
+and 27 ms); docs/kernels.md has the versions.
 
-Padding: time is padded to a multiple of ``chunk`` (padded tokens get a zero step, so they leave
-the state unchanged) and the state size to a power of two (A, B, C padded with zeros, so padded
-state entries stay zero). ``block_d`` is a power of two dividing ``channels / groups``, so one
-channel block reads one group's B and C.
+Padding: time is padded to a multiple of ``chunk * segments`` (padded tokens get a zero step, so
+they leave the state unchanged) and the state size to a power of two (A, B, C padded with zeros,
+so padded state entries stay zero). ``block_d`` is a power of two dividing ``channels /
+groups``, so one channel block reads one group's B and C.
 """
 
 from __future__ import annotations
@@ -60,22 +67,22 @@ from jax.experimental.pallas import triton as plgpu_triton
 
 from ops.selective_scan import _kernel_math as km
 
-# Defaults from H200 sweeps: block_d in {4, 8, 16, 32} by benchmarks.kernels --scan-block-ds
-# (docs/kernels.md), and earlier warps in {1, 2, 4, 8} and chunk in {4, 8, 16} (differences
-# within ~25%, not re-measured). num_stages (1 or 2) made no difference and is left to Triton.
-BLOCK_D = 32  # the most channels per program (a power of two dividing channels / groups)
+# Defaults from H200 sweeps at B2 L4096 and B8 L8192, D2048 N16, bfloat16 (docs/kernels.md,
+# "selective scan, version 4"); num_stages (1 or 2) made no difference and is left to Triton.
 MIN_BLOCK_D = 4  # the fewest channels per program that default_block_d picks to fill the grid
-# Per kernel, (the most channels per program, the programs wanted in the grid). Measured at B2
-# L4096 and B8 L8192, D2048 N16: the one-warp forward was fastest with 1,024-2,048 programs of 4
-# or 8 channels (16 channels took 255 registers and ran slowest), the two-warp backward with
-# about 512 programs (8 channels at B2, 32 at B8).
-BLOCK_D_RULES = {"forward": (8, 2048), "backward": (BLOCK_D, 512)}
+# Per kernel, (the most channels per program, the programs wanted in the grid). The forward
+# fills the grid with segments instead: 64 channels (one per thread of two warps) in 16 segments
+# at B2 and 4 at B8 were fastest (0.72 and ~3.2 ms; 32 channels on one warp 0.86 and 3.2 ms).
+# The backward was fastest with about 512 programs (8 channels at B2, 32 at B8).
+BLOCK_D_RULES = {"forward": (64, 1), "backward": (32, 512)}
+FORWARD_PROGRAMS = 1024  # the forward's segments fill the grid to this many programs ...
+MIN_SEGMENT_TOKENS = 256  # ... but leave each segment at least this many tokens
 CHUNK = 8  # tokens per unrolled step of the time loop, and per saved state
-NUM_WARPS_FORWARD = 1
+NUM_WARPS_FORWARD = 2
 NUM_WARPS_BACKWARD = 2
 
 _F32 = km.F32
-_LAYOUT = km.GPU_LAYOUT  # state [block_d, state]; token values 1-D
+_LAYOUT = km.GPU_LAYOUT  # the backward's state [block_d, state]; token values 1-D
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +91,7 @@ class _Config:
 
   time: int  # tokens before padding; later tokens are padding
   chunk: int
+  segments: int  # stretches of time the forward walks in parallel (SPEC 1.2's state is linear)
   block_d: int  # channels per program of the forward kernel
   blocks_per_group: int  # channel blocks per group of B and C
   backward_block_d: int  # channels per program of the backward kernel
@@ -93,21 +101,29 @@ class _Config:
   interpret: bool
 
 
-def _load_token(ins: dict, t, bias, cfg: _Config) -> km.Token:
-  """Loads token ``t`` (a traced int32 scalar) of this program's row and channel block."""
+def _load_token(ins: dict, t, bias, cfg: _Config, offset=0, rows: bool = False) -> km.Token:
+  """Loads token ``t`` (a traced int32 scalar) of this program's row, channel block and time
+  block, which starts at token ``offset`` of the (padded) sequence. B and C are [state]
+  vectors, or with ``rows`` tuples of state scalars (C None when not an input)."""
   raw = ins["delta"][t].astype(_F32)
   if bias is not None:
     raw = raw + bias
+  if rows:
+    state = ins["B"].shape[-1]
+    vector = lambda name: tuple(ins[name][t, n].astype(_F32) for n in range(state))
+  else:
+    vector = lambda name: ins[name][t].astype(_F32)
   return km.Token(
       u=ins["u"][t].astype(_F32), raw=raw,
-      dt=km.step_size(raw, cfg.delta_softplus, _valid(t, cfg)), B=ins["B"][t].astype(_F32),
-      C=ins["C"][t].astype(_F32), z=ins["z"][t].astype(_F32) if "z" in ins else None,
+      dt=km.step_size(raw, cfg.delta_softplus, _valid(offset + t, cfg)), B=vector("B"),
+      C=vector("C") if "C" in ins else None,
+      z=ins["z"][t].astype(_F32) if "z" in ins else None,
       keep=ins["keep"][t] if "keep" in ins else None)
 
 
 def _valid(t, cfg: _Config):
   """1.0 for a real token and 0.0 for a padding one; None when time needs no padding."""
-  return (t < cfg.time).astype(_F32) if cfg.time % cfg.chunk else None
+  return (t < cfg.time).astype(_F32) if cfg.time % (cfg.chunk * cfg.segments) else None
 
 
 def _optional(ins: dict, name: str):
@@ -115,28 +131,101 @@ def _optional(ins: dict, name: str):
   return ins[name][...].astype(_F32) if name in ins else None
 
 
-def _forward_kernel(*refs, in_names, out_names, cfg: _Config):
-  """One (batch row, channel block): out per token, the final state, optionally chunk states."""
+# --- the forward: the state as rows ---------------------------------------------------------------
+# The forward kernels hold the state as a tuple of ``state`` rows [block_d] (rows of a
+# [state, block_d] block), one channel per lane: each thread owns every state entry of its
+# channels, so the readout's sum over the state and every per-channel value (dt, u, z, out) stay
+# in the thread, with no layout conversion through shared memory per token. (A [state, block_d]
+# array would be laid out by Triton as [4, 8] lanes of [1, 4] values, its reductions and
+# broadcasts crossing lanes.) B and C come as state scalars, each a broadcast load. The
+# arithmetic is km.advance's and km.readout's.
+
+def _advance_rows(h, tok: km.Token, rate):
+  """km.advance on rows: the state rows after the token from those before it."""
+  if tok.keep is not None:
+    h = tuple(row * tok.keep for row in h)
+  x = tok.dt * tok.u
+  return tuple(jnp.exp2(tok.dt * r) * row + x * b for row, r, b in zip(h, rate, tok.B))
+
+
+def _readout_rows(h, tok: km.Token, D):
+  """km.readout on rows: C h + D u, [block_d]."""
+  y = sum(row * c for row, c in zip(h, tok.C))
+  return y if D is None else y + D * tok.u
+
+
+def _rows(ref):
+  """A [state, block_d] block (or ref) as a tuple of float32 rows."""
+  return tuple(ref[n].astype(_F32) for n in range(ref.shape[0]))
+
+
+def _store_rows(ref, rows, *index) -> None:
+  """Stores the rows at ``ref[*index, n]``."""
+  for n, row in enumerate(rows):
+    ref[(*index, n)] = row
+
+
+def _store_columns(ref, rows, *index) -> None:
+  """Stores the rows as the columns of a [block_d, state] block at ``ref[*index]``."""
+  for n, row in enumerate(rows):
+    ref[(*index, slice(None), n)] = row
+
+
+def _segment_end_kernel(*refs, in_names, out_names, cfg: _Config):
+  """One (batch row, channel block, segment): the state at the segment's end from a zero state
+  at its start, and the factor [state, block_d] that carries a state across the segment,
+  exp(A * sum of dt) times the product of ``keep``."""
   ins = dict(zip(in_names, refs))
   outs = dict(zip(out_names, refs[len(in_names):]))
-  A = ins["A"][...]
+  rate = _rows(ins["rate"])
+  bias = _optional(ins, "delta_bias")
+  offset = pl.program_id(2) * ins["u"].shape[0]
+
+  def chunk_body(c, carry):
+    h, dt_sum, kept = carry
+    toks = [_load_token(ins, c * cfg.chunk + i, bias, cfg, offset, rows=True)
+            for i in range(cfg.chunk)]
+    for tok in toks:
+      h = _advance_rows(h, tok, rate)
+      dt_sum = dt_sum + tok.dt
+      if tok.keep is not None:
+        kept = kept * tok.keep
+    return h, dt_sum, kept
+
+  n_chunks = ins["u"].shape[0] // cfg.chunk
+  zeros = jnp.zeros(rate[0].shape, _F32)
+  h, dt_sum, kept = jax.lax.fori_loop(0, n_chunks, chunk_body,
+                                      ((zeros,) * len(rate), zeros, jnp.ones((), _F32)))
+  _store_rows(outs["end"], h)
+  _store_rows(outs["carry"], tuple(jnp.exp2(dt_sum * r) * kept for r in rate))
+
+
+def _forward_kernel(*refs, in_names, out_names, cfg: _Config):
+  """One (batch row, channel block, segment): out per token, the state at the segment's end,
+  optionally the state entering each chunk."""
+  ins = dict(zip(in_names, refs))
+  outs = dict(zip(out_names, refs[len(in_names):]))
+  rate = _rows(ins["rate"])
   D, bias = _optional(ins, "D"), _optional(ins, "delta_bias")
-  h = ins["h0"][...] if "h0" in ins else jnp.zeros(A.shape, _F32)
+  offset = pl.program_id(2) * ins["u"].shape[0]
 
   def chunk_body(c, h):
     if "chunk_states" in outs:
-      outs["chunk_states"][c] = h
-    # Every load of the chunk comes before its first store: the compiler cannot move a load
-    # past a store to a ref it might alias.
-    toks = [_load_token(ins, c * cfg.chunk + i, bias, cfg) for i in range(cfg.chunk)]
-    for i, tok in enumerate(toks):
-      h, _ = km.advance(h, tok, A, _LAYOUT)
-      out = km.gate(km.readout(h, tok, D, _LAYOUT), tok)
-      outs["out"][c * cfg.chunk + i] = out.astype(outs["out"].dtype)
+      _store_columns(outs["chunk_states"], h, c)
+    # The chunk's outputs are stored after its last load: the compiler cannot move a load past
+    # a store to a ref it might alias.
+    out = []
+    for i in range(cfg.chunk):
+      tok = _load_token(ins, c * cfg.chunk + i, bias, cfg, offset, rows=True)
+      h = _advance_rows(h, tok, rate)
+      out.append(km.gate(_readout_rows(h, tok, D), tok))
+    for i, y in enumerate(out):
+      outs["out"][c * cfg.chunk + i] = y.astype(outs["out"].dtype)
     return h
 
   n_chunks = ins["u"].shape[0] // cfg.chunk
-  outs["final_state"][...] = jax.lax.fori_loop(0, n_chunks, chunk_body, h)
+  _store_rows(outs["final_state"],
+              jax.lax.fori_loop(0, n_chunks, chunk_body, _rows(ins["h0"])))
 
 
 def _backward_kernel(*refs, in_names, out_names, cfg: _Config):
@@ -144,6 +233,7 @@ def _backward_kernel(*refs, in_names, out_names, cfg: _Config):
   ins = dict(zip(in_names, refs))
   outs = dict(zip(out_names, refs[len(in_names):]))
   A = ins["A"][...]
+  rate = km.decay_rate(A)
   D, bias = _optional(ins, "D"), _optional(ins, "delta_bias")
   block_d = A.shape[0]
 
@@ -156,7 +246,7 @@ def _backward_kernel(*refs, in_names, out_names, cfg: _Config):
     states = [ins["chunk_states"][c]]  # states[i]: before token i; states[i + 1]: after it
     decays = []
     for tok in toks:
-      h, decay = km.advance(states[-1], tok, A, _LAYOUT)
+      h, decay = km.advance(states[-1], tok, rate, _LAYOUT)
       states.append(h)
       decays.append(decay)
     for i in reversed(range(cfg.chunk)):
@@ -186,41 +276,52 @@ def _backward_kernel(*refs, in_names, out_names, cfg: _Config):
       outs[name][...] = acc
 
 
-# --- block specs: the grid is (batch, channel blocks) --------------------------------------------
+# --- block specs: the grid is (batch, channel blocks, segments) ---------------------------------
 
-def _spec(kind: str, x_shape, cfg: _Config) -> pl.BlockSpec:
-  """The block of one program for an array of the given layout kind."""
+def _spec(kind: str, x_shape, cfg: _Config, segments: int) -> pl.BlockSpec:
+  """The block of one program for an array of the given layout kind, with time (or chunks)
+  split into ``segments`` equal blocks."""
   bd, bpg = cfg.block_d, cfg.blocks_per_group
   if kind == "token":  # [batch, time, channels]
-    return pl.BlockSpec((None, x_shape[1], bd), lambda b, j: (b, 0, j))
+    return pl.BlockSpec((None, x_shape[1] // segments, bd), lambda b, j, s: (b, s, j))
   if kind == "group":  # [batch, time, groups, state]: this block's group
-    return pl.BlockSpec((None, x_shape[1], None, x_shape[3]), lambda b, j: (b, 0, j // bpg, 0))
+    return pl.BlockSpec((None, x_shape[1] // segments, None, x_shape[3]),
+                        lambda b, j, s: (b, s, j // bpg, 0))
   if kind == "block_partial":  # [batch, time, channel blocks, state]: this block's row
-    return pl.BlockSpec((None, x_shape[1], None, x_shape[3]), lambda b, j: (b, 0, j, 0))
+    return pl.BlockSpec((None, x_shape[1] // segments, None, x_shape[3]),
+                        lambda b, j, s: (b, s, j, 0))
   if kind == "param_state":  # [channels, state]
-    return pl.BlockSpec((bd, x_shape[1]), lambda b, j: (j, 0))
+    return pl.BlockSpec((bd, x_shape[1]), lambda b, j, s: (j, 0))
+  if kind == "param_rows":  # [state, channels]
+    return pl.BlockSpec((x_shape[0], bd), lambda b, j, s: (0, j))
   if kind == "param":  # [channels]
-    return pl.BlockSpec((bd,), lambda b, j: (j,))
+    return pl.BlockSpec((bd,), lambda b, j, s: (j,))
   if kind == "row":  # [batch, time]
-    return pl.BlockSpec((None, x_shape[1]), lambda b, j: (b, 0))
+    return pl.BlockSpec((None, x_shape[1] // segments), lambda b, j, s: (b, s))
   if kind == "state":  # [batch, channels, state]
-    return pl.BlockSpec((None, bd, x_shape[2]), lambda b, j: (b, j, 0))
+    return pl.BlockSpec((None, bd, x_shape[2]), lambda b, j, s: (b, j, 0))
+  if kind == "segment_state":  # [batch, segments, state, channels]
+    return pl.BlockSpec((None, None, x_shape[2], bd), lambda b, j, s: (b, s, 0, j))
   if kind == "channel_partial":  # [batch, channels]
-    return pl.BlockSpec((None, bd), lambda b, j: (b, j))
+    return pl.BlockSpec((None, bd), lambda b, j, s: (b, j))
   if kind == "chunk_states":  # [batch, chunks, channels, state]
-    return pl.BlockSpec((None, x_shape[1], bd, x_shape[3]), lambda b, j: (b, 0, j, 0))
+    return pl.BlockSpec((None, x_shape[1] // segments, bd, x_shape[3]),
+                        lambda b, j, s: (b, s, j, 0))
   raise ValueError(kind)
 
 
 _KINDS = dict(u="token", delta="token", z="token", dout="token", du="token", ddelta="token",
               dz="token", out="token", B="group", C="group", dB="block_partial",
-              dC="block_partial", A="param_state", D="param", delta_bias="param", keep="row",
-              h0="state", dfinal="state", final_state="state", dh0="state", dA="state",
+              dC="block_partial", A="param_state", rate="param_rows", D="param", delta_bias="param", keep="row",
+              h0="segment_state", final_state="segment_state", end="segment_state",
+              carry="segment_state", dfinal="state", dh0="state", dA="state",
               dD="channel_partial", ddelta_bias="channel_partial", chunk_states="chunk_states")
 
 
-def _call(kernel, ins: dict, out_shapes: dict, cfg: _Config, num_warps: int) -> dict:
-  """Runs ``kernel`` over the (batch, channel blocks) grid on the arrays present in ``ins``."""
+def _call(kernel, ins: dict, out_shapes: dict, cfg: _Config, num_warps: int, segments: int = 1,
+          grid_segments: int | None = None) -> dict:
+  """Runs ``kernel`` on the arrays present in ``ins`` over the grid (batch, channel blocks,
+  ``grid_segments``), time split into ``segments`` blocks (``grid_segments``: all of them)."""
   ins = {k: v for k, v in ins.items() if v is not None}
   batch, _, channels = ins["u"].shape
   in_names, out_names = tuple(ins), tuple(out_shapes)
@@ -228,11 +329,12 @@ def _call(kernel, ins: dict, out_shapes: dict, cfg: _Config, num_warps: int) -> 
     backend_args = dict(interpret=True)
   else:
     backend_args = dict(compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps))
+  spec = lambda k, v: _spec(_KINDS[k], v.shape, cfg, segments)
   outs = pl.pallas_call(
       functools.partial(kernel, in_names=in_names, out_names=out_names, cfg=cfg),
-      grid=(batch, channels // cfg.block_d),
-      in_specs=[_spec(_KINDS[k], v.shape, cfg) for k, v in ins.items()],
-      out_specs=[_spec(_KINDS[k], v.shape, cfg) for k, v in out_shapes.items()],
+      grid=(batch, channels // cfg.block_d, segments if grid_segments is None else grid_segments),
+      in_specs=[spec(k, v) for k, v in ins.items()],
+      out_specs=[spec(k, v) for k, v in out_shapes.items()],
       out_shape=list(out_shapes.values()),
       **backend_args,
   )(*ins.values())
@@ -241,16 +343,47 @@ def _call(kernel, ins: dict, out_shapes: dict, cfg: _Config, num_warps: int) -> 
 
 # --- the differentiable scan over padded arrays --------------------------------------------------
 
+def _segment_starts(cfg: _Config, ins: dict, h0):
+  """The state entering each segment, [batch, segments, state, channels] float32: ``h0``
+  (zeros when None), then each segment's end state from a zero start (its own tokens) plus the
+  state entering it times the factor that carries a state across it."""
+  batch, _, channels = ins["u"].shape
+  state = ins["rate"].shape[0]
+  h0 = jnp.zeros((batch, state, channels), _F32) if h0 is None else jnp.swapaxes(h0, 1, 2)
+  if cfg.segments == 1:
+    return h0[:, None]
+  partial_shape = jax.ShapeDtypeStruct((batch, cfg.segments - 1, state, channels), _F32)
+  names = ("u", "delta", "rate", "B", "delta_bias", "keep")
+  ends = _call(_segment_end_kernel, {k: ins[k] for k in names},
+               dict(end=partial_shape, carry=partial_shape), cfg, cfg.num_warps_forward,
+               cfg.segments, cfg.segments - 1)
+
+  def enter_next(h, end_and_carry):
+    end, carry = end_and_carry
+    h = h * carry + end
+    return h, h
+
+  _, later = jax.lax.scan(enter_next, h0, (jnp.swapaxes(ends["end"], 0, 1),
+                                           jnp.swapaxes(ends["carry"], 0, 1)))
+  return jnp.concatenate([h0[:, None], jnp.swapaxes(later, 0, 1)], axis=1)
+
+
 def _forward(cfg: _Config, u, delta, A, B, C, D, z, delta_bias, keep, h0, *, save_states: bool):
+  """The forward kernels on padded arrays (A [channels, state], h0 [batch, channels, state] or
+  None); chunk states [batch, chunks, channels, state] when ``save_states``."""
   batch, time, channels = u.shape
   state = A.shape[1]
   out_shapes = dict(out=jax.ShapeDtypeStruct(u.shape, u.dtype),
-                    final_state=jax.ShapeDtypeStruct((batch, channels, state), _F32))
+                    final_state=jax.ShapeDtypeStruct((batch, cfg.segments, state, channels),
+                                                     _F32))
   if save_states:
     out_shapes["chunk_states"] = jax.ShapeDtypeStruct(
         (batch, time // cfg.chunk, channels, state), _F32)
-  ins = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, keep=keep, h0=h0)
-  return _call(_forward_kernel, ins, out_shapes, cfg, cfg.num_warps_forward)
+  ins = dict(u=u, delta=delta, rate=km.decay_rate(A).T, B=B, C=C, D=D, z=z,
+             delta_bias=delta_bias, keep=keep)
+  ins["h0"] = _segment_starts(cfg, ins, h0)
+  outs = _call(_forward_kernel, ins, out_shapes, cfg, cfg.num_warps_forward, cfg.segments)
+  return dict(outs, final_state=jnp.swapaxes(outs["final_state"][:, -1], 1, 2))
 
 
 def _scan_bwd(cfg, residuals, cotangents):
@@ -315,8 +448,19 @@ def default_block_d(batch: int, channels: int, groups: int = 1, kernel: str = "f
   return block_d
 
 
+def default_segments(batch: int, time: int, blocks: int, chunk: int = CHUNK) -> int:
+  """Segments of the forward for ``batch`` rows of ``time`` tokens in ``blocks`` channel blocks:
+  the fewest (a power of two) that give the grid ``FORWARD_PROGRAMS`` programs, but no more
+  than leave each segment ``MIN_SEGMENT_TOKENS`` tokens (and at least one chunk)."""
+  segments = 1
+  while (batch * blocks * segments < FORWARD_PROGRAMS
+         and time // (2 * segments) >= max(MIN_SEGMENT_TOKENS, chunk)):
+    segments *= 2
+  return segments
+
+
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, keep, initial_state, *,
-                   block_d: int | None = None, chunk: int = CHUNK,
+                   block_d: int | None = None, segments: int | None = None, chunk: int = CHUNK,
                    num_warps_forward: int = NUM_WARPS_FORWARD,
                    num_warps_backward: int = NUM_WARPS_BACKWARD, interpret: bool | None = None):
   """The fused selective scan, differentiable in every float input.
@@ -332,6 +476,9 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, keep, in
     initial_state: [batch, channels, state] or None (zeros).
     block_d: the most channels per program of both kernels (a power of two; the largest one
       <= this dividing channels / groups is used); None: each kernel's ``default_block_d``.
+    segments: the stretches of time the forward walks in parallel (a power of two), each from
+      the state entering it, found first by a pass that walks all but the last from a zero
+      state; None: ``default_segments``.
     chunk: tokens per unrolled time step and per saved state of the backward.
     num_warps_forward, num_warps_backward: Triton's warps per program of each kernel.
     interpret: run the kernels in the Pallas interpreter; None: only on CPU.
@@ -347,12 +494,16 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, keep, in
                                  for kernel in ("forward", "backward"))
   else:
     block_d = backward_block_d = _largest_power_of_two_divisor(channels // groups, block_d)
-  cfg = _Config(time=time, chunk=chunk, block_d=block_d,
+  if segments is None:
+    segments = default_segments(batch, time, channels // block_d, chunk)
+  elif segments < 1 or segments & (segments - 1):
+    raise ValueError(f"segments must be a power of two, got {segments}")
+  cfg = _Config(time=time, chunk=chunk, segments=segments, block_d=block_d,
                 blocks_per_group=channels // groups // block_d,
                 backward_block_d=backward_block_d, delta_softplus=delta_softplus,
                 num_warps_forward=num_warps_forward, num_warps_backward=num_warps_backward,
                 interpret=jax.default_backend() == "cpu" if interpret is None else interpret)
-  pad_t = -time % chunk
+  pad_t = -time % (chunk * segments)
   pad_n = (1 << (state - 1).bit_length()) - state
   pad_time = lambda x, value=0: None if x is None else jnp.pad(
       x, [(0, 0), (0, pad_t)] + [(0, 0)] * (x.ndim - 2), constant_values=value)

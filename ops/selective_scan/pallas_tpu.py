@@ -187,10 +187,11 @@ def _forward_kernel(*refs, in_names, out_names, cfg: _Config):
   if "chunk_states" in outs:
     outs["chunk_states"][...] = h
   A = ins["A"][...]
+  rate = km.decay_rate(A)
   D, bias = _param(ins, "D"), _param(ins, "delta_bias")
   for i in range(cfg.chunk):
     tok = _load_token(ins, i, c, bias, cfg)
-    h, _ = km.advance(h, tok, A, _LAYOUT)
+    h, _ = km.advance(h, tok, rate, _LAYOUT)
     rows_ref[pl.ds(i, 1), :] = km.gate(km.readout(h, tok, D, _LAYOUT), tok)
   outs["out"][...] = rows_ref[...].astype(outs["out"].dtype)
   h_ref[...] = h
@@ -215,11 +216,12 @@ def _backward_kernel(*refs, in_names, out_names, cfg: _Config):
       outs[name][...] = jnp.zeros(outs[name].shape, _F32)
 
   A = ins["A"][...]
+  rate = km.decay_rate(A)
   D, bias = _param(ins, "D"), _param(ins, "delta_bias")
   h = ins["chunk_states"][...]
   states_ref[0] = h  # states_ref[i]: before token i; states_ref[i + 1]: after it
   for i in range(cfg.chunk):
-    h, decay = km.advance(h, _load_token(ins, i, c, bias, cfg), A, _LAYOUT)
+    h, decay = km.advance(h, _load_token(ins, i, c, bias, cfg), rate, _LAYOUT)
     states_ref[i + 1] = h
     decays_ref[i] = decay
 
