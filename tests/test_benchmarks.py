@@ -3,6 +3,7 @@
 import argparse
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -334,3 +335,24 @@ def test_kda_stage_flops_of_the_sub_chunk_forward():
       2 * 4 * (2 * 16 * 16 * d + 2 * 16 ** 3) + 2 * 2 * 16 * 16 * d)
   level_split_64 = 2 * 6 * (2 * 64 * 64 * d + 2 * 64 ** 3) + 2 * 2 * 64 * 64 * d
   assert kernels_bench.kda_stage_flops("intra_forward", size, C=64) < level_split_64 / 3
+
+
+def test_revision_ab_times_an_exported_revision_beside_this_tree(tmp_path, capsys):
+  """``export`` writes a git revision's ``ops`` as ``rev_ops`` with its own imports renamed (so
+  both trees import side by side); ``run`` times both trees' scan and checks each against
+  "xla" (here HEAD against the working tree, in interpret mode)."""
+  from benchmarks import revision_ab
+  package = revision_ab.export("HEAD", tmp_path)
+  sources = [p.read_text() for p in package.rglob("*.py")]
+  assert sources and not any(re.search(r"^\s*(from|import) ops\b", s, re.M) for s in sources)
+  assert any("from rev_ops.selective_scan import" in s for s in sources)
+  with pytest.raises(SystemExit):
+    revision_ab.export("HEAD", tmp_path)  # refuses to overwrite
+  revision_ab.main(["run", "--old", str(tmp_path), "--ops", "scan", "--scan-sizes",
+                    "B1,L16,D8,N4", "--rounds", "1", "--warmup", "0", "--iters", "1"])
+  rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("scan")]
+  assert [line[:58].split()[5:] for line in rows] == [
+      [dtype, pass_name, *form.split()] for dtype in ("bfloat16", "float32")
+      for pass_name in ("fwd", "fwd+bwd") for form in ("xla", "pallas_gpu old", "pallas_gpu new")]
+  errors = [float(line.split()[-1]) for line in rows if "check" in line]
+  assert len(errors) == 8 and all(e < 1e-2 for e in errors)

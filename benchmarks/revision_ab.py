@@ -1,0 +1,167 @@
+"""The GPU kernels of another git revision timed beside this tree's, in one process.
+
+The same kernel's time moves by up to 30% between processes on the H200 (docs/kernels.md), so a
+change is judged against the revision before it in one process, in turn. Two steps, since the
+device machine gets a copy of the working tree without its git history:
+
+  # here: the revision's ``ops`` package, as package ``rev_ops``, into an untracked folder
+  python -m benchmarks.revision_ab export --rev 264e827 --to bw
+  # on the device: both trees' kernels, alternating, ``--rounds`` times
+  python -m benchmarks.revision_ab run --old bw --ops scan,kda-parts
+
+``scan`` times the public ``selective_scan(..., implementation=...)`` of both trees (and
+``"xla"``, whose outputs check both) at each ``--scan-sizes`` size, forward and forward+backward;
+``kda-parts`` times each stage of ``ops.kda.pallas_gpu.stages`` of both trees at ``--kda-size``.
+It prints one row per case with the median milliseconds of every round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import harness
+
+PACKAGE = "rev_ops"  # the exported revision's ``ops``, renamed so that both import side by side
+_IMPORT = re.compile(r"\b(from|import) ops([.\s])")
+
+
+def export(rev: str, destination: pathlib.Path) -> pathlib.Path:
+  """Writes ``rev``'s ``ops`` as ``destination/rev_ops``, its own imports renamed."""
+  package = destination / PACKAGE
+  if package.exists():
+    raise SystemExit(f"{package} exists; remove it first")
+  with tempfile.TemporaryDirectory() as tmp:
+    archive = pathlib.Path(tmp) / "ops.tar"
+    subprocess.run(["git", "archive", "-o", str(archive), rev, "ops"], check=True)
+    with tarfile.open(archive) as tar:
+      tar.extractall(tmp, filter="data")
+    destination.mkdir(parents=True, exist_ok=True)
+    shutil.move(pathlib.Path(tmp) / "ops", package)
+  for source in package.rglob("*.py"):
+    source.write_text(_IMPORT.sub(rf"\1 {PACKAGE}\2", source.read_text()))
+  return package
+
+
+def _rms_error(expected, actual) -> float:
+  """The largest relative RMS error over matching leaves."""
+  errors = []
+  for e, a in zip(jax.tree.leaves(expected), jax.tree.leaves(actual), strict=True):
+    e, a = e.astype(jnp.float32), a.astype(jnp.float32)
+    errors.append(float(jnp.sqrt(jnp.mean((e - a) ** 2) / jnp.mean(e ** 2))))
+  return max(errors)
+
+
+def _row(label: str, times: Sequence[float], error: float | None = None) -> str:
+  rounds = " ".join(f"{t:8.3f}" for t in times)
+  return f"{label:58s} {rounds}" + ("" if error is None else f"   check {error:.1e}")
+
+
+def run_scan(trees: dict, sizes: Sequence, rounds: int, warmup: int, iters: int) -> None:
+  from benchmarks.kernels import scan_inputs
+  for size in sizes:
+    for dtype in (jnp.bfloat16, jnp.float32):
+      inputs, dout = scan_inputs(size, dtype)
+      for backward in (False, True):
+        forms = {"xla": (trees["new"].selective_scan, "xla")}
+        forms.update({f"pallas_gpu {tag}": (module.selective_scan, "pallas_gpu")
+                      for tag, module in trees.items()})
+        fns = {}
+        for label, (scan, implementation) in forms.items():
+          forward = (lambda scan, implementation: lambda x: scan(
+              **x, delta_softplus=True, implementation=implementation))(scan, implementation)
+          fns[label] = harness.with_backward(forward) if backward else forward
+        args = (inputs, dout) if backward else (inputs,)
+        expected = jax.jit(fns["xla"])(*args)
+        times = {label: [] for label in fns}
+        for _ in range(rounds):
+          for label, fn in fns.items():
+            times[label].append(harness.measure(fn, args, warmup, iters)["median_ms"])
+        pass_name = "fwd+bwd" if backward else "fwd"
+        for label, fn in fns.items():
+          error = None if label == "xla" else _rms_error(expected, jax.jit(fn)(*args))
+          print(_row(f"scan {size} {jnp.dtype(dtype).name} {pass_name} {label}",
+                     times[label], error), flush=True)
+
+
+def run_kda_parts(trees: dict, size, rounds: int, warmup: int, iters: int) -> None:
+  from benchmarks.kernels import kda_inputs, time_compiled
+  inputs, _ = kda_inputs(size, jnp.bfloat16)
+  times: dict[str, dict[str, list]] = {}
+  for _ in range(rounds):
+    for tag, module in trees.items():
+      prepared = module.prepare(inputs["q"], inputs["k"], inputs["v"], inputs["g"],
+                                inputs["beta"], size.heads, size.heads, size.dim, None, True,
+                                for_kernel=True)
+      for name, fn, args in module.stages(*prepared, inputs["initial_state"],
+                                          scale=size.dim ** -0.5, chunk_size=64,
+                                          l2_normalize_qk=True):
+        jax.block_until_ready(fn(*args))
+        median = time_compiled(fn, args, warmup, iters)["median_ms"]
+        times.setdefault(name, {}).setdefault(tag, []).append(median)
+  for name, by_tree in times.items():
+    for tag, medians in by_tree.items():
+      print(_row(f"kda-parts {size} {name} {tag}", medians), flush=True)
+
+
+class _KdaTree:
+  """A tree's KDA stages and its input preparation."""
+
+  def __init__(self, package: str):
+    self.stages = importlib.import_module(f"{package}.kda.pallas_gpu").stages
+    self.prepare = importlib.import_module(f"{package}.kda")._prepare
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  from benchmarks.kernels import ScanSize, SeqSize
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  commands = parser.add_subparsers(dest="command", required=True)
+  exporting = commands.add_parser("export", help="write a revision's ops as rev_ops")
+  exporting.add_argument("--rev", required=True, help="a git revision, e.g. HEAD~1")
+  exporting.add_argument("--to", required=True, type=pathlib.Path, help="an untracked folder")
+  running = commands.add_parser("run", help="time both trees' kernels in this process")
+  running.add_argument("--old", required=True, type=pathlib.Path,
+                       help="the folder holding the exported rev_ops")
+  running.add_argument("--ops", default="scan,kda-parts", help="comma-separated: scan, kda-parts")
+  running.add_argument("--scan-sizes", nargs="+", type=ScanSize.parse,
+                       default=[ScanSize.parse("B2,L4096,D2048,N16"),
+                                ScanSize.parse("B8,L8192,D2048,N16")])
+  running.add_argument("--kda-size", type=SeqSize.parse,
+                       default=SeqSize.parse("B4,T8192,H16,D128"))
+  running.add_argument("--rounds", type=int, default=2)
+  running.add_argument("--warmup", type=int, default=3)
+  running.add_argument("--iters", type=int, default=20)
+  args = parser.parse_args(argv)
+  if args.command == "export":
+    print(export(args.rev, args.to))
+    return
+  ops = [op for op in args.ops.split(",") if op]
+  if unknown := sorted(set(ops) - {"scan", "kda-parts"}):
+    parser.error(f"--ops: unknown {unknown}; expected scan or kda-parts")
+  if not (args.old / PACKAGE).is_dir():
+    parser.error(f"--old: no {PACKAGE} in {args.old} (run the export command first)")
+  sys.path.insert(0, str(args.old.resolve()))
+  print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; median ms of each round "
+        f"({args.warmup} warm-up, {args.iters} calls); 'old' = {args.old / PACKAGE}")
+  if "scan" in ops:
+    trees = {tag: importlib.import_module(f"{package}.selective_scan")
+             for tag, package in (("old", PACKAGE), ("new", "ops"))}
+    run_scan(trees, args.scan_sizes, args.rounds, args.warmup, args.iters)
+  if "kda-parts" in ops:
+    trees = {tag: _KdaTree(package) for tag, package in (("old", PACKAGE), ("new", "ops"))}
+    run_kda_parts(trees, args.kda_size, args.rounds, args.warmup, args.iters)
+
+
+if __name__ == "__main__":
+  main()
