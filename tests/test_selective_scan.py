@@ -291,6 +291,14 @@ class TestPallasGpuAgreement(AgreementBase):
     case = Case(batch=2, time=time, channels=4, state=4, with_segment_ids=True, seed=5)
     _check_kernel_settings(pallas_gpu, case, block_d=2, segments=segments, chunk=2)
 
+  @given(case=cases(max_batch=2, max_time=65), segments=st.sampled_from([2, 4, 8]),
+         chunk=st.sampled_from([1, 2, 4]))
+  def test_drawn_segments_agree(self, case, segments, chunk):
+    """Drawn cases (every optional input, dtype and length) with the time split into segments,
+    so that the segments' first pass and its chaining meet what the default settings, one
+    segment below 512 tokens, never do."""
+    _check_kernel_settings(pallas_gpu, case, segments=segments, chunk=chunk)
+
   def test_default_block_d_splits_a_group(self):
     """A small grid through the public function: the backward's ``default_block_d`` takes 4 of
     a group's 16 channels per program (the group's divisor alone would give 16), so dB and dC

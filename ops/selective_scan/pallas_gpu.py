@@ -312,9 +312,9 @@ def _spec(kind: str, x_shape, cfg: _Config, segments: int) -> pl.BlockSpec:
 
 _KINDS = dict(u="token", delta="token", z="token", dout="token", du="token", ddelta="token",
               dz="token", out="token", B="group", C="group", dB="block_partial",
-              dC="block_partial", A="param_state", rate="param_rows", D="param", delta_bias="param", keep="row",
-              h0="segment_state", final_state="segment_state", end="segment_state",
-              carry="segment_state", dfinal="state", dh0="state", dA="state",
+              dC="block_partial", A="param_state", rate="param_rows", D="param",
+              delta_bias="param", keep="row", h0="segment_state", final_state="segment_state",
+              end="segment_state", carry="segment_state", dfinal="state", dh0="state", dA="state",
               dD="channel_partial", ddelta_bias="channel_partial", chunk_states="chunk_states")
 
 
@@ -345,8 +345,8 @@ def _call(kernel, ins: dict, out_shapes: dict, cfg: _Config, num_warps: int, seg
 
 def _segment_starts(cfg: _Config, ins: dict, h0):
   """The state entering each segment, [batch, segments, state, channels] float32: ``h0``
-  (zeros when None), then each segment's end state from a zero start (its own tokens) plus the
-  state entering it times the factor that carries a state across it."""
+  ([batch, channels, state]; zeros when None), then each segment's end state from a zero start
+  (its own tokens) plus the state entering it times the factor that carries a state across it."""
   batch, _, channels = ins["u"].shape
   state = ins["rate"].shape[0]
   h0 = jnp.zeros((batch, state, channels), _F32) if h0 is None else jnp.swapaxes(h0, 1, 2)
