@@ -183,9 +183,8 @@ def _segment_end_kernel(*refs, in_names, out_names, cfg: _Config):
 
   def chunk_body(c, carry):
     h, dt_sum, kept = carry
-    toks = [_load_token(ins, c * cfg.chunk + i, bias, cfg, offset, rows=True)
-            for i in range(cfg.chunk)]
-    for tok in toks:
+    for i in range(cfg.chunk):
+      tok = _load_token(ins, c * cfg.chunk + i, bias, cfg, offset, rows=True)
       h = _advance_rows(h, tok, rate)
       dt_sum = dt_sum + tok.dt
       if tok.keep is not None:
