@@ -18,6 +18,7 @@ It prints one row per case with the median milliseconds of every round.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import pathlib
 import re
@@ -54,13 +55,15 @@ def export(rev: str, destination: pathlib.Path) -> pathlib.Path:
   return package
 
 
-def _rms_error(expected, actual) -> float:
-  """The largest relative RMS error over matching leaves."""
-  errors = []
-  for e, a in zip(jax.tree.leaves(expected), jax.tree.leaves(actual), strict=True):
-    e, a = e.astype(jnp.float32), a.astype(jnp.float32)
-    errors.append(float(jnp.sqrt(jnp.mean((e - a) ** 2) / jnp.mean(e ** 2))))
-  return max(errors)
+def _largest_error(expected, actual) -> float:
+  """The largest relative RMS error (``benchmarks.kernels.compare``) over matching leaves."""
+  from benchmarks.kernels import compare
+  leaves = lambda tree: dict(enumerate(jax.tree.leaves(tree)))
+  return max(compare(leaves(expected), leaves(actual)).values())
+
+
+def _scan_forward(scan: Callable, implementation: str, inputs: dict):
+  return scan(**inputs, delta_softplus=True, implementation=implementation)
 
 
 def _row(label: str, times: Sequence[float], error: float | None = None) -> str:
@@ -69,28 +72,26 @@ def _row(label: str, times: Sequence[float], error: float | None = None) -> str:
 
 
 def run_scan(trees: dict, sizes: Sequence, rounds: int, warmup: int, iters: int) -> None:
-  from benchmarks.kernels import scan_inputs
+  from benchmarks.kernels import run_once, scan_inputs, time_compiled
+  forms = {"xla": (trees["new"], "xla"),
+           **{f"pallas_gpu {tag}": (module, "pallas_gpu") for tag, module in trees.items()}}
   for size in sizes:
     for dtype in (jnp.bfloat16, jnp.float32):
       inputs, dout = scan_inputs(size, dtype)
       for backward in (False, True):
-        forms = {"xla": (trees["new"].selective_scan, "xla")}
-        forms.update({f"pallas_gpu {tag}": (module.selective_scan, "pallas_gpu")
-                      for tag, module in trees.items()})
-        fns = {}
-        for label, (scan, implementation) in forms.items():
-          forward = (lambda scan, implementation: lambda x: scan(
-              **x, delta_softplus=True, implementation=implementation))(scan, implementation)
-          fns[label] = harness.with_backward(forward) if backward else forward
         args = (inputs, dout) if backward else (inputs,)
-        expected = jax.jit(fns["xla"])(*args)
-        times = {label: [] for label in fns}
+        compiled, outputs = {}, {}
+        for label, (module, implementation) in forms.items():
+          forward = functools.partial(_scan_forward, module.selective_scan, implementation)
+          fn = harness.with_backward(forward) if backward else forward
+          compiled[label], _, outputs[label] = run_once(fn, args)
+        times = {label: [] for label in forms}
         for _ in range(rounds):
-          for label, fn in fns.items():
-            times[label].append(harness.measure(fn, args, warmup, iters)["median_ms"])
+          for label, fn in compiled.items():
+            times[label].append(time_compiled(fn, args, warmup, iters)["median_ms"])
         pass_name = "fwd+bwd" if backward else "fwd"
-        for label, fn in fns.items():
-          error = None if label == "xla" else _rms_error(expected, jax.jit(fn)(*args))
+        for label in forms:
+          error = None if label == "xla" else _largest_error(outputs["xla"], outputs[label])
           print(_row(f"scan {size} {jnp.dtype(dtype).name} {pass_name} {label}",
                      times[label], error), flush=True)
 
@@ -98,16 +99,18 @@ def run_scan(trees: dict, sizes: Sequence, rounds: int, warmup: int, iters: int)
 def run_kda_parts(trees: dict, size, rounds: int, warmup: int, iters: int) -> None:
   from benchmarks.kernels import kda_inputs, time_compiled
   inputs, _ = kda_inputs(size, jnp.bfloat16)
+  stages = {}
+  for tag, module in trees.items():
+    prepared = module.prepare(inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["beta"],
+                              size.heads, size.heads, size.dim, None, True, for_kernel=True)
+    stages[tag] = module.stages(*prepared, inputs["initial_state"], scale=size.dim ** -0.5,
+                                chunk_size=64, l2_normalize_qk=True)
+    for _, fn, args in stages[tag]:
+      jax.block_until_ready(fn(*args))  # compiled once, before any timing
   times: dict[str, dict[str, list]] = {}
   for _ in range(rounds):
-    for tag, module in trees.items():
-      prepared = module.prepare(inputs["q"], inputs["k"], inputs["v"], inputs["g"],
-                                inputs["beta"], size.heads, size.heads, size.dim, None, True,
-                                for_kernel=True)
-      for name, fn, args in module.stages(*prepared, inputs["initial_state"],
-                                          scale=size.dim ** -0.5, chunk_size=64,
-                                          l2_normalize_qk=True):
-        jax.block_until_ready(fn(*args))
+    for tag, tree_stages in stages.items():
+      for name, fn, args in tree_stages:
         median = time_compiled(fn, args, warmup, iters)["median_ms"]
         times.setdefault(name, {}).setdefault(tag, []).append(median)
   for name, by_tree in times.items():
