@@ -3,8 +3,8 @@
 A benchmark script (``benchmarks/selective_scan.py``, ``benchmarks/kda.py``) defines only its
 sizes (a ``Size`` subclass), its input maker and its forward / forward+backward functions, then
 hands ``Case``s to ``run``. Each case is compiled once (``jax.jit(...).lower(...).compile()``),
-warmed up, then timed over several calls with ``block_until_ready``; a record keeps the median
-and min milliseconds, the compile seconds and the compiled program's scratch memory
+warmed up, then timed (``time_calls``); a record keeps the median and min milliseconds per call,
+the compile seconds and the compiled program's scratch memory
 (``memory_analysis().temp_size_in_bytes``).
 """
 
@@ -96,19 +96,37 @@ def memory_bytes(compiled) -> dict:
           for kind in ("temp", "argument", "output", "alias")}
 
 
-def measure(fn: Callable, args: Sequence, warmup: int, iters: int) -> dict:
-  """Compiles ``fn`` for ``args`` and times it: median and min milliseconds, temp bytes."""
-  compiled, compile_s = compile_fn(fn, args)
-  temp_bytes = memory_bytes(compiled)["temp_bytes"]
+CALLS_PER_SAMPLE = 5
+
+
+def time_calls(compiled, args: Sequence, warmup: int, iters: int,
+               calls_per_sample: int = CALLS_PER_SAMPLE) -> dict:
+  """Median and min milliseconds per call of ``compiled(*args)``, after ``warmup`` calls.
+
+  Each of the ``iters`` samples dispatches ``calls_per_sample`` calls back to back and waits for
+  the last, as a training loop does: the device time, without the host's wait on each result (a
+  call timed alone with ``block_until_ready`` was 0.25-0.6 ms longer on the H200, for the Pallas
+  scan and for XLA alike; docs/BENCHMARKS.md).
+  """
   for _ in range(warmup):
     jax.block_until_ready(compiled(*args))
   times = []
   for _ in range(iters):
     start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return dict(median_ms=1e3 * statistics.median(times), min_ms=1e3 * min(times),
-              compile_s=compile_s, temp_bytes=temp_bytes)
+    for _ in range(calls_per_sample):
+      out = compiled(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - start) / calls_per_sample)
+  return dict(median_ms=1e3 * statistics.median(times), min_ms=1e3 * min(times))
+
+
+def measure(fn: Callable, args: Sequence, warmup: int, iters: int) -> dict:
+  """Compiles ``fn`` for ``args`` and times it (``time_calls``): median and min milliseconds,
+  compile seconds, temp bytes."""
+  compiled, compile_s = compile_fn(fn, args)
+  temp_bytes = memory_bytes(compiled)["temp_bytes"]
+  return dict(time_calls(compiled, args, warmup, iters), compile_s=compile_s,
+              temp_bytes=temp_bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +216,8 @@ def banner(name: str, args: argparse.Namespace) -> str:
   device = jax.devices()[0]
   threads = os.environ.get("OPENBLAS_NUM_THREADS")
   return (f"# {name} on {device.platform} ({device.device_kind}), jax {jax.__version__}, "
-          f"dtype {args.dtype}, median of {args.iters} calls after {args.warmup} warm-up"
+          f"dtype {args.dtype}, median of {args.iters} samples of {CALLS_PER_SAMPLE} calls "
+          f"(back to back) after {args.warmup} warm-up"
           + (f", OPENBLAS_NUM_THREADS={threads}" if threads else ""))
 
 

@@ -51,9 +51,11 @@ kernel at those settings (rows "pallas_gpu block_d=32,segments=8", ...; keywords
 leaves them to their defaults).
 
 How: every JAX case is compiled once (``jax.jit(...).lower(...).compile()``), called once (that
-output feeds the check below), warmed up ``--warmup`` more times and timed over ``--iters`` calls
-with ``block_until_ready`` (host wall clock); every PyTorch case is warmed up the same way, then
-timed call by call between two ``torch.cuda.Event``s (``benchmarks/peers.py``). The table gives
+output feeds the check below), warmed up ``--warmup`` more times and timed as ``--iters``
+samples of ``harness.CALLS_PER_SAMPLE`` calls dispatched back to back, host wall clock to the
+last result (``harness.time_calls``: the device's time per call, without a wait on each
+result); every PyTorch case is warmed up the same way, then timed call by call between two
+``torch.cuda.Event``s (``benchmarks/peers.py``), which also leave the host's wait out. The table gives
 the median; the JSON also gives each row's wall time, its compiles, check and timing included
 (fla's first calls include its autotuning), as "row_s", for planning device time. Inputs are
 fresh ``jax.random`` draws (never zeros); fla gets the very same arrays through DLPack.
@@ -117,7 +119,6 @@ import contextlib  # noqa: E402
 import json  # noqa: E402
 import dataclasses  # noqa: E402
 import itertools  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 from typing import Callable, Sequence  # noqa: E402
 
@@ -448,18 +449,6 @@ def run_once(fn: Callable, args: tuple):
   return compiled, compile_s, jax.block_until_ready(compiled(*args))
 
 
-def time_compiled(compiled, args: tuple, warmup: int, iters: int) -> dict:
-  """Median and min milliseconds of ``compiled(*args)`` after ``warmup`` calls."""
-  for _ in range(warmup):
-    jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return dict(median_ms=1e3 * statistics.median(times), min_ms=1e3 * min(times))
-
-
 def _short(error: BaseException, limit: int = 90) -> str:
   text = " ".join(f"{type(error).__name__}: {error}".split())
   return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -587,7 +576,7 @@ class Bench:
             self.emit(rec)
             continue
         del out
-        rec.update(time_compiled(compiled, args, self.args.warmup, self.args.iters))
+        rec.update(harness.time_calls(compiled, args, self.args.warmup, self.args.iters))
         self.emit(rec)
     return expected
 
@@ -702,7 +691,7 @@ def run_attention(bench: Bench, sizes: Sequence[SeqSize]) -> None:
           compiled, compile_s, out = run_once(attention_fn(form, backward), (inputs, cotangent))
           del out
           rec.update(compile_s=compile_s, temp_bytes=harness.memory_bytes(compiled)["temp_bytes"])
-          rec.update(time_compiled(compiled, (inputs, cotangent), bench.args.warmup,
+          rec.update(harness.time_calls(compiled, (inputs, cotangent), bench.args.warmup,
                                    bench.args.iters))
         except Exception as error:  # noqa: BLE001 - e.g. no cuDNN on this platform
           rec["status"] = f"n/a ({_short(error)})"
@@ -767,7 +756,7 @@ def run_kda_parts(bench: Bench, sizes: Sequence[SeqSize]) -> None:
           flops = kda_stage_flops(name, size) if "." not in name else None  # stages only
           rec = bench.record("kda-parts", size, dtype, f"{form} {name}{suffix}",
                              "bwd" if "backward" in name else "fwd", (flops, nbytes), **shape)
-          rec.update(time_compiled(fn, args, bench.args.warmup, bench.args.iters))
+          rec.update(harness.time_calls(fn, args, bench.args.warmup, bench.args.iters))
           if label:
             rec.update(launch_variant=label, round=round_index + 1)
           bench.emit(rec)
@@ -955,8 +944,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   peer_state = peers.unavailable() or ", ".join(f"{k} {v}" for k, v in peers.versions().items())
   print(f"# kernels on {device.platform} ({device.device_kind}), jax {jax.__version__}; "
         f"peers: {peer_state}")
-  print(f"# JAX: median of {args.iters} calls after {args.warmup} warm-up (block_until_ready); "
-        f"PyTorch: the same with CUDA events. forms: {' '.join(args.implementations)}; "
+  print(f"# JAX: median of {args.iters} samples of {harness.CALLS_PER_SAMPLE} calls dispatched "
+        f"back to back, after {args.warmup} warm-up; PyTorch: {args.iters} calls each between CUDA "
+        f"events. forms: {' '.join(args.implementations)}; "
         f"skip-slow {'on' if args.skip_slow else 'off'}")
   print("# vs base: median / baseline's (kda: fla.chunk_kda, decode: fla.fused_recurrent_kda, "
         "scan: xla, rwkv7: fla.chunk_rwkv7); vs attn: / causal attention's; check: max relative "

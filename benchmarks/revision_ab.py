@@ -72,7 +72,7 @@ def _row(label: str, times: Sequence[float], error: float | None = None) -> str:
 
 
 def run_scan(trees: dict, sizes: Sequence, rounds: int, warmup: int, iters: int) -> None:
-  from benchmarks.kernels import run_once, scan_inputs, time_compiled
+  from benchmarks.kernels import run_once, scan_inputs
   forms = {"xla": (trees["new"], "xla"),
            **{f"pallas_gpu {tag}": (module, "pallas_gpu") for tag, module in trees.items()}}
   for size in sizes:
@@ -88,7 +88,7 @@ def run_scan(trees: dict, sizes: Sequence, rounds: int, warmup: int, iters: int)
         times = {label: [] for label in forms}
         for _ in range(rounds):
           for label, fn in compiled.items():
-            times[label].append(time_compiled(fn, args, warmup, iters)["median_ms"])
+            times[label].append(harness.time_calls(fn, args, warmup, iters)["median_ms"])
         pass_name = "fwd+bwd" if backward else "fwd"
         for label in forms:
           error = None if label == "xla" else _largest_error(outputs["xla"], outputs[label])
@@ -97,7 +97,7 @@ def run_scan(trees: dict, sizes: Sequence, rounds: int, warmup: int, iters: int)
 
 
 def run_kda_parts(trees: dict, size, rounds: int, warmup: int, iters: int) -> None:
-  from benchmarks.kernels import kda_inputs, time_compiled
+  from benchmarks.kernels import kda_inputs
   inputs, _ = kda_inputs(size, jnp.bfloat16)
   stages = {}
   for tag, module in trees.items():
@@ -111,7 +111,7 @@ def run_kda_parts(trees: dict, size, rounds: int, warmup: int, iters: int) -> No
   for _ in range(rounds):
     for tag, tree_stages in stages.items():
       for name, fn, args in tree_stages:
-        median = time_compiled(fn, args, warmup, iters)["median_ms"]
+        median = harness.time_calls(fn, args, warmup, iters)["median_ms"]
         times.setdefault(name, {}).setdefault(tag, []).append(median)
   for name, by_tree in times.items():
     for tag, medians in by_tree.items():

@@ -300,41 +300,52 @@ class TestPallasGpuAgreement(AgreementBase):
     _check_kernel_settings(pallas_gpu, case, segments=segments, chunk=chunk)
 
   def test_default_block_d_splits_a_group(self):
-    """A small grid through the public function: the backward's ``default_block_d`` takes 4 of
-    a group's 16 channels per program (the group's divisor alone would give 16), so dB and dC
+    """A small grid through the public function: ``default_backward_block_d`` takes 4 of a
+    group's 16 channels per program (the group's divisor alone would give 16), so dB and dC
     sum over four blocks; the forward takes all 16."""
     case = Case(batch=1, time=9, channels=16, state=4, groups=1, seed=3)
-    assert [pallas_gpu.default_block_d(case.batch, case.channels, case.groups, kernel)
-            for kernel in ("forward", "backward")] == [16, 4]
+    assert pallas_gpu.default_forward_launch(case.batch, case.time, case.channels)[0] == 16
+    assert pallas_gpu.default_backward_block_d(case.batch, case.channels) == 4
     self._check(case)
 
   def test_forward_and_backward_block_d_differ(self):
-    """With rules that give the forward 2 and the backward 8 channels per program, the backward
-    reads the forward's chunk states and finds each block's group of B and C at its own
-    blocking."""
+    """With rules that give the forward 2 channels per program, two a thread, and the backward
+    8, the backward reads the forward's chunk states and finds each block's group of B and C
+    at its own blocking."""
     case = Case(batch=1, time=6, channels=16, state=4, groups=2, seed=4)
-    rules = {"forward": (2, 1), "backward": (8, 1)}
-    with mock.patch.dict(pallas_gpu.BLOCK_D_RULES, rules):
-      assert [pallas_gpu.default_block_d(case.batch, case.channels, case.groups, kernel)
-              for kernel in rules] == [2, 8]
+    with (mock.patch.object(pallas_gpu, "FORWARD_LAUNCHES", ((2, 2),)),
+          mock.patch.object(pallas_gpu, "BACKWARD_BLOCK_D_RULE", (8, 1))):
+      assert pallas_gpu.default_forward_launch(case.batch, case.time, case.channels, 2) == (2, 1, 1)
+      assert pallas_gpu.default_backward_block_d(case.batch, case.channels, 2) == 8
       self._check(case)
 
 
-def test_default_block_d():
-  """Per kernel, the most channels per program (a power of two, at most the kernel's most,
-  dividing channels / groups) whose grid of batch * channels / block_d programs reaches the
-  kernel's target, but at least MIN_BLOCK_D unless the group's divisor is smaller."""
-  block_d = pallas_gpu.default_block_d
-  assert pallas_gpu.BLOCK_D_RULES == {"forward": (64, 1), "backward": (32, 512)}
-  assert pallas_gpu.MIN_BLOCK_D == 4
-  forward = lambda *args: block_d(*args, kernel="forward")
-  backward = lambda *args: block_d(*args, kernel="backward")
-  assert (forward(2, 2048), backward(2, 2048)) == (64, 8)  # the measured bests at B2 D2048
-  assert (forward(8, 2048), backward(8, 2048)) == (64, 32)  # and at B8 D2048
-  assert (forward(64, 2048), backward(64, 2048)) == (64, 32)  # capped by each kernel's most
+def test_default_backward_block_d():
+  """The most channels per program (a power of two, at most the rule's most, dividing channels
+  / groups) whose grid of batch * channels / block_d programs reaches the rule's target, but
+  at least MIN_BLOCK_D unless the group's divisor is smaller."""
+  backward = pallas_gpu.default_backward_block_d
+  assert (pallas_gpu.BACKWARD_BLOCK_D_RULE, pallas_gpu.MIN_BLOCK_D) == ((32, 512), 4)
+  assert backward(2, 2048) == 8  # the measured best at B2 D2048
+  assert backward(8, 2048) == 32  # and at B8 D2048
+  assert backward(64, 2048) == 32  # capped by the rule's most
   assert backward(64, 2048, 256) == 8  # 8 channels per group cap it
-  assert (forward(1, 64), backward(1, 64)) == (64, 4)  # the backward's floor
-  assert forward(1, 6) == 2 and backward(4, 14, 2) == 1  # divisors below the floor
+  assert backward(1, 64) == 4  # the floor
+  assert backward(4, 14, 2) == 1  # a divisor below the floor
+
+
+def test_default_forward_launch():
+  """The first of FORWARD_LAUNCHES whose default segments keep WIDE_SEGMENT_TOKENS tokens, else
+  the last: (block_d, warps for its channels a thread, segments)."""
+  launch = pallas_gpu.default_forward_launch
+  assert pallas_gpu.FORWARD_LAUNCHES == ((128, 4), (64, 1))
+  assert pallas_gpu.WIDE_SEGMENT_TOKENS == 1024
+  assert launch(8, 8192, 2048) == (128, 1, 8)  # the measured best at B8 L8192 D2048
+  assert launch(2, 4096, 2048) == (64, 2, 16)  # and at B2 L4096: 128 wide, segments of 256
+  assert launch(1, 65536, 2048) == (128, 1, 64)  # one long row: 64 segments of 1024 tokens
+  assert launch(1, 512, 128) == (64, 2, 2)  # two segments of 256 tokens
+  assert launch(8, 8192, 2048, 64) == (32, 1, 2)  # 32 channels per group, one a thread
+  assert launch(8, 8192, 96) == (32, 1, 32)  # 96 channels: blocks of their divisor, 32
 
 
 def test_default_segments():

@@ -65,20 +65,26 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
+from ops._triton_math import fma
 from ops.selective_scan import _kernel_math as km
 
 # Defaults from H200 sweeps at B2 L4096 and B8 L8192, D2048 N16, bfloat16 (docs/kernels.md,
-# "selective scan, version 4"); num_stages (1 or 2) made no difference and is left to Triton.
-MIN_BLOCK_D = 4  # the fewest channels per program that default_block_d picks to fill the grid
-# Per kernel, (the most channels per program, the programs wanted in the grid). The forward
-# fills the grid with segments instead: 64 channels (one per thread of two warps) in 16 segments
-# at B2 and 4 at B8 were fastest (0.72 and ~3.2 ms; 32 channels on one warp 0.86 and 3.2 ms).
-# The backward was fastest with about 512 programs (8 channels at B2, 32 at B8).
-BLOCK_D_RULES = {"forward": (64, 1), "backward": (32, 512)}
+# "selective scan", versions 4 and 5); num_stages (1 or 2) made no difference and is left to
+# Triton.
+# The forward's launches, widest first, as (the most channels per program, channels per
+# thread); default_forward_launch takes the first whose segments keep WIDE_SEGMENT_TOKENS
+# tokens. Four channels a thread on one warp in 8 segments were fastest at B8 (2.80 ms against
+# 3.21 at one a thread on two warps); at B2 the segments would be short, and one channel a
+# thread on two warps in 16 segments was fastest (0.47 ms against 0.65).
+FORWARD_LAUNCHES = ((128, 4), (64, 1))
+WIDE_SEGMENT_TOKENS = 1024
 FORWARD_PROGRAMS = 1024  # the forward's segments fill the grid to this many programs ...
 MIN_SEGMENT_TOKENS = 256  # ... but leave each segment at least this many tokens
+# The backward: (the most channels per program, the programs wanted in the grid); it was
+# fastest with about 512 programs (8 channels at B2, 32 at B8), but not below MIN_BLOCK_D.
+BACKWARD_BLOCK_D_RULE = (32, 512)
+MIN_BLOCK_D = 4
 CHUNK = 8  # tokens per unrolled step of the time loop, and per saved state
-NUM_WARPS_FORWARD = 2
 NUM_WARPS_BACKWARD = 2
 
 _F32 = km.F32
@@ -101,11 +107,23 @@ class _Config:
   interpret: bool
 
 
-def _load_token(ins: dict, t, bias, cfg: _Config, offset=0, rows: bool = False) -> km.Token:
-  """Loads token ``t`` (a traced int32 scalar) of this program's row, channel block and time
-  block, which starts at token ``offset`` of the (padded) sequence. B and C are [state]
-  vectors, or with ``rows`` tuples of state scalars (C None when not an input)."""
-  raw = ins["delta"][t].astype(_F32)
+_STREAMED = ("u", "delta", "z")  # a token's per-channel inputs, read once from HBM
+
+
+def _load_streamed(ins: dict, t) -> dict:
+  """Token ``t``'s per-channel inputs (those of ``_STREAMED`` present) as stored, [block_d]."""
+  return {name: ins[name][t] for name in _STREAMED if name in ins}
+
+
+def _load_token(ins: dict, t, bias, cfg: _Config, offset=0, rows: bool = False,
+                streamed: dict | None = None) -> km.Token:
+  """Token ``t`` (a traced int32 scalar) of this program's row, channel block and time block,
+  which starts at token ``offset`` of the (padded) sequence; ``streamed``: its per-channel
+  inputs, loaded already (``_load_streamed``). B and C are [state] vectors, or with ``rows``
+  tuples of state scalars (C None when not an input)."""
+  if streamed is None:
+    streamed = _load_streamed(ins, t)
+  raw = streamed["delta"].astype(_F32)
   if bias is not None:
     raw = raw + bias
   if rows:
@@ -114,10 +132,10 @@ def _load_token(ins: dict, t, bias, cfg: _Config, offset=0, rows: bool = False) 
   else:
     vector = lambda name: ins[name][t].astype(_F32)
   return km.Token(
-      u=ins["u"][t].astype(_F32), raw=raw,
+      u=streamed["u"].astype(_F32), raw=raw,
       dt=km.step_size(raw, cfg.delta_softplus, _valid(offset + t, cfg)), B=vector("B"),
       C=vector("C") if "C" in ins else None,
-      z=ins["z"][t].astype(_F32) if "z" in ins else None,
+      z=streamed["z"].astype(_F32) if "z" in ins else None,
       keep=ins["keep"][t] if "keep" in ins else None)
 
 
@@ -140,18 +158,21 @@ def _optional(ins: dict, name: str):
 # broadcasts crossing lanes.) B and C come as state scalars, each a broadcast load. The
 # arithmetic is km.advance's and km.readout's.
 
-def _advance_rows(h, tok: km.Token, rate):
+def _advance_rows(h, tok: km.Token, rate, interpret: bool):
   """km.advance on rows: the state rows after the token from those before it."""
   if tok.keep is not None:
     h = tuple(row * tok.keep for row in h)
   x = tok.dt * tok.u
-  return tuple(jnp.exp2(tok.dt * r) * row + x * b for row, r, b in zip(h, rate, tok.B))
+  return tuple(fma(jnp.exp2(tok.dt * r), row, x * b, interpret=interpret)
+               for row, r, b in zip(h, rate, tok.B))
 
 
-def _readout_rows(h, tok: km.Token, D):
+def _readout_rows(h, tok: km.Token, D, interpret: bool):
   """km.readout on rows: C h + D u, [block_d]."""
-  y = sum(row * c for row, c in zip(h, tok.C))
-  return y if D is None else y + D * tok.u
+  y = h[0] * tok.C[0] if D is None else D * tok.u
+  for row, c in zip(h[D is None:], tok.C[D is None:]):
+    y = fma(row, c, y, interpret=interpret)
+  return y
 
 
 def _rows(ref):
@@ -171,6 +192,22 @@ def _store_columns(ref, rows, *index) -> None:
     ref[(*index, slice(None), n)] = row
 
 
+def _prefetching_chunk_loop(ins: dict, cfg: _Config, body, init):
+  """``fori_loop`` over this program's chunks, ``body(c, carry, streamed) -> carry``, with
+  ``streamed[i]`` the streamed inputs of the chunk's token i, loaded while the previous chunk
+  was computed. Without it the compiler issues each token's loads just before their use, and
+  every token waits a round trip to HBM (H200 profile: half the stall samples)."""
+  n_chunks = ins["u"].shape[0] // cfg.chunk
+  load = lambda c: tuple(_load_streamed(ins, c * cfg.chunk + i) for i in range(cfg.chunk))
+
+  def step(c, carry_and_streamed):
+    carry, streamed = carry_and_streamed
+    upcoming = load(jnp.minimum(c + 1, n_chunks - 1))
+    return body(c, carry, streamed), upcoming
+
+  return jax.lax.fori_loop(0, n_chunks, step, (init, load(0)))[0]
+
+
 def _segment_end_kernel(*refs, in_names, out_names, cfg: _Config):
   """One (batch row, channel block, segment): the state at the segment's end from a zero state
   at its start, and the factor [state, block_d] that carries a state across the segment,
@@ -181,22 +218,35 @@ def _segment_end_kernel(*refs, in_names, out_names, cfg: _Config):
   bias = _optional(ins, "delta_bias")
   offset = pl.program_id(2) * ins["u"].shape[0]
 
-  def chunk_body(c, carry):
+  def chunk_body(c, carry, streamed):
     h, dt_sum, kept = carry
     for i in range(cfg.chunk):
-      tok = _load_token(ins, c * cfg.chunk + i, bias, cfg, offset, rows=True)
-      h = _advance_rows(h, tok, rate)
+      tok = _load_token(ins, c * cfg.chunk + i, bias, cfg, offset, rows=True,
+                        streamed=streamed[i])
+      h = _advance_rows(h, tok, rate, cfg.interpret)
       dt_sum = dt_sum + tok.dt
       if tok.keep is not None:
         kept = kept * tok.keep
     return h, dt_sum, kept
 
-  n_chunks = ins["u"].shape[0] // cfg.chunk
   zeros = jnp.zeros(rate[0].shape, _F32)
-  h, dt_sum, kept = jax.lax.fori_loop(0, n_chunks, chunk_body,
-                                      ((zeros,) * len(rate), zeros, jnp.ones((), _F32)))
+  h, dt_sum, kept = _prefetching_chunk_loop(
+      ins, cfg, chunk_body, ((zeros,) * len(rate), zeros, jnp.ones((), _F32)))
   _store_rows(outs["end"], h)
   _store_rows(outs["carry"], tuple(jnp.exp2(dt_sum * r) * kept for r in rate))
+
+
+def _entering_state(ins: dict, cfg: _Config, rate):
+  """The state rows entering this program's segment: ``h0`` (zeros when absent), carried across
+  each earlier segment as h * carry + end (the first pass's results)."""
+  h = _rows(ins["h0"]) if "h0" in ins else (jnp.zeros(rate[0].shape, _F32),) * len(rate)
+  if "ends" not in ins:
+    return h
+
+  def enter_next(i, h):
+    return tuple(fma(row, ins["carries"][i, n], ins["ends"][i, n], interpret=cfg.interpret)
+                 for n, row in enumerate(h))
+  return jax.lax.fori_loop(0, pl.program_id(2), enter_next, h)
 
 
 def _forward_kernel(*refs, in_names, out_names, cfg: _Config):
@@ -208,23 +258,23 @@ def _forward_kernel(*refs, in_names, out_names, cfg: _Config):
   D, bias = _optional(ins, "D"), _optional(ins, "delta_bias")
   offset = pl.program_id(2) * ins["u"].shape[0]
 
-  def chunk_body(c, h):
+  def chunk_body(c, h, streamed):
     if "chunk_states" in outs:
       _store_columns(outs["chunk_states"], h, c)
     # The chunk's outputs are stored after its last load: the compiler cannot move a load past
     # a store to a ref it might alias.
     out = []
     for i in range(cfg.chunk):
-      tok = _load_token(ins, c * cfg.chunk + i, bias, cfg, offset, rows=True)
-      h = _advance_rows(h, tok, rate)
-      out.append(km.gate(_readout_rows(h, tok, D), tok))
+      tok = _load_token(ins, c * cfg.chunk + i, bias, cfg, offset, rows=True,
+                        streamed=streamed[i])
+      h = _advance_rows(h, tok, rate, cfg.interpret)
+      out.append(km.gate(_readout_rows(h, tok, D, cfg.interpret), tok))
     for i, y in enumerate(out):
       outs["out"][c * cfg.chunk + i] = y.astype(outs["out"].dtype)
     return h
 
-  n_chunks = ins["u"].shape[0] // cfg.chunk
   _store_rows(outs["final_state"],
-              jax.lax.fori_loop(0, n_chunks, chunk_body, _rows(ins["h0"])))
+              _prefetching_chunk_loop(ins, cfg, chunk_body, _entering_state(ins, cfg, rate)))
 
 
 def _backward_kernel(*refs, in_names, out_names, cfg: _Config):
@@ -299,8 +349,12 @@ def _spec(kind: str, x_shape, cfg: _Config, segments: int) -> pl.BlockSpec:
     return pl.BlockSpec((None, x_shape[1] // segments), lambda b, j, s: (b, s))
   if kind == "state":  # [batch, channels, state]
     return pl.BlockSpec((None, bd, x_shape[2]), lambda b, j, s: (b, j, 0))
-  if kind == "segment_state":  # [batch, segments, state, channels]
+  if kind == "segment_state":  # [batch, segments, state, channels]: this segment's
     return pl.BlockSpec((None, None, x_shape[2], bd), lambda b, j, s: (b, s, 0, j))
+  if kind == "segment_states":  # [batch, segments, state, channels]: every segment's
+    return pl.BlockSpec((None, x_shape[1], x_shape[2], bd), lambda b, j, s: (b, 0, 0, j))
+  if kind == "state_rows":  # [batch, state, channels]
+    return pl.BlockSpec((None, x_shape[1], bd), lambda b, j, s: (b, 0, j))
   if kind == "channel_partial":  # [batch, channels]
     return pl.BlockSpec((None, bd), lambda b, j, s: (b, j))
   if kind == "chunk_states":  # [batch, chunks, channels, state]
@@ -312,8 +366,9 @@ def _spec(kind: str, x_shape, cfg: _Config, segments: int) -> pl.BlockSpec:
 _KINDS = dict(u="token", delta="token", z="token", dout="token", du="token", ddelta="token",
               dz="token", out="token", B="group", C="group", dB="block_partial",
               dC="block_partial", A="param_state", rate="param_rows", D="param",
-              delta_bias="param", keep="row", h0="segment_state", final_state="segment_state",
-              end="segment_state", carry="segment_state", dfinal="state", dh0="state", dA="state",
+              delta_bias="param", keep="row", h0="state_rows", final_state="segment_state",
+              end="segment_state", carry="segment_state", ends="segment_states",
+              carries="segment_states", dfinal="state", dh0="state", dA="state",
               dD="channel_partial", ddelta_bias="channel_partial", chunk_states="chunk_states")
 
 
@@ -342,29 +397,18 @@ def _call(kernel, ins: dict, out_shapes: dict, cfg: _Config, num_warps: int, seg
 
 # --- the differentiable scan over padded arrays --------------------------------------------------
 
-def _segment_starts(cfg: _Config, ins: dict, h0):
-  """The state entering each segment, [batch, segments, state, channels] float32: ``h0``
-  ([batch, channels, state]; zeros when None), then each segment's end state from a zero start
-  (its own tokens) plus the state entering it times the factor that carries a state across it."""
-  batch, _, channels = ins["u"].shape
-  state = ins["rate"].shape[0]
-  h0 = jnp.zeros((batch, state, channels), _F32) if h0 is None else jnp.swapaxes(h0, 1, 2)
+def _segment_ends(cfg: _Config, ins: dict) -> dict:
+  """The first pass: every segment but the last walked from a zero state, as ``ends`` (the state
+  at its end) and ``carries`` (the factor that carries a state across it), each [batch,
+  segments - 1, state, channels] float32; empty with one segment."""
   if cfg.segments == 1:
-    return h0[:, None]
-  partial_shape = jax.ShapeDtypeStruct((batch, cfg.segments - 1, state, channels), _F32)
+    return {}
+  batch, _, channels = ins["u"].shape
+  shape = jax.ShapeDtypeStruct((batch, cfg.segments - 1, ins["rate"].shape[0], channels), _F32)
   names = ("u", "delta", "rate", "B", "delta_bias", "keep")
-  ends = _call(_segment_end_kernel, {k: ins[k] for k in names},
-               dict(end=partial_shape, carry=partial_shape), cfg, cfg.num_warps_forward,
-               cfg.segments, cfg.segments - 1)
-
-  def enter_next(h, end_and_carry):
-    end, carry = end_and_carry
-    h = h * carry + end
-    return h, h
-
-  _, later = jax.lax.scan(enter_next, h0, (jnp.swapaxes(ends["end"], 0, 1),
-                                           jnp.swapaxes(ends["carry"], 0, 1)))
-  return jnp.concatenate([h0[:, None], jnp.swapaxes(later, 0, 1)], axis=1)
+  first = _call(_segment_end_kernel, {k: ins[k] for k in names}, dict(end=shape, carry=shape),
+                cfg, cfg.num_warps_forward, cfg.segments, cfg.segments - 1)
+  return dict(ends=first["end"], carries=first["carry"])
 
 
 def _forward(cfg: _Config, u, delta, A, B, C, D, z, delta_bias, keep, h0, *, save_states: bool):
@@ -379,8 +423,8 @@ def _forward(cfg: _Config, u, delta, A, B, C, D, z, delta_bias, keep, h0, *, sav
     out_shapes["chunk_states"] = jax.ShapeDtypeStruct(
         (batch, time // cfg.chunk, channels, state), _F32)
   ins = dict(u=u, delta=delta, rate=km.decay_rate(A).T, B=B, C=C, D=D, z=z,
-             delta_bias=delta_bias, keep=keep)
-  ins["h0"] = _segment_starts(cfg, ins, h0)
+             delta_bias=delta_bias, keep=keep, h0=None if h0 is None else jnp.swapaxes(h0, 1, 2))
+  ins.update(_segment_ends(cfg, ins))
   outs = _call(_forward_kernel, ins, out_shapes, cfg, cfg.num_warps_forward, cfg.segments)
   return dict(outs, final_state=jnp.swapaxes(outs["final_state"][:, -1], 1, 2))
 
@@ -432,15 +476,15 @@ def _largest_power_of_two_divisor(n: int, cap: int) -> int:
   return block
 
 
-def default_block_d(batch: int, channels: int, groups: int = 1, kernel: str = "forward") -> int:
-  """Channels per program of ``kernel`` ("forward" or "backward", ``BLOCK_D_RULES``) for
-  ``batch`` rows of ``channels`` in ``groups`` groups of B and C.
+def default_backward_block_d(batch: int, channels: int, groups: int = 1) -> int:
+  """Channels per program of the backward (``BACKWARD_BLOCK_D_RULE``) for ``batch`` rows of
+  ``channels`` in ``groups`` groups of B and C.
 
-  The largest power of two up to the kernel's most that divides ``channels / groups`` and whose
-  grid of ``batch * channels / block_d`` programs reaches the kernel's target, but not below
+  The largest power of two up to the rule's most that divides ``channels / groups`` and whose
+  grid of ``batch * channels / block_d`` programs reaches the rule's target, but not below
   ``MIN_BLOCK_D`` (nor above the largest power-of-two divisor of ``channels / groups``).
   """
-  most, target = BLOCK_D_RULES[kernel]
+  most, target = BACKWARD_BLOCK_D_RULE
   block_d = _largest_power_of_two_divisor(channels // groups, most)
   while block_d > MIN_BLOCK_D and batch * (channels // block_d) < target:
     block_d //= 2
@@ -458,9 +502,24 @@ def default_segments(batch: int, time: int, blocks: int, chunk: int = CHUNK) -> 
   return segments
 
 
+def default_forward_launch(batch: int, time: int, channels: int, groups: int = 1,
+                           chunk: int = CHUNK) -> tuple[int, int, int]:
+  """(block_d, num_warps, segments) of the forward for ``batch`` rows of ``time`` tokens of
+  ``channels`` in ``groups`` groups: the first of ``FORWARD_LAUNCHES`` (the last regardless)
+  whose ``default_segments`` keep at least ``WIDE_SEGMENT_TOKENS`` tokens each, with block_d
+  the largest power of two up to the launch's most dividing ``channels / groups``, on
+  block_d / (channels per thread) threads (at least one warp)."""
+  for most, per_thread in FORWARD_LAUNCHES:
+    block_d = _largest_power_of_two_divisor(channels // groups, most)
+    segments = default_segments(batch, time, channels // block_d, chunk)
+    if time // segments >= WIDE_SEGMENT_TOKENS:
+      break
+  return block_d, max(1, block_d // (32 * per_thread)), segments
+
+
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, keep, initial_state, *,
                    block_d: int | None = None, segments: int | None = None, chunk: int = CHUNK,
-                   num_warps_forward: int = NUM_WARPS_FORWARD,
+                   num_warps_forward: int | None = None,
                    num_warps_backward: int = NUM_WARPS_BACKWARD, interpret: bool | None = None):
   """The fused selective scan, differentiable in every float input.
 
@@ -474,12 +533,14 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, keep, in
     keep: [batch, time] float32, 0 where the state restarts before the token, or None.
     initial_state: [batch, channels, state] or None (zeros).
     block_d: the most channels per program of both kernels (a power of two; the largest one
-      <= this dividing channels / groups is used); None: each kernel's ``default_block_d``.
+      <= this dividing channels / groups is used); None: ``default_forward_launch``'s and
+      ``default_backward_block_d``.
     segments: the stretches of time the forward walks in parallel (a power of two), each from
       the state entering it, found first by a pass that walks all but the last from a zero
-      state; None: ``default_segments``.
+      state; None: ``default_forward_launch``'s (given ``block_d``: ``default_segments``).
     chunk: tokens per unrolled time step and per saved state of the backward.
-    num_warps_forward, num_warps_backward: Triton's warps per program of each kernel.
+    num_warps_forward, num_warps_backward: Triton's warps per program of each kernel; None
+      (forward): ``default_forward_launch``'s (given ``block_d``: one channel a thread).
     interpret: run the kernels in the Pallas interpreter; None: only on CPU.
 
   Returns:
@@ -489,14 +550,19 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, keep, in
   batch, time, channels = u.shape
   groups, state = B.shape[2], A.shape[1]
   if block_d is None:
-    block_d, backward_block_d = (default_block_d(batch, channels, groups, kernel)
-                                 for kernel in ("forward", "backward"))
+    block_d, launch_warps, launch_segments = default_forward_launch(batch, time, channels,
+                                                                    groups, chunk)
+    backward_block_d = default_backward_block_d(batch, channels, groups)
   else:
     block_d = backward_block_d = _largest_power_of_two_divisor(channels // groups, block_d)
+    launch_warps = max(1, block_d // 32)
+    launch_segments = default_segments(batch, time, channels // block_d, chunk)
   if segments is None:
-    segments = default_segments(batch, time, channels // block_d, chunk)
+    segments = launch_segments
   elif segments < 1 or segments & (segments - 1):
     raise ValueError(f"segments must be a power of two, got {segments}")
+  if num_warps_forward is None:
+    num_warps_forward = launch_warps
   cfg = _Config(time=time, chunk=chunk, segments=segments, block_d=block_d,
                 blocks_per_group=channels // groups // block_d,
                 backward_block_d=backward_block_d, delta_softplus=delta_softplus,
