@@ -183,7 +183,9 @@ def parse_sass(listing: str) -> dict:
 def compile_kernel(kernel: dict, workdir: pathlib.Path) -> dict:
   """``kernel`` compiled for sm_90 by the ``triton`` package: its ptxas report, shared memory
   and SASS instruction counts."""
-  os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # fused multiply-adds, as XLA's Triton
+  # No floating-point contraction, as XLA's Triton: an H200 profile of the scan's forward counted
+  # 150 unfused and 20 fused float32 instructions a token (docs/kernels.md, scan version 5).
+  os.environ["TRITON_DEFAULT_FP_FUSION"] = "0"
   try:
     import triton
     from triton.backends.compiler import GPUTarget

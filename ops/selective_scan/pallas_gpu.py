@@ -2,20 +2,22 @@
 
 One forward kernel does the whole op: the discretisation (``delta_bias``, softplus), the scan,
 the C readout, the D skip and the SiLU(z) gate. Each program owns one batch row, a block of
-``block_d`` channels (by default up to 64, one per thread of two warps) and one of ``segments``
-equal stretches of time, keeps its state in float32 registers as ``state`` rows [block_d] (each
-thread holds every state entry of its channel, so nothing crosses lanes) and walks its stretch
+``block_d`` channels and one of ``segments`` equal stretches of time (``default_forward_launch``:
+64 channels, one a thread of two warps, or where the segments stay long 128 channels, four a
+thread of one warp), keeps its state in float32 registers as ``state`` rows [block_d] (each
+thread holds every state entry of its channels, so nothing crosses lanes) and walks its stretch
 in order: an outer ``fori_loop`` over chunks of ``chunk`` tokens and, inside it, a Python loop
-unrolled over the chunk's tokens, so the loads of later tokens (which do not depend on the
-state) can be issued early. The state leaves the chip only as the final state and, when a
-gradient is wanted, as the state entering each chunk (``time / chunk`` states per row, the
-residual).
+unrolled over the chunk's tokens. Each chunk's u, delta and z are loaded while the chunk before
+it is computed (``_prefetching_chunk_loop``). The state leaves the chip only as the final state
+and, when a gradient is wanted, as the state entering each chunk (``time / chunk`` states per
+row, the residual).
 
 Segments: the state is linear in the state before a stretch, h_end = carry * h_start + end with
 carry = exp(A * sum dt) (zero across a restart) and ``end`` the stretch walked from a zero
 state. A first kernel walks every segment but the last from zero for (end, carry), without
-readout or outputs; XLA chains them (``segments - 1`` steps of [batch, state, channels]) into
-each segment's entering state; the forward kernel then walks all segments at once. That costs
+readout or outputs; each program of the forward kernel then chains those of the segments before
+its own into its entering state (at most ``segments - 1`` steps of h * carry + end) and walks
+its segment, all segments at once. That costs
 a second pass over most tokens but multiplies the programs in flight by ``segments``
 (``default_segments``: to ``FORWARD_PROGRAMS``), where one program per row and channel block
 leaves most of the chip idle (B2 D2048: 64 programs).
@@ -33,21 +35,23 @@ once per program (summed over the batch by XLA); d(initial_state) is the last ad
 Why Triton and not Mosaic GPU: the work is a latency-bound sequential loop over small per-token
 vectors with a register-resident state; there is no matrix product for wgmma and no large tile
 for TMA to stream, which is what Mosaic GPU's warpgroup programming model is built around.
-Triton lays out the backward's [block_d, state] arrays and their reductions by itself, and
-schedules a chunk's independent loads ahead of the arithmetic (each kernel issues a chunk's
-loads before its first store, which the compiler could not otherwise move them past). The decay
-is ``exp2`` of dt times A log2(e) (``km.decay_rate``): one special-function instruction where
-``exp`` is a libdevice call of about ten.
+Triton lays out the backward's [block_d, state] arrays and their reductions by itself. Where it
+needs telling: a chunk's outputs are stored after its last load (the compiler cannot move a load
+past a store that may alias); the decay is ``exp2`` of dt times A log2(e) (``km.decay_rate``),
+one special-function instruction where ``exp`` is a libdevice call of about ten; softplus has
+no branch (``km.softplus``), where libdevice's ``log1pf`` split every token into basic blocks
+that ptxas did not move loads across; and the state update and readout are fused multiply-adds
+written as PTX (``ops._triton_math.fma``), since XLA's Triton compiles without contraction.
 
 Cost per token and channel, with state size n (forward): n ``exp2`` (the decay), about 5n FLOPs
 (decay product, state update, readout) and a few more for the gate; memory traffic is u, delta,
 z and out (2 bytes each in bfloat16) per channel plus B and C (n values each) per group. At
 n = 16 that is 16 ``exp2`` and ~80 FLOPs per 8 bytes, so with enough programs in flight the
-special-function rate would bound it before HBM bandwidth; in practice the per-token
-dependency chain (latency) and the instructions around it (each thread loads B and C as 2n
-broadcast scalars) bound it. Measured on an H200 (jax 0.11.2, D2048 N16, bfloat16, with D, z,
-delta_bias and softplus): forward 0.72 ms at B2 L4096 and ~3.2 ms at B8 L8192 (``"xla"``: 4.1
-and 27 ms); docs/kernels.md has the versions.
+special-function rate would bound it before HBM bandwidth; in practice the instructions around
+it (each thread loads B and C as 2n broadcast scalars, shared by its channels) and the latency
+of the loads bound it. Measured on an H200 (jax 0.11.2, D2048 N16, bfloat16, with D, z,
+delta_bias and softplus; back-to-back calls): forward 0.50 ms at B2 L4096 and 3.35 ms at B8
+L8192 (``"xla"``: 4.06 and 25.9 ms); docs/kernels.md has the versions.
 
 Padding: time is padded to a multiple of ``chunk * segments`` (padded tokens get a zero step, so
 they leave the state unchanged) and the state size to a power of two (A, B, C padded with zeros,

@@ -45,7 +45,7 @@ pipelined block double-buffered), for block_d 128, state 16, chunk 32, bfloat16 
 
 Per chunk: VPU, the decay argument dt A, the update's two products and sum, the readout's
 product and sublane sum (the adjoint adds about as much again, and lane sums for dB and dC on
-the XLU); EUP, the exp of the decay ([state, block_d] per token) and the exp/log1p of softplus
+the XLU); EUP, the exp of the decay ([state, block_d] per token) and the exps of softplus
 and the gate's sigmoid (per [1, block_d] row); MXU, nothing.
 
 Expected bound on TPU v5e and v5p: an ESTIMATE, not measured (no TPU was available). Per token
