@@ -155,12 +155,12 @@ def _optional(ins: dict, name: str):
 
 # --- the forward: the state as rows ---------------------------------------------------------------
 # The forward kernels hold the state as a tuple of ``state`` rows [block_d] (rows of a
-# [state, block_d] block), one channel per lane: each thread owns every state entry of its
-# channels, so the readout's sum over the state and every per-channel value (dt, u, z, out) stay
+# [state, block_d] block), the channels spread over the lanes (one to four a thread): each
+# thread owns every state entry of its channels, so the readout's sum over the state and every per-channel value (dt, u, z, out) stay
 # in the thread, with no layout conversion through shared memory per token. (A [state, block_d]
 # array would be laid out by Triton as [4, 8] lanes of [1, 4] values, its reductions and
-# broadcasts crossing lanes.) B and C come as state scalars, each a broadcast load. The
-# arithmetic is km.advance's and km.readout's.
+# broadcasts crossing lanes.) B and C come as state scalars, each a broadcast load shared by the
+# thread's channels. The arithmetic is km.advance's and km.readout's, with fused multiply-adds.
 
 def _advance_rows(h, tok: km.Token, rate, interpret: bool):
   """km.advance on rows: the state rows after the token from those before it."""
@@ -173,8 +173,13 @@ def _advance_rows(h, tok: km.Token, rate, interpret: bool):
 
 def _readout_rows(h, tok: km.Token, D, interpret: bool):
   """km.readout on rows: C h + D u, [block_d]."""
-  y = h[0] * tok.C[0] if D is None else D * tok.u
-  for row, c in zip(h[D is None:], tok.C[D is None:]):
+  terms = zip(h, tok.C)
+  if D is None:
+    row, c = next(terms)
+    y = row * c
+  else:
+    y = D * tok.u
+  for row, c in terms:
     y = fma(row, c, y, interpret=interpret)
   return y
 
