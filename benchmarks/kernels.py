@@ -55,12 +55,12 @@ output feeds the check below), warmed up ``--warmup`` more times and timed as ``
 samples of ``harness.CALLS_PER_SAMPLE`` calls dispatched back to back, host wall clock to the
 last result (``harness.time_calls``: the device's time per call, without a wait on each
 result); every PyTorch case is warmed up the same way, then timed call by call between two
-``torch.cuda.Event``s (``benchmarks/peers.py``), which also leave the host's wait out. The table gives
-the median; the JSON also gives each row's wall time, its compiles, check and timing included
-(fla's first calls include its autotuning), as "row_s", for planning device time. Inputs are
-fresh ``jax.random`` draws (never zeros); fla gets the very same arrays through DLPack.
-``XLA_PYTHON_CLIENT_PREALLOCATE=false`` is set before JAX starts, so JAX and PyTorch share the
-card.
+``torch.cuda.Event``s (``benchmarks/peers.py``), which also leave the host's wait out. The
+table gives the median; the JSON also gives each row's wall time, its compiles, check and
+timing included (fla's first calls include its autotuning), as "row_s", for planning device
+time. Inputs are fresh ``jax.random`` draws (never zeros); fla gets the very same arrays through
+DLPack. ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` is set before JAX starts, so JAX and PyTorch
+share the card.
 
 Checks: before a kernel ("pallas_gpu", "pallas_tpu") case is timed it is run at the full size on
 the same inputs as the "xla" form (KDA and RWKV-7: ``--check-form``, "xla" unless told;

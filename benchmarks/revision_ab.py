@@ -155,8 +155,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   if not (args.old / PACKAGE).is_dir():
     parser.error(f"--old: no {PACKAGE} in {args.old} (run the export command first)")
   sys.path.insert(0, str(args.old.resolve()))
-  print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; median ms of each round "
-        f"({args.warmup} warm-up, {args.iters} calls); 'old' = {args.old / PACKAGE}")
+  print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; median ms per call of each "
+        f"round ({args.warmup} warm-up, {args.iters} samples of {harness.CALLS_PER_SAMPLE} calls "
+        f"back to back); 'old' = {args.old / PACKAGE}")
   if "scan" in ops:
     trees = {tag: importlib.import_module(f"{package}.selective_scan")
              for tag, package in (("old", PACKAGE), ("new", "ops"))}
