@@ -374,7 +374,8 @@ def decode_fn(form: str, backward: bool = False) -> Callable:
   return step
 
 
-SCAN_OPTIONS = ("block_d", "segments", "chunk", "num_warps_forward", "num_warps_backward")
+SCAN_OPTIONS = ("block_d", "segments", "chunk", "prefetch_state_tokens", "num_warps_forward",
+                "num_warps_backward")
 
 
 def scan_options(text: str) -> dict[str, int]:
@@ -721,7 +722,7 @@ def run_scan(bench: Bench, sizes: Sequence[ScanSize]) -> None:
       inputs, cotangent = scan_inputs(size, dtype)
       make_record = lambda impl, p: bench.record(
           "scan", size, dtype, impl, p, scan_counts(size, dtype, p == "fwd+bwd"))
-      bench.jax_forms(make_record, scan_fn, (inputs, cotangent), dtype, harness.PASSES,
+      bench.jax_forms(make_record, scan_fn, (inputs, cotangent), dtype, bench.args.scan_passes,
                       size.batch * size.time, "xla", {"fwd": ("out",), "fwd+bwd": None},
                       variants=("options", "", bench.args.scan_options))
       del inputs, cotangent
@@ -863,6 +864,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="scan: also time the pallas_gpu kernel at each of these settings, "
                       f"NAME=INTEGER[,NAME=INTEGER...] with NAME in {', '.join(SCAN_OPTIONS)} "
                       "(rows 'pallas_gpu <settings>'), beside its defaults")
+  parser.add_argument("--scan-passes", nargs="+", choices=harness.PASSES, default=harness.PASSES,
+                      help="the scan's passes (a settings sweep of the forward: fwd)")
   parser.add_argument("--scan-dtypes", nargs="+", choices=("float32", "bfloat16"),
                       default=["float32", "bfloat16"], help="dtypes of the scan's activations")
   parser.add_argument("--implementations", nargs="+", choices=FORMS, default=None,

@@ -3,10 +3,14 @@
 XLA's Triton compiles without floating-point contraction: ``a * b + c`` in a kernel becomes a
 multiply and an add, two instructions and two roundings (an H200 profile of the selective scan's
 forward counted 150 unfused and 20 fused float32 instructions per token). ``fma`` writes the
-fused multiply-add as one PTX instruction.
+fused multiply-add as one PTX instruction. Its ``exp`` and ``1 / x`` are libdevice's ``expf``
+(about ten instructions around one ``ex2``) and a division with range checks (about seven around
+one ``rcp``); ``exp`` and ``reciprocal`` here are the bare special-function instructions.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -15,15 +19,36 @@ from jax.experimental.pallas import triton as plgpu_triton
 F32 = jnp.float32
 
 
-def fma(a, b, c, *, interpret: bool):
-  """``a * b + c`` in float32 with one rounding (PTX ``fma.rn.f32``), broadcast to the operands'
-  common shape (at least 1-D inside a kernel). ``interpret``: the kernel runs in the Pallas
-  interpreter (CPU), where inline PTX cannot run; there it is ``a * b + c``."""
-  if interpret:
-    return a * b + c
-  shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b), jnp.shape(c))
-  args = [jnp.broadcast_to(jnp.asarray(x, F32), shape) for x in (a, b, c)]
+def _ptx(instruction: str, *operands, interpret_form):
+  """The float32 PTX ``instruction`` ($0 the result, $1... the operands) on the operands
+  broadcast to their common shape (at least 1-D inside a kernel); ``interpret_form(*operands)``
+  where the kernel runs in the Pallas interpreter (CPU), which cannot run PTX; ``None``: always
+  the PTX."""
+  if interpret_form is not None:
+    return interpret_form(*operands)
+  shape = jnp.broadcast_shapes(*(jnp.shape(x) for x in operands))
+  args = [jnp.broadcast_to(jnp.asarray(x, F32), shape) for x in operands]
   [result] = plgpu_triton.elementwise_inline_asm(
-      "fma.rn.f32 $0, $1, $2, $3;", args=args, constraints="=f,f,f,f", pack=1,
+      instruction, args=args, constraints="=f" + ",f" * len(args), pack=1,
       result_shape_dtypes=[jax.ShapeDtypeStruct(shape, F32)])
   return result
+
+
+def fma(a, b, c, *, interpret: bool):
+  """``a * b + c`` in float32 with one rounding (PTX ``fma.rn.f32``). ``interpret``: the kernel
+  runs in the Pallas interpreter, where this is ``a * b + c``."""
+  return _ptx("fma.rn.f32 $0, $1, $2, $3;", a, b, c,
+              interpret_form=(lambda a, b, c: a * b + c) if interpret else None)
+
+
+def reciprocal(x, *, interpret: bool):
+  """``1 / x`` in float32 to within one unit in the last place (PTX ``rcp.approx.ftz.f32``:
+  subnormal inputs and results flush to zero); ``1 / x`` in the interpreter."""
+  return _ptx("rcp.approx.ftz.f32 $0, $1;", x,
+              interpret_form=(lambda x: 1.0 / x) if interpret else None)
+
+
+def exp(x):
+  """e^x as ``exp2(x log2(e))``: one multiply and one ``ex2`` (relative error about |x| 2^-24
+  from the product's rounding, against ``expf``'s 2 units in the last place)."""
+  return jnp.exp2(x * math.log2(math.e))

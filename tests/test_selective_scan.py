@@ -282,6 +282,20 @@ class TestPallasGpuAgreement(AgreementBase):
     case = Case(batch=2, time=11, channels=8, state=4, groups=2, with_segment_ids=True, seed=2)
     _check_kernel_settings(pallas_gpu, case, block_d=2, chunk=4)
 
+  @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+  @pytest.mark.parametrize("prefetch", [0, 4])
+  def test_state_prefetch_agrees(self, dtype, prefetch):
+    """B and C of none or all of each chunk's tokens loaded a chunk ahead (the default: the
+    first two), as stored or as bf16 pairs in words, with segments."""
+    case = Case(batch=1, time=13, channels=8, state=6, dtype=dtype, seed=3)
+    _check_kernel_settings(pallas_gpu, case, chunk=4, segments=2,
+                           prefetch_state_tokens=prefetch)
+
+  def test_state_prefetch_outside_the_chunk_raises(self):
+    case = Case(batch=1, time=4, channels=4, state=2)
+    with pytest.raises(ValueError, match="prefetch_state_tokens"):
+      _kernel_call(pallas_gpu, case, chunk=4, prefetch_state_tokens=5)(case.arrays())
+
   @pytest.mark.parametrize("time, segments", [(21, 4), (9, 4), (16, 2)])
   def test_segments_agree(self, time, segments):
     """The forward split into segments walked in parallel, each entered with the state its
@@ -338,26 +352,44 @@ def test_default_forward_launch():
   """The first of FORWARD_LAUNCHES whose default segments keep WIDE_SEGMENT_TOKENS tokens, else
   the last: (block_d, warps for its channels a thread, segments)."""
   launch = pallas_gpu.default_forward_launch
-  assert pallas_gpu.FORWARD_LAUNCHES == ((128, 4), (64, 1))
-  assert pallas_gpu.WIDE_SEGMENT_TOKENS == 1024
-  assert launch(8, 8192, 2048) == (128, 1, 8)  # the measured best at B8 L8192 D2048
-  assert launch(2, 4096, 2048) == (64, 2, 16)  # and at B2 L4096: 128 wide, segments of 256
-  assert launch(1, 65536, 2048) == (128, 1, 64)  # one long row: 64 segments of 1024 tokens
-  assert launch(1, 512, 128) == (64, 2, 2)  # two segments of 256 tokens
-  assert launch(8, 8192, 2048, 64) == (32, 1, 2)  # 32 channels per group, one a thread
-  assert launch(8, 8192, 96) == (32, 1, 32)  # 96 channels: blocks of their divisor, 32
+  assert pallas_gpu.FORWARD_LAUNCHES == ((128, 2), (64, 1))
+  assert pallas_gpu.WIDE_SEGMENT_TOKENS == 512
+  assert launch(8, 8192, 2048) == (128, 2, 16)  # the measured best at B8 L8192 D2048
+  assert launch(2, 4096, 2048) == (64, 2, 32)  # and at B2 L4096: 128 wide, segments of 128
+  assert launch(1, 65536, 2048) == (128, 2, 128)  # one long row: 128 segments of 512 tokens
+  assert launch(1, 512, 128) == (64, 2, 4)  # four segments of 128 tokens
+  assert launch(8, 8192, 2048, 64) == (32, 1, 4)  # 32 channels per group: one warp
+  assert launch(8, 8192, 96) == (32, 1, 64)  # 96 channels: blocks of their divisor, 32
 
 
 def test_default_segments():
   """The fewest segments (a power of two) that give the forward FORWARD_PROGRAMS programs,
   each segment keeping at least MIN_SEGMENT_TOKENS tokens."""
   segments = pallas_gpu.default_segments
-  assert (pallas_gpu.FORWARD_PROGRAMS, pallas_gpu.MIN_SEGMENT_TOKENS) == (1024, 256)
-  assert segments(2, 4096, 2048 // 64) == 16  # the measured best at B2 L4096 D2048
-  assert segments(8, 8192, 2048 // 64) == 4  # B8 L8192
+  assert (pallas_gpu.FORWARD_PROGRAMS, pallas_gpu.MIN_SEGMENT_TOKENS) == (2048, 128)
+  assert segments(2, 4096, 2048 // 64) == 32  # the measured best at B2 L4096 D2048
+  assert segments(8, 8192, 2048 // 128) == 16  # and at B8 L8192, 128 channels a program
   assert segments(64, 8192, 32) == 1  # the grid is full without
-  assert segments(1, 1024, 1) == 4  # each keeps 256 tokens
-  assert segments(1, 511, 1) == 1  # too short to split
+  assert segments(1, 1024, 1) == 8  # each keeps 128 tokens
+  assert segments(1, 255, 1) == 1  # too short to split
+
+
+@pytest.mark.parametrize("arith", ["exact", "pallas_gpu"])
+def test_kernel_activations_match_float64(arith):
+  """The kernels' branch-free softplus and their sigmoid, in jnp's primitives and in the GPU
+  kernels' (interpret forms, with ``exp`` as ``exp2(x log2 e)``), against float64 over |x| <=
+  60: relative error within (3 + |x|) 1e-7, the product x log2(e)'s rounding (|x| 6e-8)
+  included; the device's approximate ``ex2`` and ``rcp`` add a few float32 ulps."""
+  from ops.selective_scan import _kernel_math as km
+  primitives = km.EXACT if arith == "exact" else pallas_gpu._arith(interpret=True)
+  x = np.concatenate([np.linspace(-60, 60, 20001), [-1e-30, 0.0, 1e-30]]).astype(np.float32)
+  x64 = x.astype(np.float64)
+  expected = {"softplus": np.logaddexp(0.0, x64), "sigmoid": 1.0 / (1.0 + np.exp(-x64))}
+  for name, want in expected.items():
+    got = np.asarray(getattr(km, name)(jnp.asarray(x), primitives), np.float64)
+    assert np.all(np.isfinite(got)), name
+    np.testing.assert_array_less(np.abs(got - want) / want, 1e-7 * (3 + np.abs(x64)),
+                                 err_msg=name)
 
 
 def _kernel_call(module, case: Case, **options):

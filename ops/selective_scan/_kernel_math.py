@@ -21,26 +21,39 @@ import jax.numpy as jnp
 F32 = jnp.float32
 
 
+class Arith(NamedTuple):
+  """The float32 primitives the per-token math below is written in: ``EXACT`` is jnp's; the GPU
+  kernels pass their instructions' (``pallas_gpu._arith``: fused multiply-add, ``exp`` as one
+  ``exp2``, the approximate reciprocal), where jnp's lower to libdevice calls and a
+  range-checked division."""
+
+  fma: Callable  # (a, b, c) -> a * b + c
+  exp: Callable
+  reciprocal: Callable
+
+
+EXACT = Arith(fma=lambda a, b, c: a * b + c, exp=jnp.exp, reciprocal=lambda x: 1.0 / x)
+
 _ATANH_SERIES = tuple(1.0 / k for k in (13, 11, 9, 7, 5, 3, 1))  # coefficients of s^(k-1)
 
 
-def softplus(x):
+def softplus(x, arith: Arith = EXACT):
   """log(1 + e^x) = max(x, 0) + log1p(e) with e = e^-|x| in (0, 1], and log1p(e) = 2 atanh(s)
   with s = e / (2 + e) in (0, 1/3], summed as its odd series to s^13 (truncated below 2e-8
   relative): no branch. On a GPU ``jnp.log1p`` is libdevice's ``log1pf``, whose branch for
   special values split every token of the scan's kernels into basic blocks that the compiler
   would not schedule loads across (docs/kernels.md, selective scan version 5)."""
-  e = jnp.exp(-jnp.abs(x))
-  s = e / (2.0 + e)
+  e = arith.exp(-jnp.abs(x))
+  s = e * arith.reciprocal(2.0 + e)
   s2 = s * s
-  series = jnp.full_like(s, _ATANH_SERIES[0])
-  for coefficient in _ATANH_SERIES[1:]:
-    series = series * s2 + coefficient
-  return jnp.maximum(x, 0.0) + 2.0 * s * series
+  series = arith.fma(s2, _ATANH_SERIES[0], _ATANH_SERIES[1])
+  for coefficient in _ATANH_SERIES[2:]:
+    series = arith.fma(series, s2, coefficient)
+  return arith.fma(2.0 * s, series, jnp.maximum(x, 0.0))
 
 
-def sigmoid(x):
-  return 1.0 / (1.0 + jnp.exp(-x))
+def sigmoid(x, arith: Arith = EXACT):
+  return arith.reciprocal(1.0 + arith.exp(-x))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,9 +101,9 @@ class Token(NamedTuple):
   keep: jax.Array | None  # broadcastable scalar: 0 where the state restarts before this token
 
 
-def step_size(raw, delta_softplus: bool, valid):
+def step_size(raw, delta_softplus: bool, valid, arith: Arith = EXACT):
   """The step from delta + delta_bias; ``valid`` (0 for padding tokens, or None) masks it."""
-  dt = softplus(raw) if delta_softplus else raw
+  dt = softplus(raw, arith) if delta_softplus else raw
   return dt if valid is None else dt * valid
 
 
@@ -115,9 +128,9 @@ def readout(h, tok: Token, D, lay: Layout):
   return y if D is None else y + D * tok.u
 
 
-def gate(y, tok: Token):
+def gate(y, tok: Token, arith: Arith = EXACT):
   """The output: y gated by SiLU(z) (y itself without z)."""
-  return y if tok.z is None else y * tok.z * sigmoid(tok.z)
+  return y if tok.z is None else y * tok.z * sigmoid(tok.z, arith)
 
 
 class TokenGrads(NamedTuple):
@@ -133,7 +146,7 @@ class TokenGrads(NamedTuple):
 
 
 def adjoint(g, tok: Token, h, h_before, decay, dout, A, D, lay: Layout, delta_softplus: bool,
-            valid):
+            valid, arith: Arith = EXACT):
   """One token of the backward recurrence.
 
   Args:
@@ -146,6 +159,7 @@ def adjoint(g, tok: Token, h, h_before, decay, dout, A, D, lay: Layout, delta_so
     lay: the state layout.
     delta_softplus: whether dt is softplus(raw).
     valid: 0 for padding tokens (a broadcastable float), or None.
+    arith: the primitives of the sigmoids.
 
   Returns:
     (d loss / d (state before the token), the token's gradients).
@@ -153,7 +167,7 @@ def adjoint(g, tok: Token, h, h_before, decay, dout, A, D, lay: Layout, delta_so
   h_prev = h_before if tok.keep is None else h_before * tok.keep
   ds, dz = dout, None
   if tok.z is not None:
-    sig = sigmoid(tok.z)
+    sig = sigmoid(tok.z, arith)
     dz = ds * readout(h, tok, D, lay) * sig * (1.0 + tok.z * (1.0 - sig))
     ds = ds * tok.z * sig
   g = g + lay.chan(ds) * lay.state(tok.C)  # d loss / d (state after the token)
@@ -165,7 +179,7 @@ def adjoint(g, tok: Token, h, h_before, decay, dout, A, D, lay: Layout, delta_so
   ddt = lay.sum_state(g_decay * A) + tok.u * gB
   if valid is not None:
     ddt = ddt * valid
-  draw = ddt * sigmoid(tok.raw) if delta_softplus else ddt
+  draw = ddt * sigmoid(tok.raw, arith) if delta_softplus else ddt
   du = tok.dt * gB
   dD = None
   if D is not None:

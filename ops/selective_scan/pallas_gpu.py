@@ -3,14 +3,15 @@
 One forward kernel does the whole op: the discretisation (``delta_bias``, softplus), the scan,
 the C readout, the D skip and the SiLU(z) gate. Each program owns one batch row, a block of
 ``block_d`` channels and one of ``segments`` equal stretches of time (``default_forward_launch``:
-64 channels, one a thread of two warps, or where the segments stay long 128 channels, four a
-thread of one warp), keeps its state in float32 registers as ``state`` rows [block_d] (each
+64 channels, one a thread of two warps, or where the segments stay long 128 channels, two a
+thread of two warps), keeps its state in float32 registers as ``state`` rows [block_d] (each
 thread holds every state entry of its channels, so nothing crosses lanes) and walks its stretch
 in order: an outer ``fori_loop`` over chunks of ``chunk`` tokens and, inside it, a Python loop
-unrolled over the chunk's tokens. Each chunk's u, delta and z are loaded while the chunk before
-it is computed (``_prefetching_chunk_loop``). The state leaves the chip only as the final state
-and, when a gradient is wanted, as the state entering each chunk (``time / chunk`` states per
-row, the residual).
+unrolled over the chunk's tokens. Each chunk's u, delta and z, and B and C of its first
+``PREFETCH_STATE_TOKENS`` tokens, are loaded while the chunk before it is computed
+(``_prefetching_chunk_loop``); bf16 B and C come as pairs in 32-bit words (``_bf16_pairs``).
+The state leaves the chip only as the final state and, when a gradient is wanted, as the state
+entering each chunk (``time / chunk`` states per row, the residual).
 
 Segments: the state is linear in the state before a stretch, h_end = carry * h_start + end with
 carry = exp(A * sum dt) (zero across a restart) and ``end`` the stretch walked from a zero
@@ -40,18 +41,22 @@ needs telling: a chunk's outputs are stored after its last load (the compiler ca
 past a store that may alias); the decay is ``exp2`` of dt times A log2(e) (``km.decay_rate``),
 one special-function instruction where ``exp`` is a libdevice call of about ten; softplus has
 no branch (``km.softplus``), where libdevice's ``log1pf`` split every token into basic blocks
-that ptxas did not move loads across; and the state update and readout are fused multiply-adds
-written as PTX (``ops._triton_math.fma``), since XLA's Triton compiles without contraction.
+that ptxas did not move loads across; the activations' ``exp`` and ``1 / x`` are single
+special-function instructions (``_arith``), where jnp's are libdevice's ``expf`` and a
+range-checked division; and the state update, readout and softplus series are fused
+multiply-adds written as PTX (``ops._triton_math.fma``), since XLA's Triton compiles without
+contraction.
 
 Cost per token and channel, with state size n (forward): n ``exp2`` (the decay), about 5n FLOPs
 (decay product, state update, readout) and a few more for the gate; memory traffic is u, delta,
 z and out (2 bytes each in bfloat16) per channel plus B and C (n values each) per group. At
 n = 16 that is 16 ``exp2`` and ~80 FLOPs per 8 bytes, so with enough programs in flight the
 special-function rate would bound it before HBM bandwidth; in practice the instructions around
-it (each thread loads B and C as 2n broadcast scalars, shared by its channels) and the latency
-of the loads bound it. Measured on an H200 (jax 0.11.2, D2048 N16, bfloat16, with D, z,
-delta_bias and softplus; back-to-back calls): forward 0.50 ms at B2 L4096 and 3.35 ms at B8
-L8192 (``"xla"``: 4.06 and 25.9 ms); docs/kernels.md has the versions.
+it (each thread loads B and C as broadcast scalars shared by its channels, 2n a token, or n
+words of bf16 pairs) and the latency of the loads bound it. Measured on an H200 (jax 0.11.2,
+D2048 N16, bfloat16, with D, z, delta_bias and softplus; back-to-back calls): forward 0.36 ms
+at B2 L4096 and 2.25 ms at B8 L8192 (``"xla"``: 3.80 and 25.9 ms); docs/kernels.md has the
+versions.
 
 Padding: time is padded to a multiple of ``chunk * segments`` (padded tokens get a zero step, so
 they leave the state unchanged) and the state size to a power of two (A, B, C padded with zeros,
@@ -69,26 +74,28 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
-from ops._triton_math import fma
+from ops import _triton_math
 from ops.selective_scan import _kernel_math as km
 
 # Defaults from H200 sweeps at B2 L4096 and B8 L8192, D2048 N16, bfloat16 (docs/kernels.md,
-# "selective scan", versions 4 and 5); num_stages (1 or 2) made no difference and is left to
-# Triton.
+# "selective scan", versions 4-6); num_stages (1 or 2) made no difference and is left to Triton.
 # The forward's launches, widest first, as (the most channels per program, channels per
 # thread); default_forward_launch takes the first whose segments keep WIDE_SEGMENT_TOKENS
-# tokens. Four channels a thread on one warp in 8 segments were fastest at B8 (2.80 ms against
-# 3.21 at one a thread on two warps); at B2 the segments would be short, and one channel a
-# thread on two warps in 16 segments was fastest (0.47 ms against 0.65).
-FORWARD_LAUNCHES = ((128, 4), (64, 1))
-WIDE_SEGMENT_TOKENS = 1024
-FORWARD_PROGRAMS = 1024  # the forward's segments fill the grid to this many programs ...
-MIN_SEGMENT_TOKENS = 256  # ... but leave each segment at least this many tokens
+# tokens. At B8, two channels a thread on two warps in 16 segments (2.22 ms; four a thread on
+# one warp in 8 segments 3.28: 255 registers, 8 warps a multiprocessor); at B2 the segments would
+# be short, and one channel a thread on two warps in 32 segments was fastest (0.34 ms).
+FORWARD_LAUNCHES = ((128, 2), (64, 1))
+WIDE_SEGMENT_TOKENS = 512
+FORWARD_PROGRAMS = 2048  # the forward's segments fill the grid to this many programs ...
+MIN_SEGMENT_TOKENS = 128  # ... but leave each segment at least this many tokens
 # The backward: (the most channels per program, the programs wanted in the grid); it was
 # fastest with about 512 programs (8 channels at B2, 32 at B8), but not below MIN_BLOCK_D.
 BACKWARD_BLOCK_D_RULE = (32, 512)
 MIN_BLOCK_D = 4
 CHUNK = 8  # tokens per unrolled step of the time loop, and per saved state
+# B and C of this many of a chunk's first tokens are loaded a chunk ahead, with its u, delta, z
+# (B2 0.44 -> 0.38 ms; all eight: 0.37, at more registers).
+PREFETCH_STATE_TOKENS = 2
 NUM_WARPS_BACKWARD = 2
 
 _F32 = km.F32
@@ -106,6 +113,7 @@ class _Config:
   blocks_per_group: int  # channel blocks per group of B and C
   backward_block_d: int  # channels per program of the backward kernel
   delta_softplus: bool
+  prefetch_state_tokens: int  # of each chunk, whose B and C load with its u, delta, z
   num_warps_forward: int
   num_warps_backward: int
   interpret: bool
@@ -114,9 +122,13 @@ class _Config:
 _STREAMED = ("u", "delta", "z")  # a token's per-channel inputs, read once from HBM
 
 
-def _load_streamed(ins: dict, t) -> dict:
-  """Token ``t``'s per-channel inputs (those of ``_STREAMED`` present) as stored, [block_d]."""
-  return {name: ins[name][t] for name in _STREAMED if name in ins}
+def _load_streamed(ins: dict, t, state_vectors: bool = False) -> dict:
+  """Token ``t``'s per-channel inputs (those of ``_STREAMED`` present) as stored, [block_d];
+  with ``state_vectors`` also its B and C as stored (``_stored_entries``)."""
+  loaded = {name: ins[name][t] for name in _STREAMED if name in ins}
+  if state_vectors:
+    loaded.update({name: _stored_entries(ins[name], t) for name in ("B", "C") if name in ins})
+  return loaded
 
 
 def _load_token(ins: dict, t, bias, cfg: _Config, offset=0, rows: bool = False,
@@ -124,20 +136,21 @@ def _load_token(ins: dict, t, bias, cfg: _Config, offset=0, rows: bool = False,
   """Token ``t`` (a traced int32 scalar) of this program's row, channel block and time block,
   which starts at token ``offset`` of the (padded) sequence; ``streamed``: its per-channel
   inputs, loaded already (``_load_streamed``). B and C are [state] vectors, or with ``rows``
-  tuples of state scalars (C None when not an input)."""
+  tuples of state scalars (``_widened``; C None when not an input)."""
   if streamed is None:
     streamed = _load_streamed(ins, t)
   raw = streamed["delta"].astype(_F32)
   if bias is not None:
     raw = raw + bias
   if rows:
-    state = ins["B"].shape[-1]
-    vector = lambda name: tuple(ins[name][t, n].astype(_F32) for n in range(state))
+    vector = lambda name: _widened(streamed[name] if name in streamed
+                                   else _stored_entries(ins[name], t))
   else:
     vector = lambda name: ins[name][t].astype(_F32)
   return km.Token(
       u=streamed["u"].astype(_F32), raw=raw,
-      dt=km.step_size(raw, cfg.delta_softplus, _valid(offset + t, cfg)), B=vector("B"),
+      dt=km.step_size(raw, cfg.delta_softplus, _valid(offset + t, cfg), _arith(cfg.interpret)),
+      B=vector("B"),
       C=vector("C") if "C" in ins else None,
       z=streamed["z"].astype(_F32) if "z" in ins else None,
       keep=ins["keep"][t] if "keep" in ins else None)
@@ -146,6 +159,41 @@ def _load_token(ins: dict, t, bias, cfg: _Config, offset=0, rows: bool = False,
 def _valid(t, cfg: _Config):
   """1.0 for a real token and 0.0 for a padding one; None when time needs no padding."""
   return (t < cfg.time).astype(_F32) if cfg.time % (cfg.chunk * cfg.segments) else None
+
+
+def _arith(interpret: bool) -> km.Arith:
+  """The per-token math's primitives as PTX instructions (``ops._triton_math``); in the
+  interpreter, their float32 forms."""
+  return km.Arith(fma=functools.partial(_triton_math.fma, interpret=interpret),
+                  exp=_triton_math.exp,
+                  reciprocal=functools.partial(_triton_math.reciprocal, interpret=interpret))
+
+
+def _stored_entries(ref, t) -> tuple:
+  """Token ``t``'s B or C scalars as stored: from a [time, state] ref its entries, from a
+  [time, state / 2] uint32 ref of bf16 pairs (``_bf16_pairs``) its words, two entries a load."""
+  return tuple(ref[t, m] for m in range(ref.shape[-1]))
+
+
+def _widened(stored: tuple) -> tuple:
+  """``_stored_entries``' scalars as float32 entries; a word of bf16 pairs gives two, each by a
+  shift or a mask (a bf16 is a float32's upper half)."""
+  if stored[0].dtype != jnp.uint32:
+    return tuple(x.astype(_F32) for x in stored)
+  entries = []
+  for word in stored:
+    entries += [jax.lax.bitcast_convert_type(jax.lax.shift_left(word, jnp.uint32(16)), _F32),
+                jax.lax.bitcast_convert_type(word & jnp.uint32(0xFFFF0000), _F32)]
+  return tuple(entries)
+
+
+def _bf16_pairs(x):
+  """A bf16 [..., state] array as uint32 [..., state / 2], entry 2m the low half of word m, so
+  that the forward kernels load B and C two entries a load; other dtypes (and odd sizes) as
+  they are."""
+  if x is None or x.dtype != jnp.bfloat16 or x.shape[-1] % 2:
+    return x
+  return jax.lax.bitcast_convert_type(x.reshape(*x.shape[:-1], -1, 2), jnp.uint32)
 
 
 def _optional(ins: dict, name: str):
@@ -163,16 +211,15 @@ def _optional(ins: dict, name: str):
 # each a broadcast load shared by the thread's channels. The arithmetic is km.advance's and
 # km.readout's, with fused multiply-adds.
 
-def _advance_rows(h, tok: km.Token, rate, interpret: bool):
+def _advance_rows(h, tok: km.Token, rate, arith: km.Arith):
   """km.advance on rows: the state rows after the token from those before it."""
   if tok.keep is not None:
     h = tuple(row * tok.keep for row in h)
   x = tok.dt * tok.u
-  return tuple(fma(jnp.exp2(tok.dt * r), row, x * b, interpret=interpret)
-               for row, r, b in zip(h, rate, tok.B))
+  return tuple(arith.fma(jnp.exp2(tok.dt * r), row, x * b) for row, r, b in zip(h, rate, tok.B))
 
 
-def _readout_rows(h, tok: km.Token, D, interpret: bool):
+def _readout_rows(h, tok: km.Token, D, arith: km.Arith):
   """km.readout on rows: C h + D u, [block_d]."""
   terms = zip(h, tok.C)
   if D is None:
@@ -181,7 +228,7 @@ def _readout_rows(h, tok: km.Token, D, interpret: bool):
   else:
     y = D * tok.u
   for row, c in terms:
-    y = fma(row, c, y, interpret=interpret)
+    y = arith.fma(row, c, y)
   return y
 
 
@@ -204,12 +251,16 @@ def _store_columns(ref, rows, *index) -> None:
 
 def _prefetching_chunk_loop(ins: dict, cfg: _Config, body, init):
   """``fori_loop`` over this program's chunks, ``body(c, carry, streamed) -> carry``, with
-  ``streamed[i]`` the streamed inputs of the chunk's token i, loaded while the previous chunk
-  was computed. Without it the compiler issued each token's loads just before their use, and
-  every token waited a round trip to HBM (H200 profile: 37% of the stall samples sat on the
-  conversion right after those loads)."""
+  ``streamed[i]`` the streamed inputs of the chunk's token i (and B and C of its first
+  ``cfg.prefetch_state_tokens``), loaded while the previous chunk was computed. Without it the
+  compiler issued each token's loads just before their use, and every token waited a round
+  trip to memory (H200 profiles: 37% of the stall samples sat on the conversion right after the
+  u, delta, z loads; with those loaded ahead, 44% of the forward's cycles between instructions
+  still waited on memory, the B and C loads, which the compiler does not move across the loop's
+  back edge)."""
   n_chunks = ins["u"].shape[0] // cfg.chunk
-  load = lambda c: tuple(_load_streamed(ins, c * cfg.chunk + i) for i in range(cfg.chunk))
+  load = lambda c: tuple(_load_streamed(ins, c * cfg.chunk + i, i < cfg.prefetch_state_tokens)
+                         for i in range(cfg.chunk))
 
   def step(c, carry_and_streamed):
     carry, streamed = carry_and_streamed
@@ -228,13 +279,14 @@ def _segment_end_kernel(*refs, in_names, out_names, cfg: _Config):
   rate = _rows(ins["rate"])
   bias = _optional(ins, "delta_bias")
   offset = pl.program_id(2) * ins["u"].shape[0]
+  arith = _arith(cfg.interpret)
 
   def chunk_body(c, carry, streamed):
     h, dt_sum, kept = carry
     for i in range(cfg.chunk):
       tok = _load_token(ins, c * cfg.chunk + i, bias, cfg, offset, rows=True,
                         streamed=streamed[i])
-      h = _advance_rows(h, tok, rate, cfg.interpret)
+      h = _advance_rows(h, tok, rate, arith)
       dt_sum = dt_sum + tok.dt
       if tok.keep is not None:
         kept = kept * tok.keep
@@ -254,9 +306,10 @@ def _entering_state(ins: dict, cfg: _Config, rate):
   if "ends" not in ins:
     return h
 
+  fma = _arith(cfg.interpret).fma
+
   def enter_next(i, h):
-    return tuple(fma(row, ins["carries"][i, n], ins["ends"][i, n], interpret=cfg.interpret)
-                 for n, row in enumerate(h))
+    return tuple(fma(row, ins["carries"][i, n], ins["ends"][i, n]) for n, row in enumerate(h))
   return jax.lax.fori_loop(0, pl.program_id(2), enter_next, h)
 
 
@@ -268,6 +321,7 @@ def _forward_kernel(*refs, in_names, out_names, cfg: _Config):
   rate = _rows(ins["rate"])
   D, bias = _optional(ins, "D"), _optional(ins, "delta_bias")
   offset = pl.program_id(2) * ins["u"].shape[0]
+  arith = _arith(cfg.interpret)
 
   def chunk_body(c, h, streamed):
     if "chunk_states" in outs:
@@ -278,8 +332,8 @@ def _forward_kernel(*refs, in_names, out_names, cfg: _Config):
     for i in range(cfg.chunk):
       tok = _load_token(ins, c * cfg.chunk + i, bias, cfg, offset, rows=True,
                         streamed=streamed[i])
-      h = _advance_rows(h, tok, rate, cfg.interpret)
-      out.append(km.gate(_readout_rows(h, tok, D, cfg.interpret), tok))
+      h = _advance_rows(h, tok, rate, arith)
+      out.append(km.gate(_readout_rows(h, tok, D, arith), tok, arith))
     for i, y in enumerate(out):
       outs["out"][c * cfg.chunk + i] = y.astype(outs["out"].dtype)
     return h
@@ -312,7 +366,7 @@ def _backward_kernel(*refs, in_names, out_names, cfg: _Config):
     for i in reversed(range(cfg.chunk)):
       t = t0 + i
       g, d = km.adjoint(g, toks[i], states[i + 1], states[i], decays[i], douts[i], A, D,
-                        _LAYOUT, cfg.delta_softplus, _valid(t, cfg))
+                        _LAYOUT, cfg.delta_softplus, _valid(t, cfg), _arith(cfg.interpret))
       if d.dz is not None:
         outs["dz"][t] = d.dz.astype(outs["dz"].dtype)
       outs["dC"][t] = d.dC
@@ -433,8 +487,9 @@ def _forward(cfg: _Config, u, delta, A, B, C, D, z, delta_bias, keep, h0, *, sav
   if save_states:
     out_shapes["chunk_states"] = jax.ShapeDtypeStruct(
         (batch, time // cfg.chunk, channels, state), _F32)
-  ins = dict(u=u, delta=delta, rate=km.decay_rate(A).T, B=B, C=C, D=D, z=z,
-             delta_bias=delta_bias, keep=keep, h0=None if h0 is None else jnp.swapaxes(h0, 1, 2))
+  ins = dict(u=u, delta=delta, rate=km.decay_rate(A).T, B=_bf16_pairs(B), C=_bf16_pairs(C), D=D,
+             z=z, delta_bias=delta_bias, keep=keep,
+             h0=None if h0 is None else jnp.swapaxes(h0, 1, 2))
   ins.update(_segment_ends(cfg, ins))
   outs = _call(_forward_kernel, ins, out_shapes, cfg, cfg.num_warps_forward, cfg.segments)
   return dict(outs, final_state=jnp.swapaxes(outs["final_state"][:, -1], 1, 2))
@@ -536,6 +591,7 @@ def default_forward_launch(batch: int, time: int, channels: int, groups: int = 1
 
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, keep, initial_state, *,
                    block_d: int | None = None, segments: int | None = None, chunk: int = CHUNK,
+                   prefetch_state_tokens: int | None = None,
                    num_warps_forward: int | None = None,
                    num_warps_backward: int = NUM_WARPS_BACKWARD, interpret: bool | None = None):
   """The fused selective scan, differentiable in every float input.
@@ -556,6 +612,9 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, keep, in
       the state entering it, found first by a pass that walks all but the last from a zero
       state; None: ``default_forward_launch``'s (given ``block_d``: ``default_segments``).
     chunk: tokens per unrolled time step and per saved state of the backward.
+    prefetch_state_tokens: of each chunk's tokens, how many first ones have B and C loaded a
+      chunk ahead in the forward (0 to ``chunk``; more take more registers); None:
+      ``PREFETCH_STATE_TOKENS``, at most ``chunk``.
     num_warps_forward, num_warps_backward: Triton's warps per program of each kernel; None
       (forward): ``default_forward_launch``'s (given ``block_d``: one channel a thread).
     interpret: run the kernels in the Pallas interpreter; None: only on CPU.
@@ -578,12 +637,18 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, keep, in
     segments = launch_segments
   elif segments < 1 or segments & (segments - 1):
     raise ValueError(f"segments must be a power of two, got {segments}")
+  if prefetch_state_tokens is None:
+    prefetch_state_tokens = min(PREFETCH_STATE_TOKENS, chunk)
+  elif not 0 <= prefetch_state_tokens <= chunk:
+    raise ValueError(f"prefetch_state_tokens must be in [0, chunk={chunk}], got "
+                     f"{prefetch_state_tokens}")
   if num_warps_forward is None:
     num_warps_forward = launch_warps
   cfg = _Config(time=time, chunk=chunk, segments=segments, block_d=block_d,
                 blocks_per_group=channels // groups // block_d,
                 backward_block_d=backward_block_d, delta_softplus=delta_softplus,
-                num_warps_forward=num_warps_forward, num_warps_backward=num_warps_backward,
+                prefetch_state_tokens=prefetch_state_tokens, num_warps_forward=num_warps_forward,
+                num_warps_backward=num_warps_backward,
                 interpret=jax.default_backend() == "cpu" if interpret is None else interpret)
   pad_t = -time % (chunk * segments)
   pad_n = (1 << (state - 1).bit_length()) - state
