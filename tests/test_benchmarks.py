@@ -325,6 +325,21 @@ def test_kernels_times_the_scan_kernel_at_each_setting(monkeypatch):
       kernels_bench.parse_args(["--scan-options", bad])
 
 
+def test_kernels_scan_passes_limit_the_rows(monkeypatch):
+  """``--scan-passes fwd`` (a forward settings sweep) times no forward+backward, and
+  ``prefetch_state_tokens`` is one of the settings."""
+  from benchmarks import kernels as kernels_bench
+  args = kernels_bench.parse_args(["--smoke", "--ops", "scan", "--scan-dtypes", "float32",
+                                   "--implementations", "xla", "pallas_gpu", "--scan-passes",
+                                   "fwd", "--scan-options", "prefetch_state_tokens=4"])
+  bench = kernels_bench.Bench(args)
+  monkeypatch.setattr(kernels_bench, "scan_fn",
+                      lambda form, backward, options=None: lambda inputs, cot: inputs["u"])
+  kernels_bench.run_scan(bench, args.scan_sizes[:1])
+  assert [(r["implementation"], r["pass"]) for r in bench.records] == [
+      ("xla", "fwd"), ("pallas_gpu", "fwd"), ("pallas_gpu prefetch_state_tokens=4", "fwd")]
+
+
 def test_kda_stage_flops_of_the_sub_chunk_forward():
   """The intra forward's count by sub-chunks: at C = 16 (one sub-chunk) it is the whole-chunk
   level split's, 2 L (2 C^2 d + 2 C^3) + 2 (2 C^2 d) with L = 4; at C = 64 it is far below the
