@@ -12,6 +12,8 @@ independent of the op's code. Properties checked:
   does not support, which naming it refuses;
 * a packed batch with ``segment_ids`` equals running each segment on its own;
 * ``selective_scan_step`` token by token equals the full forward;
+* the kernels' branch-free softplus and their sigmoid, in jnp's primitives and the GPU kernels',
+  match float64;
 * malformed arguments raise a ``ValueError`` that names the argument.
 
 Tolerances (relative RMS error, tests/_numerics.py). A float32 result, value or gradient: 1e-5.
@@ -38,6 +40,7 @@ from absl.testing import parameterized
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ops.selective_scan import _kernel_math as km
 from ops.selective_scan import pallas_gpu, pallas_tpu, selective_scan, selective_scan_step
 from tests import _numerics as num
 
@@ -380,7 +383,6 @@ def test_kernel_activations_match_float64(arith):
   kernels' (interpret forms, with ``exp`` as ``exp2(x log2 e)``), against float64 over |x| <=
   60: relative error within (3 + |x|) 1e-7, the product x log2(e)'s rounding (|x| 6e-8)
   included; the device's approximate ``ex2`` and ``rcp`` add a few float32 ulps."""
-  from ops.selective_scan import _kernel_math as km
   primitives = km.EXACT if arith == "exact" else pallas_gpu._arith(interpret=True)
   x = np.concatenate([np.linspace(-60, 60, 20001), [-1e-30, 0.0, 1e-30]]).astype(np.float32)
   x64 = x.astype(np.float64)

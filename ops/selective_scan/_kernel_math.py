@@ -53,6 +53,7 @@ def softplus(x, arith: Arith = EXACT):
 
 
 def sigmoid(x, arith: Arith = EXACT):
+  """1 / (1 + e^-x) in ``arith``'s primitives."""
   return arith.reciprocal(1.0 + arith.exp(-x))
 
 
