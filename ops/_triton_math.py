@@ -19,13 +19,10 @@ from jax.experimental.pallas import triton as plgpu_triton
 F32 = jnp.float32
 
 
-def _ptx(instruction: str, *operands, interpret_form):
+def _ptx(instruction: str, *operands):
   """The float32 PTX ``instruction`` ($0 the result, $1... the operands) on the operands
-  broadcast to their common shape (at least 1-D inside a kernel); ``interpret_form(*operands)``
-  where the kernel runs in the Pallas interpreter (CPU), which cannot run PTX; ``None``: always
-  the PTX."""
-  if interpret_form is not None:
-    return interpret_form(*operands)
+  broadcast to their common shape (at least 1-D inside a kernel). PTX cannot run in the Pallas
+  interpreter (CPU); there the kernels take jnp's forms instead."""
   shape = jnp.broadcast_shapes(*(jnp.shape(x) for x in operands))
   args = [jnp.broadcast_to(jnp.asarray(x, F32), shape) for x in operands]
   [result] = plgpu_triton.elementwise_inline_asm(
@@ -34,18 +31,15 @@ def _ptx(instruction: str, *operands, interpret_form):
   return result
 
 
-def fma(a, b, c, *, interpret: bool):
-  """``a * b + c`` in float32 with one rounding (PTX ``fma.rn.f32``). ``interpret``: the kernel
-  runs in the Pallas interpreter, where this is ``a * b + c``."""
-  return _ptx("fma.rn.f32 $0, $1, $2, $3;", a, b, c,
-              interpret_form=(lambda a, b, c: a * b + c) if interpret else None)
+def fma(a, b, c):
+  """``a * b + c`` in float32 with one rounding (PTX ``fma.rn.f32``)."""
+  return _ptx("fma.rn.f32 $0, $1, $2, $3;", a, b, c)
 
 
-def reciprocal(x, *, interpret: bool):
+def reciprocal(x):
   """``1 / x`` in float32 to within one unit in the last place (PTX ``rcp.approx.ftz.f32``:
-  subnormal inputs and results flush to zero); ``1 / x`` in the interpreter."""
-  return _ptx("rcp.approx.ftz.f32 $0, $1;", x,
-              interpret_form=(lambda x: 1.0 / x) if interpret else None)
+  subnormal inputs and results flush to zero)."""
+  return _ptx("rcp.approx.ftz.f32 $0, $1;", x)
 
 
 def exp(x):

@@ -163,10 +163,11 @@ def _valid(t, cfg: _Config):
 
 def _arith(interpret: bool) -> km.Arith:
   """The per-token math's primitives as PTX instructions (``ops._triton_math``); in the
-  interpreter, their float32 forms."""
-  return km.Arith(fma=functools.partial(_triton_math.fma, interpret=interpret),
-                  exp=_triton_math.exp,
-                  reciprocal=functools.partial(_triton_math.reciprocal, interpret=interpret))
+  interpreter, which cannot run PTX, ``km.EXACT``'s fused multiply-add and reciprocal."""
+  if interpret:
+    return km.EXACT._replace(exp=_triton_math.exp)
+  return km.Arith(fma=_triton_math.fma, exp=_triton_math.exp,
+                  reciprocal=_triton_math.reciprocal)
 
 
 def _stored_entries(ref, t) -> tuple:
@@ -350,6 +351,7 @@ def _backward_kernel(*refs, in_names, out_names, cfg: _Config):
   rate = km.decay_rate(A)
   D, bias = _optional(ins, "D"), _optional(ins, "delta_bias")
   block_d = A.shape[0]
+  arith = _arith(cfg.interpret)
 
   def chunk_body(k, carry):
     g, dA_acc, dD_acc, dbias_acc = carry
@@ -366,7 +368,7 @@ def _backward_kernel(*refs, in_names, out_names, cfg: _Config):
     for i in reversed(range(cfg.chunk)):
       t = t0 + i
       g, d = km.adjoint(g, toks[i], states[i + 1], states[i], decays[i], douts[i], A, D,
-                        _LAYOUT, cfg.delta_softplus, _valid(t, cfg), _arith(cfg.interpret))
+                        _LAYOUT, cfg.delta_softplus, _valid(t, cfg), arith)
       if d.dz is not None:
         outs["dz"][t] = d.dz.astype(outs["dz"].dtype)
       outs["dC"][t] = d.dC
