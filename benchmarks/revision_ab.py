@@ -11,7 +11,10 @@ device machine gets a copy of the working tree without its git history:
 
 ``scan`` times the public ``selective_scan(..., implementation=...)`` of both trees (and
 ``"xla"``, whose outputs check both) at each ``--scan-sizes`` size, forward and forward+backward;
-``kda-parts`` times each stage of ``ops.kda.pallas_gpu.stages`` of both trees at ``--kda-size``.
+``kda-parts`` times each stage of ``ops.kda.pallas_gpu.stages`` of both trees at ``--kda-size``;
+``kda`` the public ``kda(..., implementation="pallas_gpu")`` of both trees and fla's ``chunk_kda``
+(where torch and fla import) at each ``--kda-sizes`` size, bf16, forward and forward+backward,
+their outputs checked against the new tree's.
 It prints one row per case with the median milliseconds of every round.
 """
 
@@ -118,12 +121,47 @@ def run_kda_parts(trees: dict, size, rounds: int, warmup: int, iters: int) -> No
       print(_row(f"kda-parts {size} {name} {tag}", medians), flush=True)
 
 
+def run_kda(trees: dict, sizes: Sequence, rounds: int, warmup: int, iters: int) -> None:
+  from benchmarks import peers
+  from benchmarks.kernels import kda_inputs, run_once
+  for size in sizes:
+    inputs, cotangents = kda_inputs(size, jnp.bfloat16)
+    for backward in (False, True):
+      args = (inputs, cotangents) if backward else (inputs,)
+      compiled, outputs = {}, {}
+      for tag, tree in trees.items():
+        forward = functools.partial(_kda_forward, tree.kda)
+        fn = harness.with_backward(forward) if backward else forward
+        compiled[tag], _, outputs[tag] = run_once(fn, args)
+      fla = None if peers.unavailable() else peers.kda_chunk(inputs, cotangents, backward)
+      times = {tag: [] for tag in [*compiled, *(["fla"] if fla else [])]}
+      for _ in range(rounds):
+        for tag, fn in compiled.items():
+          times[tag].append(harness.time_calls(fn, args, warmup, iters)["median_ms"])
+        if fla:
+          times["fla"].append(peers.time_cuda(fla[0], warmup, iters)["median_ms"])
+      pass_name = "fwd+bwd" if backward else "fwd"
+      for tag, medians in times.items():
+        error = (None if tag in ("new", "fla")
+                 else _largest_error(outputs["new"], outputs[tag]))
+        print(_row(f"kda {size} bf16 {pass_name} {tag}", medians, error), flush=True)
+      if fla:
+        peers.release()
+      del compiled, outputs
+
+
+def _kda_forward(kda: Callable, inputs: dict):
+  return kda(**inputs, return_final_state=True, use_qk_l2norm_in_kernel=True,
+             implementation="pallas_gpu")
+
+
 class _KdaTree:
   """A tree's KDA stages and its input preparation."""
 
   def __init__(self, package: str):
     self.stages = importlib.import_module(f"{package}.kda.pallas_gpu").stages
     self.prepare = importlib.import_module(f"{package}.kda")._prepare
+    self.kda = importlib.import_module(f"{package}.kda").kda
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -136,12 +174,16 @@ def main(argv: Sequence[str] | None = None) -> None:
   running = commands.add_parser("run", help="time both trees' kernels in this process")
   running.add_argument("--old", required=True, type=pathlib.Path,
                        help="the folder holding the exported rev_ops")
-  running.add_argument("--ops", default="scan,kda-parts", help="comma-separated: scan, kda-parts")
+  running.add_argument("--ops", default="scan,kda-parts",
+                       help="comma-separated: scan, kda-parts, kda")
   running.add_argument("--scan-sizes", nargs="+", type=ScanSize.parse,
                        default=[ScanSize.parse("B2,L4096,D2048,N16"),
                                 ScanSize.parse("B8,L8192,D2048,N16")])
   running.add_argument("--kda-size", type=SeqSize.parse,
                        default=SeqSize.parse("B4,T8192,H16,D128"))
+  running.add_argument("--kda-sizes", nargs="+", type=SeqSize.parse,
+                       default=[SeqSize.parse("B4,T8192,H16,D128"),
+                                SeqSize.parse("B4,T32768,H16,D128")])
   running.add_argument("--rounds", type=int, default=2)
   running.add_argument("--warmup", type=int, default=3)
   running.add_argument("--iters", type=int, default=20)
@@ -150,8 +192,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(export(args.rev, args.to))
     return
   ops = [op for op in args.ops.split(",") if op]
-  if unknown := sorted(set(ops) - {"scan", "kda-parts"}):
-    parser.error(f"--ops: unknown {unknown}; expected scan or kda-parts")
+  if unknown := sorted(set(ops) - {"scan", "kda-parts", "kda"}):
+    parser.error(f"--ops: unknown {unknown}; expected scan, kda-parts or kda")
   if not (args.old / PACKAGE).is_dir():
     parser.error(f"--old: no {PACKAGE} in {args.old} (run the export command first)")
   sys.path.insert(0, str(args.old.resolve()))
@@ -165,6 +207,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   if "kda-parts" in ops:
     trees = {tag: _KdaTree(package) for tag, package in (("old", PACKAGE), ("new", "ops"))}
     run_kda_parts(trees, args.kda_size, args.rounds, args.warmup, args.iters)
+  if "kda" in ops:
+    trees = {tag: _KdaTree(package) for tag, package in (("old", PACKAGE), ("new", "ops"))}
+    run_kda(trees, args.kda_sizes, args.rounds, args.warmup, args.iters)
 
 
 if __name__ == "__main__":
