@@ -386,3 +386,25 @@ def test_revision_ab_times_kda_of_both_trees(tmp_path, capsys):
       ["bf16", pass_name, tag] for pass_name in ("fwd", "fwd+bwd") for tag in ("old", "new")]
   errors = [float(line.split()[-1]) for line in rows if "check" in line]
   assert len(errors) == 2 and all(e < 1e-5 for e in errors)
+
+
+def test_kernel_times_table_per_call_longest_first():
+  """``benchmarks.kernel_times`` turns the profiler's rows (microseconds over all profiled
+  calls) into milliseconds and launches per call, longest first, rows without device time left
+  out; without torch and a GPU it says so instead of running."""
+  from types import SimpleNamespace
+  from benchmarks import kernel_times
+  events = [SimpleNamespace(key="_pair_rows_kernel", self_device_time_total=2700.0, count=3),
+            SimpleNamespace(key="cpu_op", self_device_time_total=0.0, count=3),
+            SimpleNamespace(key="_gradient_rows_kernel", self_device_time_total=14100.0, count=3),
+            SimpleNamespace(key="l2norm", self_cuda_time_total=300.0, count=6)]
+  rows = kernel_times.kernel_table(events, calls=3)
+  assert rows == [("_gradient_rows_kernel", 4.7, 1), ("_pair_rows_kernel", 0.9, 1),
+                  ("l2norm", 0.1, 2)]
+  text = kernel_times.format_table("pallas_gpu fwd+bwd", rows)
+  assert text.splitlines()[0] == "== pallas_gpu fwd+bwd: 5.700 ms of kernels a call"
+  assert "4.700 ms  x1   _gradient_rows_kernel" in text
+  from benchmarks import peers
+  if peers.unavailable("torch"):
+    with pytest.raises(SystemExit, match="needs torch"):
+      kernel_times.main(["--sizes", "B1,T64,H1,D16", "--passes", "fwd"])
