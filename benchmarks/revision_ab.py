@@ -13,8 +13,9 @@ device machine gets a copy of the working tree without its git history:
 ``"xla"``, whose outputs check both) at each ``--scan-sizes`` size, forward and forward+backward;
 ``kda-parts`` times each stage of ``ops.kda.pallas_gpu.stages`` of both trees at ``--kda-size``;
 ``kda`` the public ``kda(..., implementation="pallas_gpu")`` of both trees and fla's ``chunk_kda``
-(where torch and fla import) at each ``--kda-sizes`` size, bf16, forward and forward+backward,
-their outputs checked against the new tree's.
+(where torch and fla import; fla's first call at a size autotunes its kernels, minutes on the
+H200) at each ``--kda-sizes`` size, bf16, forward and forward+backward, the old tree's outputs
+checked against the new tree's.
 It prints one row per case with the median milliseconds of every round.
 """
 
@@ -147,7 +148,6 @@ def run_kda(trees: dict, sizes: Sequence, rounds: int, warmup: int, iters: int) 
         print(_row(f"kda {size} bf16 {pass_name} {tag}", medians, error), flush=True)
       if fla:
         peers.release()
-      del compiled, outputs
 
 
 def _kda_forward(kda: Callable, inputs: dict):
@@ -180,10 +180,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                        default=[ScanSize.parse("B2,L4096,D2048,N16"),
                                 ScanSize.parse("B8,L8192,D2048,N16")])
   running.add_argument("--kda-size", type=SeqSize.parse,
-                       default=SeqSize.parse("B4,T8192,H16,D128"))
+                       default=SeqSize.parse("B4,T8192,H16,D128"), help="kda-parts' size")
   running.add_argument("--kda-sizes", nargs="+", type=SeqSize.parse,
                        default=[SeqSize.parse("B4,T8192,H16,D128"),
-                                SeqSize.parse("B4,T32768,H16,D128")])
+                                SeqSize.parse("B4,T32768,H16,D128")], help="kda's sizes")
   running.add_argument("--rounds", type=int, default=2)
   running.add_argument("--warmup", type=int, default=3)
   running.add_argument("--iters", type=int, default=20)
