@@ -15,6 +15,7 @@ lets the fix be counted before any device time is spent::
 
     pip install triton
     python -m benchmarks.registers --ops kda,rwkv7 --chunks 64,32 --json registers.json
+    python -m benchmarks.registers --ops kda --kernels 'gradient_rows|pair_rows'   # a few
 
 Caveat: the ``triton`` package here is not the Triton that XLA (jaxlib) bundles and runs on the
 GPU; the two share the dialect but not every pass, so the figures are a close estimate of the
@@ -213,12 +214,16 @@ def compile_kernel(kernel: dict, workdir: pathlib.Path) -> dict:
   raise RuntimeError("no ptxas of the triton package assembled the PTX: " + "; ".join(errors))
 
 
-def report(ops: Sequence[str], chunks: Sequence[int]) -> list[dict]:
+def report(ops: Sequence[str], chunks: Sequence[int], kernels: str | None = None) -> list[dict]:
+  """One row per kernel of ``ops`` (at each of ``chunks`` for KDA and RWKV-7), only those whose
+  names match the regular expression ``kernels`` where given."""
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     for op in ops:
       for chunk in (chunks if op in CHUNKED else chunks[:1]):
         for kernel in triton_kernels(op, chunk):
+          if kernels and not re.search(kernels, kernel["name"]):
+            continue
           row = dict(op=op, chunk=chunk if op in CHUNKED else None,
                      kernel=kernel["name"], num_warps=kernel["num_warps"],
                      num_stages=kernel["num_stages"])
@@ -245,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   parser.add_argument("--ops", default="kda,rwkv7,scan,decode",
                       help=f"comma-separated, of {', '.join(OPS)}")
   parser.add_argument("--chunks", default="64", help="KDA and RWKV-7 chunk sizes, comma-separated")
+  parser.add_argument("--kernels", help="a regular expression: only the kernels it matches "
+                      "(e.g. 'gradient_rows|pair_rows')")
   parser.add_argument("--json", help="also write the rows here")
   args = parser.parse_args(argv)
   ops = [op for op in args.ops.split(",") if op]
@@ -253,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   chunks = [int(c) for c in args.chunks.split(",")]
   print(f"# Pallas Triton kernels compiled for sm_{ARCH} on {jax.default_backend()} "
         f"(jax {jax.__version__})\n{HEADER}", flush=True)
-  rows = report(ops, chunks)
+  rows = report(ops, chunks, args.kernels)
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(dict(jax_version=jax.__version__, arch=ARCH,
                                                        rows=rows), indent=1))

@@ -137,6 +137,14 @@ def test_an_ops_own_launch_entry_overrides_the_shared_one(monkeypatch):
   assert launches["_state_walk_backward_kernel"] == (4, 2)
 
 
+def test_registers_compiles_only_the_kernels_asked_for(capsys):
+  """``--kernels`` filters the kernels by name before any is compiled (none here, so no triton
+  package is needed)."""
+  from benchmarks import registers
+  assert registers.main(["--ops", "decode", "--kernels", "no_such_kernel"]) == []
+  assert "regs" in capsys.readouterr().out  # the header still printed
+
+
 def test_registers_reads_the_ptxas_report():
   from benchmarks import registers
   report = ("ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
