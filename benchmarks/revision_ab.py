@@ -75,29 +75,47 @@ def _row(label: str, times: Sequence[float], error: float | None = None) -> str:
   return f"{label:58s} {rounds}" + ("" if error is None else f"   check {error:.1e}")
 
 
+def _time_forms(forwards: dict, inputs: dict, cotangents, backward: bool, reference: str,
+                rounds: int, warmup: int, iters: int, peer: tuple | None = None) -> dict:
+  """{label: (median ms of each round, largest error against ``reference``'s outputs, or None)}
+  for each of ``forwards`` (label: forward(inputs)), compiled with its gradient when
+  ``backward``, then timed in turn ``rounds`` times; ``peer`` (label, timer() -> median ms), as
+  fla's, is timed in the same rounds after them, unchecked."""
+  from benchmarks.kernels import run_once
+  args = (inputs, cotangents) if backward else (inputs,)
+  compiled, outputs = {}, {}
+  for label, forward in forwards.items():
+    fn = harness.with_backward(forward) if backward else forward
+    compiled[label], _, outputs[label] = run_once(fn, args)
+  timers = {label: functools.partial(
+      lambda fn: harness.time_calls(fn, args, warmup, iters)["median_ms"], fn)
+      for label, fn in compiled.items()}
+  if peer:
+    timers[peer[0]] = peer[1]
+  times = {label: [] for label in timers}
+  for _ in range(rounds):
+    for label, timer in timers.items():
+      times[label].append(timer())
+  return {label: (medians, None if label == reference or label not in outputs
+                  else _largest_error(outputs[reference], outputs[label]))
+          for label, medians in times.items()}
+
+
 def run_scan(trees: dict, sizes: Sequence, rounds: int, warmup: int, iters: int) -> None:
-  from benchmarks.kernels import run_once, scan_inputs
+  from benchmarks.kernels import scan_inputs
   forms = {"xla": (trees["new"], "xla"),
            **{f"pallas_gpu {tag}": (module, "pallas_gpu") for tag, module in trees.items()}}
+  forwards = {label: functools.partial(_scan_forward, module.selective_scan, implementation)
+              for label, (module, implementation) in forms.items()}
   for size in sizes:
     for dtype in (jnp.bfloat16, jnp.float32):
       inputs, dout = scan_inputs(size, dtype)
       for backward in (False, True):
-        args = (inputs, dout) if backward else (inputs,)
-        compiled, outputs = {}, {}
-        for label, (module, implementation) in forms.items():
-          forward = functools.partial(_scan_forward, module.selective_scan, implementation)
-          fn = harness.with_backward(forward) if backward else forward
-          compiled[label], _, outputs[label] = run_once(fn, args)
-        times = {label: [] for label in forms}
-        for _ in range(rounds):
-          for label, fn in compiled.items():
-            times[label].append(harness.time_calls(fn, args, warmup, iters)["median_ms"])
+        timed = _time_forms(forwards, inputs, dout, backward, "xla", rounds, warmup, iters)
         pass_name = "fwd+bwd" if backward else "fwd"
-        for label in forms:
-          error = None if label == "xla" else _largest_error(outputs["xla"], outputs[label])
-          print(_row(f"scan {size} {jnp.dtype(dtype).name} {pass_name} {label}",
-                     times[label], error), flush=True)
+        for label, (medians, error) in timed.items():
+          print(_row(f"scan {size} {jnp.dtype(dtype).name} {pass_name} {label}", medians,
+                     error), flush=True)
 
 
 def run_kda_parts(trees: dict, size, rounds: int, warmup: int, iters: int) -> None:
@@ -124,27 +142,17 @@ def run_kda_parts(trees: dict, size, rounds: int, warmup: int, iters: int) -> No
 
 def run_kda(trees: dict, sizes: Sequence, rounds: int, warmup: int, iters: int) -> None:
   from benchmarks import peers
-  from benchmarks.kernels import kda_inputs, run_once
+  from benchmarks.kernels import kda_inputs
+  forwards = {tag: functools.partial(_kda_forward, tree.kda) for tag, tree in trees.items()}
   for size in sizes:
     inputs, cotangents = kda_inputs(size, jnp.bfloat16)
     for backward in (False, True):
-      args = (inputs, cotangents) if backward else (inputs,)
-      compiled, outputs = {}, {}
-      for tag, tree in trees.items():
-        forward = functools.partial(_kda_forward, tree.kda)
-        fn = harness.with_backward(forward) if backward else forward
-        compiled[tag], _, outputs[tag] = run_once(fn, args)
       fla = None if peers.unavailable() else peers.kda_chunk(inputs, cotangents, backward)
-      times = {tag: [] for tag in [*compiled, *(["fla"] if fla else [])]}
-      for _ in range(rounds):
-        for tag, fn in compiled.items():
-          times[tag].append(harness.time_calls(fn, args, warmup, iters)["median_ms"])
-        if fla:
-          times["fla"].append(peers.time_cuda(fla[0], warmup, iters)["median_ms"])
+      peer = fla and ("fla", lambda: peers.time_cuda(fla[0], warmup, iters)["median_ms"])
+      timed = _time_forms(forwards, inputs, cotangents, backward, "new", rounds, warmup, iters,
+                          peer)
       pass_name = "fwd+bwd" if backward else "fwd"
-      for tag, medians in times.items():
-        error = (None if tag in ("new", "fla")
-                 else _largest_error(outputs["new"], outputs[tag]))
+      for tag, (medians, error) in timed.items():
         print(_row(f"kda {size} bf16 {pass_name} {tag}", medians, error), flush=True)
       if fla:
         peers.release()
@@ -156,7 +164,7 @@ def _kda_forward(kda: Callable, inputs: dict):
 
 
 class _KdaTree:
-  """A tree's KDA stages and its input preparation."""
+  """A tree's KDA stages, its input preparation and its public ``kda``."""
 
   def __init__(self, package: str):
     self.stages = importlib.import_module(f"{package}.kda.pallas_gpu").stages
@@ -204,12 +212,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     trees = {tag: importlib.import_module(f"{package}.selective_scan")
              for tag, package in (("old", PACKAGE), ("new", "ops"))}
     run_scan(trees, args.scan_sizes, args.rounds, args.warmup, args.iters)
+  kda_trees = {tag: _KdaTree(package) for tag, package in (("old", PACKAGE), ("new", "ops"))
+               if {"kda-parts", "kda"} & set(ops)}
   if "kda-parts" in ops:
-    trees = {tag: _KdaTree(package) for tag, package in (("old", PACKAGE), ("new", "ops"))}
-    run_kda_parts(trees, args.kda_size, args.rounds, args.warmup, args.iters)
+    run_kda_parts(kda_trees, args.kda_size, args.rounds, args.warmup, args.iters)
   if "kda" in ops:
-    trees = {tag: _KdaTree(package) for tag, package in (("old", PACKAGE), ("new", "ops"))}
-    run_kda(trees, args.kda_sizes, args.rounds, args.warmup, args.iters)
+    run_kda(kda_trees, args.kda_sizes, args.rounds, args.warmup, args.iters)
 
 
 if __name__ == "__main__":
