@@ -37,7 +37,7 @@ What is timed, on whatever device JAX sees (meant for an NVIDIA H200), in one ta
 GPU kernels of KDA and RWKV-7 (``ops.kda.pallas_gpu.LAUNCH``, which both ops share but for an
 op's own "<op>.<kernel>" entries, e.g. ``rwkv7.state_forward=8,3``) for the run, to sweep them;
 every JSON records the settings it ran with ("launch"). With ``--ops kda-parts``,
-``--launch-variants base gradient_rows=2,3 "chunk_outputs=8,1;dT_rows=4,1"`` times the stages
+``--launch-variants base gradient_rows=2,3 "chunk_outputs=8,1;wy_columns=4,1"`` times the stages
 under each set of settings (on top of ``--launch``; "base" adds none) in one process, and
 ``--rounds 2`` repeats the variants in turn (rows "pallas_gpu [<variant>] <stage>", with " r<n>"
 for the round when there are several): the same kernel moved by up to 30% between processes on
@@ -205,11 +205,11 @@ def kda_stage_flops(stage: str, s: SeqSize, C: int = KDA_CHUNK) -> float:
   2 S^2 d pair products and two 2 S^3 inverse steps, per pair of sub-chunks two 2 S^2 d
   products, T's off-diagonal blocks sum_{a<b} (b - a + 1) products of 2 S^3, and W, U as two
   whole C x C x d products (the chunk outputs kernel). The intra backward's three kernels
-  (docs/kernels.md, version 6): dT's two block products per pair of sub-chunks a <= b;
-  dA_kk = -T^T dT T^T by blocks (two products per block triple); the gradient rows' six block
-  products per pair a < b (two as rows, two as columns, dW and dU through T's column), and per
-  sub-chunk T_jj's two and the level split's backward (four products and four inverse-sized
-  steps a level)."""
+  (docs/kernels.md, version 10): the WY backward's four whole C x C x d products (dT from dW
+  and dU in the dA_kk kernel, T^T dW and T^T dU in the columns kernel) and dA_kk = -T^T dT T^T
+  (two C^3 products); the gradient rows' four
+  block products per pair a < b (two as rows, two as columns) and per sub-chunk the level
+  split's backward (four products and four inverse-sized steps a level)."""
   d = s.dim
   product, state_product = 2 * C * C * d, 2 * C * d * d
   S = min(C, 16)
@@ -223,10 +223,9 @@ def kda_stage_flops(stage: str, s: SeqSize, C: int = KDA_CHUNK) -> float:
       "intra_forward": sub_chunk_forward,
       "state_forward": 3 * state_product + product,
       "state_backward": 7 * state_product + 2 * product,
-      "intra_backward": (n * (n + 1) // 2 * 2 * block
-                         + n * (n + 1) * (n + 2) // 6 * 2 * block_inverse
-                         + n * (n - 1) // 2 * 6 * block
-                         + n * (2 * block + levels_in_sub * 4 * (block + block_inverse))),
+      "intra_backward": (4 * product + 2 * 2 * C ** 3
+                         + n * (n - 1) // 2 * 4 * block
+                         + n * levels_in_sub * 4 * (block + block_inverse)),
   }[stage]
   return per_chunk * s.batch * s.heads * (s.time // C)
 

@@ -234,7 +234,7 @@ def test_kernels_launch_variants_time_the_stages_under_each_setting_in_turn(monk
   seen, called = [], []
 
   def stages(*args, **kwargs):  # the stages as built, without compiling the kernels
-    seen.append((pallas_gpu.LAUNCH["gradient_rows"], pallas_gpu.LAUNCH["dT_rows"]))
+    seen.append((pallas_gpu.LAUNCH["gradient_rows"], pallas_gpu.LAUNCH["wy_columns"]))
 
     def stage(x):  # a stage row traces its kernels, reading LAUNCH, when it is called
       called.append(pallas_gpu.LAUNCH["gradient_rows"])
@@ -244,8 +244,9 @@ def test_kernels_launch_variants_time_the_stages_under_each_setting_in_turn(monk
 
   monkeypatch.setattr(kernels_bench.pallas_gpu, "stages", stages)
   args = kernels_bench.parse_args([
-      "--smoke", "--ops", "kda-parts", "--kda-sizes", "B1,T64,H1,D16", "--launch", "dT_rows=4,1",
-      "--launch-variants", "base", "gradient_rows=2,3;dT_rows=1,1", "--rounds", "2"])
+      "--smoke", "--ops", "kda-parts", "--kda-sizes", "B1,T64,H1,D16", "--launch",
+      "wy_columns=4,1",
+      "--launch-variants", "base", "gradient_rows=2,3;wy_columns=1,1", "--rounds", "2"])
   kernels_bench.apply_launch(args.launch)
   before = dict(pallas_gpu.LAUNCH)
   bench = kernels_bench.Bench(args)
@@ -257,7 +258,7 @@ def test_kernels_launch_variants_time_the_stages_under_each_setting_in_turn(monk
   assert pallas_gpu.LAUNCH == before
   assert [r["implementation"] for r in bench.records] == [
       f"pallas_gpu [{v}] intra_forward r{n}" for n in (1, 2)
-      for v in ("base", "gradient_rows=2,3;dT_rows=1,1")]
+      for v in ("base", "gradient_rows=2,3;wy_columns=1,1")]
   assert all(r["median_ms"] > 0 for r in bench.records)
   for bad, message in [("gradient_rows=2,3;nope=1,1", "unknown kernels"),
                        ("gradient_rows=2", "NAME=WARPS,STAGES")]:

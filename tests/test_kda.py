@@ -584,7 +584,8 @@ def _kernel_functions(kernels, dtype):
 def test_stages_give_each_stage_and_each_kernel_of_the_intra_stages():
   """``pallas_gpu.stages`` (what ``benchmarks.kernels --ops kda-parts`` times): the four stages
   in order, each intra stage followed by its kernels alone on their real inputs; the block
-  inverse's, the chunk outputs' and the gradient rows' outputs are the stages'."""
+  inverse's, the chunk outputs', the WY backward's and the gradient rows' outputs are the
+  stages'."""
   rng = np.random.default_rng(0)
   B, T, H, K, V = 1, 40, 1, 32, 32  # two chunks of 32, the second partial
   q, k, v = (num.normal(rng, (B, T, H, width)) for width in (K, K, V))
@@ -603,10 +604,11 @@ def test_stages_give_each_stage_and_each_kernel_of_the_intra_stages():
       "intra_forward", "intra_forward.pair_rows", "intra_forward.inverse_blocks",
       "intra_forward.chunk_outputs", "state_forward", "state_backward",
       "state_backward.state_walk_backward", "state_backward.state_cotangents[W,U,Qg,Kg,A,decay]",
-      "intra_backward", "intra_backward.dT_rows", "intra_backward.dA_kk",
+      "intra_backward", "intra_backward.wy_dA_kk", "intra_backward.wy_columns",
       "intra_backward.gradient_rows"]
   needed = ("intra_forward", "intra_forward.inverse_blocks", "intra_forward.chunk_outputs",
-            "intra_backward", "intra_backward.gradient_rows")
+            "intra_backward", "intra_backward.wy_dA_kk", "intra_backward.wy_columns",
+            "intra_backward.gradient_rows")
   run = {name: fn(*args) for name, fn, args in rows if name in needed}
   matrices, (P_kk, T_inverse) = run["intra_forward"]
   A, M, T_alone = run["intra_forward.inverse_blocks"]
@@ -617,9 +619,11 @@ def test_stages_give_each_stage_and_each_kernel_of_the_intra_stages():
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-6, atol=1e-6,
                                err_msg=name)
   dq, dk, dg, dv, dbeta = run["intra_backward"]
-  gradient_rows = run["intra_backward.gradient_rows"]
-  for name, expected, got in [("dq", dq, gradient_rows[0]), ("dk", dk, gradient_rows[1]),
-                              ("dv", dv, gradient_rows[2])]:
+  rows_out, (_, dbeta_pairs) = run["intra_backward.gradient_rows"], run["intra_backward.wy_dA_kk"]
+  dv_alone, _, dbeta_columns = run["intra_backward.wy_columns"]
+  for name, expected, got in [("dq", dq, rows_out[0]), ("dk", dk, rows_out[1]),
+                              ("dv", dv, dv_alone),
+                              ("dbeta", dbeta, dbeta_pairs + dbeta_columns.sum(-1, keepdims=True))]:
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-6, atol=1e-6,
                                err_msg=name)
 
@@ -705,9 +709,10 @@ def test_sub_chunk_intra_forward_equals_the_level_split(seed, chunk, decay):
 @pytest.mark.parametrize("chunk, decay", [(64, 0.1), (64, 20.0), (32, 1.0)])
 @given(seed=num.seeds())
 def test_sub_chunk_intra_backward_equals_the_level_split(seed, chunk, decay):
-  """The GPU intra backward's steps on 16-row sub-chunks (``ops.kda._kernel_subchunk``:
-  ``dT_rows`` and ``gradient_rows`` for each sub-chunk, ``dA_kk_blocks``, ``dg_from_rows``, on
-  the forward's P_kk and T) give the token gradients of the whole-chunk level split
+  """The GPU intra backward's steps (``ops.kda._kernel_subchunk``: ``wy_dA_kk_chunk`` and
+  ``wy_column_block`` on the whole chunk, ``gradient_rows`` for each 16-row sub-chunk,
+  ``dg_from_rows``, on the forward's P_kk
+  and T) give the token gradients of the whole-chunk level split
   (``_kernel_chunk.token_gradients``) from random cotangents of every chunk matrix, packed
   segments and strong decay included."""
   from ops.kda import _kernel_chunk
@@ -725,33 +730,40 @@ def test_sub_chunk_intra_backward_equals_the_level_split(seed, chunk, decay):
   tokens = (q * scale, k, g, v, beta)  # the steps below take q scaled, as load_rows gives it
   _, T, P_kk = _three_step_forward(tokens, masks, prims)
   n = chunk // sub.SUB
-  block, load, _ = _sub_chunk_steps(tokens, masks, prims)
+  block, load, whole = _sub_chunk_steps(tokens, masks, prims)
 
   def cotangent(name, b, a=None):
     x = getattr(cotangents, name)
     return x if b is None else x[block(int(b)), block(int(a))] if a is not None else x[
         block(int(b))]
 
-  dT = np.full((chunk, chunk), np.nan, np.float32)
+  wy = {"dv": np.full((chunk, V), np.nan, np.float32),
+        "dk_w": np.full((chunk, K), np.nan, np.float32)}
+  blocks = 2
+  columns = lambda x, cb: jax.lax.dynamic_slice_in_dim(x, cb * (x.shape[1] // blocks),
+                                                       x.shape[1] // blocks, 1)
+  load_block = lambda cb: (
+      sub.Rows(*(columns(x, cb) if x.shape[1] in (K, V) and x.shape[1] > 1 else x
+                 for x in whole)), columns(cotangents.W, cb), columns(cotangents.U, cb))
+
+  with jax.disable_jit():
+    sub.wy_dA_kk_chunk(load_block, blocks, T, P_kk, prims, wy.__setitem__)
+    for cb in range(blocks):
+      dv, dk_w, dbeta = sub.wy_column_block(*load_block(cb), T, prims)
+      for name, value in (("dv", dv), ("dk_w", dk_w)):
+        wy[name][:, cb * value.shape[1]:(cb + 1) * value.shape[1]] = value
+      wy["dbeta"] = wy["dbeta"] + dbeta
   rows = {}
   with jax.disable_jit():
     for j in range(n):
-      sub.dT_rows(load, cotangent, j, prims,
-                  lambda value, a, j=j: dT.__setitem__((block(j), block(int(a))), value))
-  dA_kk = np.full((chunk, chunk), np.nan, np.float32)
-  dbeta_pairs = np.full((chunk, 1), np.nan, np.float32)
-  square = lambda x: lambda b, a: x[block(int(b)), block(int(a))]
-  sub.dA_kk_blocks(square(T), square(dT), square(P_kk), [masks[0][block(b)] for b in range(n)],
-                   n, prims, lambda value, b, a: dA_kk.__setitem__((block(b), block(a)), value),
-                   lambda value, b: dbeta_pairs.__setitem__(block(b), value))
-  with jax.disable_jit():
-    for j in range(n):
-      sub.gradient_rows(load, cotangent, square(dA_kk), square(T), j, n, prims,
+      sub.gradient_rows(load, cotangent,
+                        lambda b, a: wy["dA_kk"][block(int(b)), block(int(a))],
+                        lambda b: wy["dk_w"][block(int(b))], j, n, prims,
                         lambda name, value, j=j: rows.setdefault(name, []).append(value),
                         scale=1.0)
   got = {name: np.concatenate(values) for name, values in rows.items()}
   got["dq"] = got["dq"] * scale  # d/d(unscaled q) = scale d/d(scaled q)
-  got["dbeta"] = got["dbeta"] + dbeta_pairs
+  got.update(dv=wy["dv"], dbeta=wy["dbeta"])
   got["dg"] = sub.dg_from_rows(got["dG"], got["through_end"])
   for name, value in zip(sub.GRADIENTS, expected):
     num.assert_close(value, got[name], num.sub_chunk_gradient_tolerance(name == "dg", decay),

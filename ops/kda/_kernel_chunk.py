@@ -342,40 +342,59 @@ def rows_and_columns_cotangents(q, k, diagonal, dq_rows, dk_rows, dk_columns):
           q * dq_rows + k * (dk_rows - dk_columns))
 
 
+def wy_dT(k, v, beta, gamma, carried, dW, dU, dot):
+  """dT [C, C] for W = carried T (beta k Gamma) and U = T (beta v), from k, Gamma = exp(G)
+  [C, K], v [C, V], beta, carried [C, 1] and dW, dU; over a block of the K and V columns, that
+  block's part of the sum."""
+  return (dot(carried * dW, beta * k * gamma, trans_b=True)
+          + dot(dU, beta * v, trans_b=True))
+
+
+def wy_dA_kk(T, dT, strict, dot):
+  """dA_kk = -T^T dT T^T on A_kk's support ``strict``, for T = (I + A_kk)^-1."""
+  return -dot(dot(T, dT, trans_a=True, inverse=True), T, trans_b=True, inverse=True) * strict
+
+
+def wy_columns(T, k, v, beta, gamma, carried, dW, dU, dot):
+  """(dv [C, V], dk's part through W [C, K] (a row term, exp(G) scaled), dbeta's part through
+  W and U [C, 1]) for W and U as ``wy_dT``'s, column-wise in K and V (dbeta a sum over them)."""
+  dX_w, dX_u = dot(T, carried * dW, trans_a=True), dot(T, dU, trans_a=True)
+  dbeta = (jnp.sum(dX_w * k * gamma, axis=1, keepdims=True)
+           + jnp.sum(dX_u * v, axis=1, keepdims=True))
+  return dX_u * beta, dX_w * beta * gamma, dbeta
+
+
+def wy_backward(T, P_kk, k, v, beta, gamma, carried, strict, dW, dU, dot):
+  """The cotangents through W = carried T (beta k Gamma) and U = T (beta v), T = (I + A_kk)^-1,
+  A_kk = beta P_kk, of one chunk: from T, P_kk [C, C], k, Gamma = exp(G) [C, K], v [C, V],
+  beta and carried [C, 1], A_kk's 0/1 support ``strict`` and dW, dU. Returns (dA_kk [C, C],
+  dbeta [C, 1] through A_kk, W and U, dv [C, V], dk's part through W [C, K])."""
+  dA_kk = wy_dA_kk(T, wy_dT(k, v, beta, gamma, carried, dW, dU, dot), strict, dot)
+  dv, dk_w, dbeta = wy_columns(T, k, v, beta, gamma, carried, dW, dU, dot)
+  return dA_kk, dbeta + jnp.sum(dA_kk * P_kk, axis=1, keepdims=True), dv, dk_w
+
+
 def intra_backward(c: Chunk, v, d: ChunkMatrices):
   """(dq, dk, dv, dg, dbeta [C, 1]) of one chunk from the cotangents of its ``ChunkMatrices``;
   dq is for the scaled q."""
-  dot = c.prims.dot
   C = c.C
   q, k, beta = c.q, c.k, c.beta
   gamma = exp(c.G)
   G_last = last_row(c.G)
   to_end = exp(G_last - c.G)
 
-  # W = carried T (beta k Gamma), U = T (beta v).
-  dW = c.carried * d.W
-  X_w, X_u = beta * k * gamma, beta * v
-  dT = dot(dW, X_w, trans_b=True) + dot(d.U, X_u, trans_b=True)
-  dX_w, dX_u = dot(c.T, dW, trans_a=True), dot(c.T, d.U, trans_a=True)
-  # T = (I + A_kk)^-1: dA_kk = -T^T dT T^T on A_kk's support; A_kk = beta P_kk.
-  dA_kk = -dot(dot(c.T, dT, trans_a=True, inverse=True), c.T, trans_b=True,
-               inverse=True) * c.strict
-  dbeta = jnp.sum(dA_kk * c.P_kk, axis=1, keepdims=True)
-  dP_kk = beta * dA_kk
+  dA_kk, dbeta, dv, dk_w = wy_backward(c.T, c.P_kk, k, v, beta, gamma, c.carried, c.strict,
+                                       d.W, d.U, c.prims.dot)
   dA_qk = d.A * c.lower
-
   (dq_pairs, dk_row), (dk_qk, dk_kk), _, _ = c.products_backward(
-      [(q, k, 0), (k, k, 0)], [dA_qk, dP_kk])
+      [(q, k, 0), (k, k, 0)], [dA_qk, beta * dA_kk])
   diagonal = jnp.sum(jnp.where(iota((C, C), 0) == iota((C, C), 1), dA_qk, 0.0), axis=1,
                      keepdims=True)
-  dbeta = (dbeta + jnp.sum(dX_w * k * gamma, axis=1, keepdims=True)
-           + jnp.sum(dX_u * v, axis=1, keepdims=True))
-  dv = dX_u * beta
   # Q Gamma (carried rows), K exp(G_C - G) (last-segment rows), exp(G_C) (the state decay).
   dKg_end = d.Kg * c.last * to_end
   dq, dk, dG = rows_and_columns_cotangents(
       q, k, diagonal, dq_rows=dq_pairs + d.Qg * c.carried * gamma,
-      dk_rows=dk_row + dX_w * beta * gamma, dk_columns=dk_qk + dk_kk + dKg_end)
+      dk_rows=dk_row + dk_w, dk_columns=dk_qk + dk_kk + dKg_end)
   dG_last = (jnp.sum(dKg_end * k, axis=0, keepdims=True)
              + d.decay * c.carried_last * exp(G_last))
   dG = dG + jnp.where(iota((C, 1), 0) == C - 1, dG_last, 0.0)

@@ -23,17 +23,19 @@ sub-chunks are the unit, and the forward is three steps, each a kernel of its ow
                       Gamma) and U = T (beta v) as C x C x 64 products, Q Gamma,
                       K exp(G_C - G) and exp(G_C), each column-wise in k, g and v.
 
-The backward is three steps the same way, on the P_kk and T that the forward saved:
+The backward is three steps, on the P_kk and T that the forward saved:
 
-  ``dT_rows``         one program per sub-chunk j: row block j of dT = dW (beta k Gamma)^T +
-                      dU (beta v)^T;
-  ``dA_kk_blocks``    one program per chunk, [16, 16] blocks only: dA_kk = -T^T dT T^T on
-                      A_kk's support, and dbeta's part through A_kk;
-  ``gradient_rows``   one program per sub-chunk j and block of key and value columns: its rows
-                      against the earlier sub-chunks and its columns against the later ones,
-                      the diagonal block by the level split, the cotangents through W, U,
-                      Q Gamma, K exp(G_C - G) and exp(G_C); dg then follows as a reverse
-                      cumulative sum over the chunk (``dg_from_rows``).
+  ``wy_dA_kk_chunk``  one program per chunk: dT = dW (beta k Gamma)^T + dU (beta v)^T summed
+                      over column blocks, dA_kk = -T^T dT T^T and dbeta's part through A_kk;
+  ``wy_column_block`` one program per chunk and column block: the rest of the cotangents
+                      through W and U (dv, dk's part through W, dbeta's part), whole [C, C]
+                      and [C, width] tiles, as fla's WY backward;
+  ``gradient_rows``   one program per sub-chunk j and block of key columns: its rows against
+                      the earlier sub-chunks and its columns against the later ones, the
+                      diagonal block by the level split, the cotangents through Q Gamma,
+                      K exp(G_C - G) and exp(G_C); dg then follows as a reverse cumulative sum
+                      over the chunk (``dg_from_rows``). Without the W and U part it fits 168
+                      registers on 32 columns (docs/kernels.md, version 9).
 
 The pair products cost n (n + 1) / 2 block products instead of log2(C) full ones: 10 against 6
 C x K x C at C = 64, i.e. 0.63 M against 6.3 M multiply-adds per pair type and head (K = 128).
@@ -47,7 +49,8 @@ import jax
 import jax.numpy as jnp
 
 from ops.kda._kernel_chunk import (F32, Chunk, LevelSplit, Primitives, exp, eye, iota, last_row,
-                                   rows_and_columns_cotangents, unit_lower_inverse)
+                                   rows_and_columns_cotangents, unit_lower_inverse, wy_columns,
+                                   wy_dA_kk, wy_dT)
 
 SUB = 16  # rows per sub-chunk: the smallest tile Triton's tensor-core products take
 GRADIENTS = ("dq", "dk", "dg", "dv", "dbeta")  # the token gradients, in the token order
@@ -180,63 +183,61 @@ def chunk_outputs(x: Rows, T, prims: Primitives, store: Callable) -> None:
   store("decay", last_row(x.carried) * exp(G_C))
 
 
-def dT_rows(load: Callable, cotangent: Callable, j, prims: Primitives, store: Callable) -> None:
-  """Row block j of dT = dW (beta k Gamma)^T + dU (beta v)^T (``j`` may be traced), each
-  [S, S] block (j, a), a <= j, handed to ``store(value, a)``; the sub-chunks a = 0, ..., j
-  visited in order with the absolute gate G carried (Gamma = exp(G), as W's own factor)."""
-  x = load(j)
-  dW, dU = x.carried * cotangent("W", j), cotangent("U", j)
+def wy_dA_kk_chunk(load: Callable, column_blocks: int, T, P_kk, prims: Primitives,
+                   store: Callable) -> None:
+  """dA_kk = -T^T dT T^T of a whole chunk (``_kernel_chunk.wy_backward``), dT summed over
+  blocks of its K and V columns, handed to ``store(name, value)``: "dA_kk" [C, C] and "dbeta"
+  [C, 1], dbeta's part through A_kk = diag(beta) P_kk.
 
-  def column(a, G_start):
-    y = load(a)
-    G = G_start + prims.cumsum(y.g, reverse=False)
-    store(prims.dot(dW, y.beta * y.k * exp(G), trans_b=True)
-          + prims.dot(dU, y.beta * y.v, trans_b=True), a)
-    return last_row(G)
+  ``load(cb)`` gives (the chunk's ``Rows`` on column block cb of k, g and v, dW's and dU's
+  block); T and P_kk [C, C] (P_kk's upper blocks may hold anything).
+  """
+  def dT_part(cb, dT):
+    x, dW, dU = load(cb)
+    return dT + wy_dT(x.k, x.v, x.beta, _gates(x, prims), x.carried, dW, dU, prims.dot)
 
-  jax.lax.fori_loop(0, j + 1, column, jnp.zeros((1, x.g.shape[1]), F32))
-
-
-def dA_kk_blocks(load_T: Callable, load_dT: Callable, load_P_kk: Callable, segments,
-                 num_blocks: int, prims: Primitives, store: Callable,
-                 store_dbeta: Callable) -> None:
-  """dA_kk = -T^T dT T^T on A_kk's support (``block_inverse_backward``) from T's and dT's
-  [S, S] blocks (``load_T(b, a)``, ``load_dT(b, a)``, a <= b) and each sub-chunk's [S, 1]
-  segment index; each block (b, a), a <= b, handed to ``store(value, b, a)``. With A_kk =
-  diag(beta) P_kk (``load_P_kk(b, a)``, as ``pair_rows`` stores it), dbeta's part through A_kk,
-  the row sums of dA_kk * P_kk, goes to ``store_dbeta(value, b)`` ([S, 1])."""
-  T = [[load_T(b, a) for a in range(b + 1)] for b in range(num_blocks)]
-  dT = [[load_dT(b, a) for a in range(b + 1)] for b in range(num_blocks)]
-  strictly_lower = iota((SUB, SUB), 0) > iota((SUB, SUB), 1)
-  dA = block_inverse_backward(T, dT, prims.dot, sign=1.0, support=lambda b, a: jnp.where(
-      strictly_lower | (a < b), same_segment(segments[b], segments[a]), 0.0))
-  for b in range(num_blocks):
-    for a in range(b + 1):
-      store(dA[b][a], b, a)
-    store_dbeta(sum(jnp.sum(dA[b][a] * load_P_kk(b, a), axis=1, keepdims=True)
-                    for a in range(b + 1)), b)
+  C = T.shape[0]
+  strictly_lower = iota((C, C), 0) > iota((C, C), 1)
+  dT = jax.lax.fori_loop(0, column_blocks, dT_part, jnp.zeros((C, C), F32))
+  x0 = load(0)[0]
+  dA_kk = wy_dA_kk(T, dT, jnp.where(strictly_lower, same_segment(x0.segment, x0.segment), 0.0),
+                   prims.dot)
+  store("dA_kk", dA_kk)
+  store("dbeta", jnp.sum(dA_kk * jnp.where(strictly_lower, P_kk, 0.0), axis=1, keepdims=True))
 
 
-def gradient_rows(load: Callable, cotangent: Callable, load_dA_kk: Callable, load_T: Callable,
-                  j, num_blocks: int, prims: Primitives, store: Callable, scale: float) -> None:
-  """Sub-chunk j's token gradients (``j`` may be traced), handed to ``store(name, value)``:
-  dq (for the unscaled q), dk, dv ([S, width]), "dbeta" (dbeta's part through W and U, [S, 1];
-  ``dA_kk_blocks`` gives the part through A_kk) and, for g, "dG" (the cotangent of the
-  cumulative gate G at j's rows, [S, K]) and "through_end" ([1, K], its part of dG_C, the
-  cotangent of G at the chunk's last row); dg is the reverse cumulative sum of dG over the
-  chunk plus the chunk's sum of through_end (``dg_from_rows``).
+def wy_column_block(x: Rows, dW, dU, T, prims: Primitives):
+  """(dv, dk's part through W (which ``gradient_rows`` adds to its rows), dbeta's part through
+  W and U [C, 1]) of a whole chunk on one block of its K and V columns (``x``, dW and dU that
+  block's, T [C, C]): column-wise, so the blocks may go to separate programs, their dbeta parts
+  summed after."""
+  return wy_columns(T, x.k, x.v, x.beta, _gates(x, prims), x.carried, dW, dU, prims.dot)
+
+
+def _gates(x: Rows, prims: Primitives):
+  """Gamma = exp(G) [C, width] of a whole chunk's rows, G the cumulative gate from its start."""
+  return exp(prims.cumsum(x.g, reverse=False))
+
+
+def gradient_rows(load: Callable, cotangent: Callable, load_dA_kk: Callable,
+                  load_dk_w: Callable, j, num_blocks: int, prims: Primitives, store: Callable,
+                  scale: float) -> None:
+  """Sub-chunk j's token gradients through the pair products, Q Gamma, K exp(G_C - G) and
+  exp(G_C) (``j`` may be traced), handed to ``store(name, value)``: dq (for the unscaled q),
+  dk ([S, K], with dk's part through W, ``load_dk_w(j)``, from ``wy_column_block``) and, for g, "dG"
+  (the cotangent of the cumulative gate G at j's rows, [S, K]) and "through_end" ([1, K], its
+  part of dG_C, the cotangent of G at the chunk's last row); dg is the reverse cumulative sum of
+  dG over the chunk plus the chunk's sum of through_end (``dg_from_rows``).
 
   ``load(a)`` gives sub-chunk a's ``Rows``; ``cotangent(name, b, a=None)`` row block b of a
   chunk matrix's cotangent ([S, width]; block (b, a) of "A"; the [1, K] "decay" for b = None);
-  ``load_dA_kk(b, a)`` and ``load_T(b, a)`` [S, S] blocks (a <= b) of dA_kk
-  (``dA_kk_blocks``) and T. Sub-chunk j takes part in the pair products as rows (against the
-  earlier sub-chunks a, visited backwards with the sum of g between them carried, as
-  ``pair_rows`` does) and as columns (against the later sub-chunks b, visited in order with
-  the sum of g between them carried), and in W and U through T's column j.
+  ``load_dA_kk(b, a)`` [S, S] blocks (a <= b) of dA_kk (``wy_dA_kk_chunk``). Sub-chunk j takes part
+  in the pair products as rows (against the earlier sub-chunks a, visited backwards with the
+  sum of g between them carried, as ``pair_rows`` does) and as columns (against the later
+  sub-chunks b, visited in order with the sum of g between them carried).
 
-  Every output is column-wise in the key and value columns (dbeta a sum over them), so the
-  columns may be split across programs: given a block of the K and V columns of every input
-  and cotangent, it returns that block's columns and its part of dbeta.
+  Every output is column-wise in the key columns, so the columns may be split across programs:
+  given a block of the K columns of every input and cotangent, it returns that block's columns.
   """
   dot = prims.dot
   x = load(j)
@@ -260,24 +261,16 @@ def gradient_rows(load: Callable, cotangent: Callable, load_dA_kk: Callable, loa
   G_start, dq, dk = jax.lax.fori_loop(0, j, earlier, (jnp.zeros((1, K), F32), zeros, zeros))
 
   def later(b, carry):
-    gap, dY, dX_w, dX_u = carry
+    gap, dY = carry
     z = load(b)
     z_local = prims.cumsum(z.g, reverse=False)
     to_m = exp(z_local + gap)
     mask = same_segment(z.segment, x.segment)
-    T_bj = load_T(b, j)
     return (gap + last_row(z_local),
             dY + dot(cotangent("A", b, j) * mask, z.q * to_m, trans_a=True)
-            + dot(z.beta * load_dA_kk(b, j), z.k * to_m, trans_a=True),
-            dX_w + dot(T_bj, z.carried * cotangent("W", b), trans_a=True),
-            dX_u + dot(T_bj, cotangent("U", b), trans_a=True))
+            + dot(z.beta * load_dA_kk(b, j), z.k * to_m, trans_a=True))
 
-  T_jj = load_T(j, j)
-  gap, dY, dX_w, dX_u = jax.lax.fori_loop(
-      j + 1, num_blocks, later,
-      (jnp.zeros((1, K), F32), zeros,
-       dot(T_jj, x.carried * cotangent("W", j), trans_a=True),
-       dot(T_jj, cotangent("U", j), trans_a=True)))
+  gap, dY = jax.lax.fori_loop(j + 1, num_blocks, later, (jnp.zeros((1, K), F32), zeros))
 
   dA_qk_jj = cotangent("A", j, j) * split.lower
   dA_kk_jj = load_dA_kk(j, j)
@@ -288,20 +281,16 @@ def gradient_rows(load: Callable, cotangent: Callable, load_dA_kk: Callable, loa
 
   G = G_start + local
   gamma = exp(G)
-  dbeta = (jnp.sum(dX_w * x.k * gamma, axis=1, keepdims=True)
-           + jnp.sum(dX_u * x.v, axis=1, keepdims=True))
   G_C = G_start + total + gap
   to_end = exp(G_C - G)
   dKg_end = cotangent("Kg", j) * x.last * to_end
   # Rows: the earlier sub-chunks, the diagonal block's rows, W and Qg; columns: the later
   # sub-chunks, the diagonal block's columns, Kg.
   dq_rows = dq + dq_d + cotangent("Qg", j) * x.carried * gamma
-  dk_rows = dk + dk_row + dX_w * x.beta * gamma
+  dk_rows = dk + dk_row + load_dk_w(j)
   dk_columns = dY * exp(total - local) + dk_qk + dk_kk + dKg_end
   through_end = jnp.sum(dKg_end * x.k, axis=0, keepdims=True) + jnp.where(
       j == num_blocks - 1, cotangent("decay", None) * last_row(x.carried) * exp(G_C), 0.0)
-  store("dv", dX_u * x.beta)
-  store("dbeta", dbeta)
   dq, dk, dG = rows_and_columns_cotangents(x.q, x.k, on_diagonal, dq_rows, dk_rows, dk_columns)
   store("dq", dq * scale)
   store("dk", dk)

@@ -24,13 +24,13 @@ its own chunk mathematics. For KDA (``ops.kda._kernel_subchunk`` has the sub-chu
                                                value blocks in a loop; one call per group of
                                                fields whose sums fit the registers
   intra backward   three kernels, on the saved P_kk and T:
-    dT rows        grid (B, HV, chunks, C/16)  row block j of dT = dW (beta k Gamma)^T +
-                                               dU (beta v)^T
-    dA_kk          grid (B, HV, chunks)        dA_kk = -T^T dT T^T on [16, 16] blocks, and
-                                               dbeta's part through A_kk
-    gradient rows  grid (B, HV, chunks,        one sub-chunk's dq, dk, dv, dbeta and dG on
-                        C/16 x K/64)           64 key and value columns; dg then by a reverse
-                                               cumulative sum (XLA)
+    WY dA_kk       grid (B, HV, chunks)        dT summed over column blocks, dA_kk and dbeta's
+                                               part through A_kk
+    WY columns     grid (B, HV, chunks, K/64)  the rest of the cotangents through W and U: dv,
+                                               dk's part through W, dbeta's parts
+    gradient rows  grid (B, HV, chunks,        one sub-chunk's dq, dk and dG on 32 key
+                        C/16 x K/32)           columns; dg then by a reverse cumulative sum
+                                               (XLA)
 
 RWKV-7's intra forward and backward are one kernel per chunk each (``_intra_forward``,
 ``_intra_backward``) that go through the chunk by sub-chunks in order; KDA's were too, until
@@ -98,11 +98,13 @@ VALUE_BLOCK = 64
 MAX_KEY_DIM = 128  # the widest K the state kernels fit in shared memory (``unsupported``)
 PAIR_KEY_BLOCKS = 2  # key blocks of the pair rows' grid (docs/kernels.md, version 6)
 OUTPUT_COLUMNS = 64  # key and value columns a chunk-outputs program takes
-GRADIENT_COLUMNS = 64  # key and value columns a gradient-rows program takes (docs/kernels.md)
+GRADIENT_COLUMNS = 32  # key columns a gradient-rows program takes (docs/kernels.md, v9)
+WY_COLUMNS = 64  # K and V columns the WY-backward program takes at a time
 COTANGENT_SUMS = 2 * 64 * 128  # floats one state-cotangents program sums (docs/kernels.md, v7)
 LAUNCH = {"intra_forward": (8, 1), "intra_backward": (8, 1), "state_forward": (8, 3),
           "state_backward": (8, 2), "pair_rows": (1, 1), "inverse_blocks": (1, 1),
-          "chunk_outputs": (4, 1), "dT_rows": (2, 1), "dA_kk": (1, 1), "gradient_rows": (4, 3),
+          "chunk_outputs": (4, 1), "wy_dA_kk": (4, 1), "wy_columns": (4, 1),
+          "gradient_rows": (4, 3),
           "state_cotangents": (8, 1),
           # "<op>.<kernel>": one op's own setting. RWKV-7's state forward loads four [C, K]
           # fields a chunk to KDA's three, and its loop's buffers for 3 stages would pass the
@@ -288,10 +290,11 @@ def _split_inverse_norms(tokens, normalized):
 
 
 def _load_tokens(token_refs, where, normalized):
-  """The op's token inputs at ``where`` as float32 tiles, from the kernel's token refs (laid out
-  as ``_split_inverse_norms`` reads them): each token in ``normalized`` multiplied by its
-  inverse norm [.., 1], as it is loaded."""
-  tokens, inverse_norms = _split_inverse_norms([ref[where].astype(F32) for ref in token_refs],
+  """The op's token inputs at ``where`` (an index, or a function of the ref giving its index)
+  as float32 tiles, from the kernel's token refs (laid out as ``_split_inverse_norms`` reads
+  them): each token in ``normalized`` multiplied by its inverse norm [.., 1], as it is loaded."""
+  at = where if callable(where) else lambda ref: where
+  tokens, inverse_norms = _split_inverse_norms([ref[at(ref)].astype(F32) for ref in token_refs],
                                                normalized)
   for i, inverse in zip(normalized, inverse_norms):
     tokens[i] = tokens[i] * inverse
@@ -402,36 +405,40 @@ def _chunk_outputs_kernel(*refs, num_tokens, scale, normalized, precision):
   _kernel_subchunk.chunk_outputs(x, t_ref[...], primitives(precision), store)
 
 
-def _dT_rows_kernel(*refs, num_tokens, scale, normalized, precision):
-  """Row block j = program_id(3) of a chunk's dT (``_kernel_subchunk.dT_rows``)."""
-  S, rows, load = _sub_chunk_rows(KDA, refs, num_tokens, scale, normalized)
-  dW_ref, dU_ref, out_ref = refs[num_tokens + 3:]
-  cotangents = {"W": dW_ref, "U": dU_ref}
+def _wy_dA_kk_kernel(*refs, num_tokens, scale, normalized, precision, column_blocks):
+  """A chunk's dA_kk and dbeta's part through A_kk (``_kernel_subchunk.wy_dA_kk_chunk``) from
+  its rows, T, P_kk, dW and dU, dT summed over ``column_blocks`` blocks of the K and V columns."""
+  token_refs, mask_refs = refs[:num_tokens], refs[num_tokens:num_tokens + 3]
+  t_ref, p_ref, dw_ref, du_ref = refs[num_tokens + 3:num_tokens + 7]
+  outs = dict(zip(("dA_kk", "dbeta"), refs[num_tokens + 7:]))
+  block = lambda ref, cb: (slice(None), pl.ds(cb * (ref.shape[-1] // column_blocks),
+                                              ref.shape[-1] // column_blocks))
 
-  def store(value, a):
-    out_ref[:, rows(a)] = value
+  def load(cb):
+    tokens = _load_tokens(token_refs, lambda ref: block(ref, cb) if ref.shape[-1] > 1
+                          else Ellipsis, normalized)
+    x = _kernel_subchunk.load_rows(tokens, *(ref[...] for ref in mask_refs), scale)
+    return x, dw_ref[block(dw_ref, cb)].astype(F32), du_ref[block(du_ref, cb)].astype(F32)
 
-  _kernel_subchunk.dT_rows(load, lambda name, b: cotangents[name][rows(b), :].astype(F32),
-                           pl.program_id(3), primitives(precision), store)
+  def store(name, value):
+    outs[name][...] = value.astype(outs[name].dtype)
+
+  _kernel_subchunk.wy_dA_kk_chunk(load, column_blocks, t_ref[...], p_ref[...],
+                                  primitives(precision), store)
 
 
-def _dA_kk_kernel(t_ref, dt_ref, p_ref, segment_ref, out_ref, dbeta_ref, *, precision):
-  """A chunk's dA_kk [C, C] and dbeta's part through A_kk [C, 1] from its T, dT and P_kk
-  (``_kernel_subchunk.dA_kk_blocks``)."""
-  S = _kernel_subchunk.SUB
-  rows = lambda b: pl.ds(b * S, S)
-  n = t_ref.shape[0] // S
-
-  def store(value, b, a):
-    out_ref[rows(b), rows(a)] = value
-
-  def store_dbeta(value, b):
-    dbeta_ref[rows(b), :] = value
-
-  _kernel_subchunk.dA_kk_blocks(*(lambda b, a, ref=ref: ref[rows(b), rows(a)]
-                                  for ref in (t_ref, dt_ref, p_ref)),
-                                [segment_ref[rows(b), :] for b in range(n)], n,
-                                primitives(precision), store, store_dbeta)
+def _wy_columns_kernel(*refs, num_tokens, scale, normalized, precision):
+  """One column block of a chunk's dv, dk's part through W and dbeta's part through W and U
+  (``_kernel_subchunk.wy_column_block``) from its rows, T, dW and dU on that block."""
+  token_refs, mask_refs = refs[:num_tokens], refs[num_tokens:num_tokens + 3]
+  t_ref, dw_ref, du_ref = refs[num_tokens + 3:num_tokens + 6]
+  x = _kernel_subchunk.load_rows(_load_tokens(token_refs, Ellipsis, normalized),
+                                 *(ref[...] for ref in mask_refs), scale)
+  outputs = _kernel_subchunk.wy_column_block(x, dw_ref[...].astype(F32),
+                                             du_ref[...].astype(F32), t_ref[...],
+                                             primitives(precision))
+  for ref, value in zip(refs[num_tokens + 6:], outputs):
+    ref[...] = value.astype(ref.dtype)
 
 
 def _gradient_rows_kernel(*refs, num_tokens, scale, normalized, precision, column_blocks):
@@ -441,7 +448,7 @@ def _gradient_rows_kernel(*refs, num_tokens, scale, normalized, precision, colum
   num_fields = len(KDA.fields)
   rest = refs[num_tokens + 3:]
   cotangent = _cotangent_loader(KDA, rest[:num_fields], rows)
-  dA_ref, t_ref = rest[num_fields:num_fields + 2]
+  dA_ref, dk_w_ref = rest[num_fields:num_fields + 2]
   outs = dict(zip(_GRADIENT_ROWS, rest[num_fields + 2:]))
 
   def store(name, value):
@@ -449,10 +456,9 @@ def _gradient_rows_kernel(*refs, num_tokens, scale, normalized, precision, colum
     ref[...] = value.reshape(ref.shape).astype(ref.dtype)
 
   _kernel_subchunk.gradient_rows(
-      load, cotangent,
-      *(lambda b, a, ref=ref: ref[rows(b), rows(a)] for ref in (dA_ref, t_ref)),
-      pl.program_id(3) // column_blocks, refs[0].shape[0] // S, primitives(precision), store,
-      scale)
+      load, cotangent, lambda b, a: dA_ref[rows(b), rows(a)],
+      lambda b: dk_w_ref[rows(b), :], pl.program_id(3) // column_blocks,
+      refs[0].shape[0] // S, primitives(precision), store, scale)
 
 
 def _state_forward_kernel(*refs, op, sizes, BV, precision, keep_states):
@@ -734,74 +740,84 @@ def _intra_backward(op, tokens, masks, cotangents, saved, *, scale, normalized, 
       normalized=normalized, precision=precision)(*tokens, *masks, *cotangents)
 
 
-_GRADIENT_ROWS = ("dq", "dk", "dv", "dbeta", "dG", "through_end")
+_GRADIENT_ROWS = ("dq", "dk", "dG", "through_end")
 
 
 def _kda_intra_backward(op, tokens, masks, cotangents, saved, *, scale, normalized, sizes,
                         interpret, precision):
   """KDA's token gradients from its chunk matrices' cotangents and the forward's saved P_kk
-  and T, by three kernels: dT's rows (grid B x HV x chunks x C/16), dA_kk and dbeta's part
-  through A_kk (grid B x HV x chunks) and the gradient rows (grid B x HV x chunks x
-  (C/16 x column blocks), ``_column_blocks`` of the K and V columns, dbeta's part through W
-  and U by partial sums), then dg as the reverse cumulative sum of dG over each chunk (XLA)."""
-  B, T, HV, K, _, C = sizes
+  and T, by three kernels: dA_kk and dbeta's part through A_kk (grid B x HV x chunks), the
+  rest of the cotangents through W and U (grid B x HV x chunks x column blocks: dv, dk's part
+  through W, dbeta's parts, summed after) and the gradient rows (grid B x HV x chunks x
+  (C/16 x column blocks), ``_column_blocks`` of the K columns), then dg as the reverse
+  cumulative sum of dG over each chunk (XLA)."""
+  B, T, HV, K, V, C = sizes
   S = _kernel_subchunk.SUB
   n = C // S
   M, T_inverse = saved
-  per_sub_chunk = lambda spec: _column_block(spec, 1, False)
-  inputs = [per_sub_chunk(spec) for spec in _input_specs(tokens, C)]
-  cotangent_specs = [per_sub_chunk(_layout(f.width, sizes)[1]) for f in op.fields]
   square = _token_spec(C, C)
   params = dict(num_tokens=len(tokens), scale=scale, normalized=normalized, precision=precision)
-  dT = _triton_call(
-      _dT_rows_kernel, (B, HV, T // C, n), inputs + cotangent_specs[:2],
-      _sub_chunk_rows_spec(C, n, 1), jax.ShapeDtypeStruct((B, T, HV, C), F32), interpret,
-      LAUNCH["dT_rows"], **params)(*tokens, *masks, cotangents.W, cotangents.U)
+  column_blocks = _column_blocks(sizes, WY_COLUMNS)
   dA_kk, dbeta_pairs = _triton_call(
-      _dA_kk_kernel, (B, HV, T // C), [square] * 3 + [pl.BlockSpec((None, C, 1),
-                                                                   lambda b, h, c: (b, c, 0))],
+      _wy_dA_kk_kernel, (B, HV, T // C),
+      _input_specs(tokens, C) + [square] * 2 + [_token_spec(C, K), _token_spec(C, V)],
       [square, _token_spec(C, 1)],
       [jax.ShapeDtypeStruct((B, T, HV, C), F32), jax.ShapeDtypeStruct((B, T, HV, 1), F32)],
-      interpret, LAUNCH["dA_kk"], precision=precision)(T_inverse, dT, M, masks[0])
-  dq, dk, dv, dbeta, dG, through_end = _gradient_rows(
-      op, tokens, masks, cotangents, dA_kk, T_inverse, scale=scale, normalized=normalized,
+      interpret, LAUNCH["wy_dA_kk"], column_blocks=column_blocks, **params)(
+          *tokens, *masks, T_inverse, M, cotangents.W, cotangents.U)
+  inputs = _input_specs(tokens, C)
+  by_block = lambda spec: _column_block(spec, column_blocks, True)
+  dv, dk_w, dbeta_columns = _triton_call(
+      _wy_columns_kernel, (B, HV, T // C, column_blocks),
+      [_column_block(spec, column_blocks, x.shape[-1] > 1) for spec, x in zip(inputs, tokens)]
+      + [_column_block(spec, column_blocks, False) for spec in inputs[len(tokens):]]
+      + [_column_block(square, column_blocks, False), by_block(_token_spec(C, K)),
+         by_block(_token_spec(C, V))],
+      [by_block(_token_spec(C, V)), by_block(_token_spec(C, K)),
+       by_block(_token_spec(C, column_blocks))],
+      [_gradient_shapes(tokens, normalized)[op.value_index],
+       jax.ShapeDtypeStruct((B, T, HV, K), F32),
+       jax.ShapeDtypeStruct((B, T, HV, column_blocks), F32)],
+      interpret, LAUNCH["wy_columns"], **params)(
+          *tokens, *masks, T_inverse, cotangents.W, cotangents.U)
+  dbeta = dbeta_pairs + jnp.sum(dbeta_columns, axis=-1, keepdims=True)
+  dq, dk, dG, through_end = _gradient_rows(
+      op, tokens, masks, cotangents, dA_kk, dk_w, scale=scale, normalized=normalized,
       sizes=sizes, interpret=interpret, precision=precision)
   by_chunk = lambda x, rows: jnp.moveaxis(x.reshape(B, T // C, rows, HV, K), 2, 3)
   dg = _kernel_subchunk.dg_from_rows(by_chunk(dG, C), by_chunk(through_end, n))
   dg = jnp.moveaxis(dg, 3, 2).reshape(B, T, HV, K)
   g, beta = tokens[2], tokens[4]
-  return dq, dk, dg.astype(g.dtype), dv, (dbeta_pairs + jnp.sum(dbeta, axis=0)).astype(beta.dtype)
+  return dq, dk, dg.astype(g.dtype), dv, dbeta.astype(beta.dtype)
 
 
-def _gradient_rows(op, tokens, masks, cotangents, dA_kk, T_inverse, *, scale, normalized, sizes,
+def _gradient_rows(op, tokens, masks, cotangents, dA_kk, dk_w, *, scale, normalized, sizes,
                    interpret, precision):
-  """dq, dk, dv, the column blocks' partial sums of dbeta's part through W and U (float32
-  [column blocks, B, T, HV, 1]), dG [B, T, HV, K] and through_end [B, T/16, HV, K], float32;
-  grid B x HV x chunks x (C/16 x column blocks)."""
+  """dq, dk, dG [B, T, HV, K] and through_end [B, T/16, HV, K], float32; grid B x HV x chunks x
+  (C/16 x column blocks of the K columns)."""
   B, T, HV, K, V, C = sizes
   S = _kernel_subchunk.SUB
-  n, n_cb = C // S, _column_blocks(sizes, GRADIENT_COLUMNS)
+  n, n_cb = C // S, max(1, K // GRADIENT_COLUMNS)
   specs = _input_specs(tokens, C)
-  inputs = ([_column_block(spec, n_cb, x.shape[-1] > 1) for spec, x in zip(specs, tokens)]
+  keyed = lambda i: i != op.value_index and tokens[i].shape[-1] > 1
+  inputs = ([_column_block(spec, n_cb, keyed(i)) for i, spec in enumerate(specs[:len(tokens)])]
             + [_column_block(spec, n_cb, False) for spec in specs[len(tokens):]])
-  cotangent_specs = [_column_block(_layout(f.width, sizes)[1], n_cb, f.width != "C")
+  cotangent_specs = [_column_block(_layout(f.width, sizes)[1], n_cb, f.width in ("K", "chunk"))
                      for f in op.fields]
   square = _column_block(_token_spec(C, C), n_cb, False)
   rows = lambda width: _sub_chunk_rows_spec(width, n, n_cb)
-  out_specs = [rows(K), rows(K), rows(V),
-               pl.BlockSpec((None, None, S, None, 1),
-                            lambda b, h, c, p: (p % n_cb, b, c * n + p // n_cb, h, 0)),
-               rows(K), pl.BlockSpec((None, None, None, K // n_cb),
-                                     lambda b, h, c, p: (b, c * n + p // n_cb, h, p % n_cb))]
-  dq, dk, _, dv, _ = _gradient_shapes(tokens, normalized)
-  out_shapes = [dq, dk, dv] + [
-      jax.ShapeDtypeStruct((n_cb, B, T, HV, 1), F32), jax.ShapeDtypeStruct((B, T, HV, K), F32),
-      jax.ShapeDtypeStruct((B, T // S, HV, K), F32)]
+  out_specs = [rows(K), rows(K), rows(K),
+               pl.BlockSpec((None, None, None, K // n_cb),
+                            lambda b, h, c, p: (b, c * n + p // n_cb, h, p % n_cb))]
+  dq, dk = _gradient_shapes(tokens, normalized)[:2]
+  out_shapes = [dq, dk, jax.ShapeDtypeStruct((B, T, HV, K), F32),
+                jax.ShapeDtypeStruct((B, T // S, HV, K), F32)]
   return _triton_call(
       _gradient_rows_kernel, (B, HV, T // C, n * n_cb),
-      inputs + cotangent_specs + [square] * 2, out_specs, out_shapes, interpret,
-      LAUNCH["gradient_rows"], num_tokens=len(tokens), scale=scale, normalized=normalized,
-      precision=precision, column_blocks=n_cb)(*tokens, *masks, *cotangents, dA_kk, T_inverse)
+      inputs + cotangent_specs + [square, _column_block(_token_spec(C, K), n_cb, True)],
+      out_specs, out_shapes, interpret, LAUNCH["gradient_rows"], num_tokens=len(tokens),
+      scale=scale, normalized=normalized, precision=precision, column_blocks=n_cb)(
+          *tokens, *masks, *cotangents, dA_kk, dk_w)
 
 
 def _value_block(V):
