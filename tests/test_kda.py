@@ -548,6 +548,21 @@ class TestPallasTpu(AgreementBase):
   test_matches_reference = settings(max_examples=2)(AgreementBase.test_matches_reference)
 
 
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-6), ("bfloat16", 8e-3)])
+def test_gpu_normalisation_backward_kernel_equals_the_xla_form(dtype, tolerance):
+  """``pallas_gpu._normalize_backward`` (interpret mode), chunk by chunk over every head, gives
+  ``l2norm.normalize_backward`` in the token's dtype."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 64, 3, 16)), dtype)
+  dy = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  inverse = l2norm.inverse_norm(x)
+  got = pallas_gpu._normalize_backward(x, inverse, dy, C=32, interpret=True)
+  expected = l2norm.normalize_backward(x, inverse, dy).astype(dtype)
+  assert got.dtype == x.dtype
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32),
+                             rtol=tolerance, atol=tolerance)
+
+
 @pytest.mark.parametrize("key_dim, dtype", [(16, "float32"), (128, "bfloat16"), (1, "float32")])
 def test_l2norm_backward_equals_the_derivative_of_the_normalisation(key_dim, dtype):
   """``l2norm.normalize_backward`` (the GPU kernels' normalisation backward, in XLA) against
@@ -584,7 +599,7 @@ def _kernel_functions(kernels, dtype):
 def test_stages_give_each_stage_and_each_kernel_of_the_intra_stages():
   """``pallas_gpu.stages`` (what ``benchmarks.kernels --ops kda-parts`` times): the four stages
   in order, each intra stage followed by its kernels alone on their real inputs; the block
-  inverse's, the chunk outputs', the WY backward's and the gradient rows' outputs are the
+  inverse's, the chunk outputs', the WY backward's, the gradient rows' and dg's outputs are the
   stages'."""
   rng = np.random.default_rng(0)
   B, T, H, K, V = 1, 40, 1, 32, 32  # two chunks of 32, the second partial
@@ -605,10 +620,10 @@ def test_stages_give_each_stage_and_each_kernel_of_the_intra_stages():
       "intra_forward.chunk_outputs", "state_forward", "state_backward",
       "state_backward.state_walk_backward", "state_backward.state_cotangents[W,U,Qg,Kg,A,decay]",
       "intra_backward", "intra_backward.wy_dA_kk", "intra_backward.wy_columns",
-      "intra_backward.gradient_rows"]
+      "intra_backward.gradient_rows", "intra_backward.dg"]
   needed = ("intra_forward", "intra_forward.inverse_blocks", "intra_forward.chunk_outputs",
             "intra_backward", "intra_backward.wy_dA_kk", "intra_backward.wy_columns",
-            "intra_backward.gradient_rows")
+            "intra_backward.gradient_rows", "intra_backward.dg")
   run = {name: fn(*args) for name, fn, args in rows if name in needed}
   matrices, (P_kk, T_inverse) = run["intra_forward"]
   A, M, T_alone = run["intra_forward.inverse_blocks"]
@@ -622,7 +637,7 @@ def test_stages_give_each_stage_and_each_kernel_of_the_intra_stages():
   rows_out, (_, dbeta_pairs) = run["intra_backward.gradient_rows"], run["intra_backward.wy_dA_kk"]
   dv_alone, _, dbeta_columns = run["intra_backward.wy_columns"]
   for name, expected, got in [("dq", dq, rows_out[0]), ("dk", dk, rows_out[1]),
-                              ("dv", dv, dv_alone),
+                              ("dv", dv, dv_alone), ("dg", dg, run["intra_backward.dg"]),
                               ("dbeta", dbeta, dbeta_pairs + dbeta_columns.sum(-1, keepdims=True))]:
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-6, atol=1e-6,
                                err_msg=name)

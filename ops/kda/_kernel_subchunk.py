@@ -302,6 +302,7 @@ def dg_from_rows(dG, through_end):
   """dg of one or more chunks ([..., C, K]) from ``gradient_rows``' dG ([..., C, K]) and the
   chunk's through_end rows ([..., C/S, K]): the reverse cumulative sum of dG over the chunk,
   plus dG_C (the sum of through_end) at every row (dG_C belongs to the last row, and every
-  row's gate enters G at the last row)."""
-  reverse = jnp.flip(jnp.cumsum(jnp.flip(dG, axis=-2), axis=-2), axis=-2)
+  row's gate enters G at the last row). Written as the chunk's sum less the cumulative sum
+  before each row, which Triton lowers (it has no reversal)."""
+  reverse = jnp.sum(dG, axis=-2, keepdims=True) - jnp.cumsum(dG, axis=-2) + dG
   return reverse + jnp.sum(through_end, axis=-2, keepdims=True)

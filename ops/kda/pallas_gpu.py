@@ -23,14 +23,15 @@ its own chunk mathematics. For KDA (``ops.kda._kernel_subchunk`` has the sub-chu
                                                d exp(G_C) from its S and dS, summed over the
                                                value blocks in a loop; one call per group of
                                                fields whose sums fit the registers
-  intra backward   three kernels, on the saved P_kk and T:
+  intra backward   four kernels, on the saved P_kk and T:
     WY dA_kk       grid (B, HV, chunks)        dT summed over column blocks, dA_kk and dbeta's
                                                part through A_kk
     WY columns     grid (B, HV, chunks, K/64)  the rest of the cotangents through W and U: dv,
                                                dk's part through W, dbeta's parts
     gradient rows  grid (B, HV, chunks,        one sub-chunk's dq, dk and dG on 32 key
-                        C/16 x K/32)           columns; dg then by a reverse cumulative sum
-                                               (XLA)
+                        C/16 x K/32)           columns
+    dg             grid (B, HV, chunks)        the reverse cumulative sum of dG over the chunk
+  and, for l2-normalised q and k, the normalisation's backward (grid (B, HV, chunks)).
 
 RWKV-7's intra forward and backward are one kernel per chunk each (``_intra_forward``,
 ``_intra_backward``) that go through the chunk by sub-chunks in order; KDA's were too, until
@@ -104,7 +105,7 @@ COTANGENT_SUMS = 2 * 64 * 128  # floats one state-cotangents program sums (docs/
 LAUNCH = {"intra_forward": (8, 1), "intra_backward": (8, 1), "state_forward": (8, 3),
           "state_backward": (8, 2), "pair_rows": (1, 1), "inverse_blocks": (1, 1),
           "chunk_outputs": (4, 1), "wy_dA_kk": (4, 1), "wy_columns": (4, 1),
-          "gradient_rows": (4, 3),
+          "gradient_rows": (4, 3), "dg": (4, 1), "normalize_backward": (4, 1),
           "state_cotangents": (8, 1),
           # "<op>.<kernel>": one op's own setting. RWKV-7's state forward loads four [C, K]
           # fields a chunk to KDA's three, and its loop's buffers for 3 stages would pass the
@@ -721,7 +722,7 @@ def _kda_intra_forward(op, tokens, masks, *, scale, normalized, sizes, interpret
 def _gradient_shapes(tokens, normalized):
   """The op's token gradients' shapes and dtypes, from the kernels' tokens
   (``_split_inverse_norms``): a normalised token's gradient float32 (the normalisation's
-  backward follows in XLA), each other's in its token's dtype."""
+  backward follows, ``_normalize_backward``), each other's in its token's dtype."""
   return [jax.ShapeDtypeStruct(x.shape, F32 if i in normalized else x.dtype)
           for i, x in enumerate(_split_inverse_norms(tokens, normalized)[0])]
 
@@ -746,11 +747,11 @@ _GRADIENT_ROWS = ("dq", "dk", "dG", "through_end")
 def _kda_intra_backward(op, tokens, masks, cotangents, saved, *, scale, normalized, sizes,
                         interpret, precision):
   """KDA's token gradients from its chunk matrices' cotangents and the forward's saved P_kk
-  and T, by three kernels: dA_kk and dbeta's part through A_kk (grid B x HV x chunks), the
+  and T, by four kernels: dA_kk and dbeta's part through A_kk (grid B x HV x chunks), the
   rest of the cotangents through W and U (grid B x HV x chunks x column blocks: dv, dk's part
-  through W, dbeta's parts, summed after) and the gradient rows (grid B x HV x chunks x
-  (C/16 x column blocks), ``_column_blocks`` of the K columns), then dg as the reverse
-  cumulative sum of dG over each chunk (XLA)."""
+  through W, dbeta's parts, summed after), the gradient rows (grid B x HV x chunks x
+  (C/16 x column blocks), ``_column_blocks`` of the K columns) and dg, the reverse cumulative
+  sum of dG over each chunk (grid B x HV x chunks)."""
   B, T, HV, K, V, C = sizes
   S = _kernel_subchunk.SUB
   n = C // S
@@ -784,11 +785,37 @@ def _kda_intra_backward(op, tokens, masks, cotangents, saved, *, scale, normaliz
   dq, dk, dG, through_end = _gradient_rows(
       op, tokens, masks, cotangents, dA_kk, dk_w, scale=scale, normalized=normalized,
       sizes=sizes, interpret=interpret, precision=precision)
-  by_chunk = lambda x, rows: jnp.moveaxis(x.reshape(B, T // C, rows, HV, K), 2, 3)
-  dg = _kernel_subchunk.dg_from_rows(by_chunk(dG, C), by_chunk(through_end, n))
-  dg = jnp.moveaxis(dg, 3, 2).reshape(B, T, HV, K)
   g, beta = tokens[2], tokens[4]
-  return dq, dk, dg.astype(g.dtype), dv, dbeta.astype(beta.dtype)
+  dg = _triton_call(
+      _dg_kernel, (B, HV, T // C), [_token_spec(C, K), _token_spec(n, K)], _token_spec(C, K),
+      jax.ShapeDtypeStruct(g.shape, g.dtype), interpret, LAUNCH["dg"])(dG, through_end)
+  return dq, dk, dg, dv, dbeta.astype(beta.dtype)
+
+
+def _dg_kernel(dG_ref, through_end_ref, out_ref):
+  """A chunk's dg (``_kernel_subchunk.dg_from_rows``) from the gradient rows' dG [C, K] and
+  through_end [C/16, K]: one pass, where XLA's reversed cumulative sum took 2.5x the bytes'
+  time (docs/kernels.md, version 10)."""
+  out_ref[...] = _kernel_subchunk.dg_from_rows(dG_ref[...], through_end_ref[...]).astype(
+      out_ref.dtype)
+
+
+def _normalize_backward_kernel(x_ref, inverse_ref, dy_ref, out_ref):
+  """One chunk of one head of ``l2norm.normalize_backward``, in the token's dtype."""
+  out_ref[...] = l2norm.normalize_backward(x_ref[...], inverse_ref[...], dy_ref[...]).astype(
+      out_ref.dtype)
+
+
+def _normalize_backward(x, inverse, dy, *, C, interpret):
+  """The cotangent of a normalised token x [B, T, HV, K] (its dtype) from its inverse norms
+  [B, T, HV, 1] and the normalised token's cotangent dy (float32), one pass over chunks of C
+  rows (XLA's reduction and elementwise pass read dy twice)."""
+  B, T, HV, K = x.shape
+  return _triton_call(
+      _normalize_backward_kernel, (B, HV, T // C),
+      [_token_spec(C, K), _token_spec(C, 1), _token_spec(C, K)], _token_spec(C, K),
+      jax.ShapeDtypeStruct(x.shape, x.dtype), interpret, LAUNCH["normalize_backward"])(
+          x, inverse, dy)
 
 
 def _gradient_rows(op, tokens, masks, cotangents, dA_kk, dk_w, *, scale, normalized, sizes,
@@ -934,7 +961,8 @@ def _walk_bwd(op, scale, normalized, C, interpret, residuals, cotangents):
   grads = list((op.intra_backward or _intra_backward)(
       op, tokens, masks, matrix_cotangents, saved, scale=scale, normalized=normalized, **config))
   for i, inverse in zip(normalized, _split_inverse_norms(tokens, normalized)[1]):
-    grads[i] = l2norm.normalize_backward(tokens[i], inverse, grads[i]).astype(tokens[i].dtype)
+    grads[i] = _normalize_backward(tokens[i], inverse, grads[i], C=C,
+                                   interpret=config["interpret"])
   return tuple(grads), (None,) * len(masks), dh0
 
 
