@@ -14,8 +14,8 @@ device machine gets a copy of the working tree without its git history:
 ``kda-parts`` times each stage of ``ops.kda.pallas_gpu.stages`` of both trees at ``--kda-size``;
 ``kda`` the public ``kda(..., implementation="pallas_gpu")`` of both trees and fla's ``chunk_kda``
 (where torch and fla import; fla's first call at a size autotunes its kernels, minutes on the
-H200) at each ``--kda-sizes`` size, bf16, forward and forward+backward, the old tree's outputs
-checked against the new tree's.
+H200) at each ``--kda-sizes`` size, bf16, forward and forward+backward (``--kda-passes``), the
+old tree's outputs checked against the new tree's.
 It prints one row per case with the median milliseconds of every round.
 """
 
@@ -38,6 +38,7 @@ import jax.numpy as jnp
 
 from benchmarks import harness
 
+PASSES = ("fwd", "fwd+bwd")
 PACKAGE = "rev_ops"  # the exported revision's ``ops``, renamed so that both import side by side
 _IMPORT = re.compile(r"\b(from|import) ops([.\s])")
 
@@ -140,13 +141,14 @@ def run_kda_parts(trees: dict, size, rounds: int, warmup: int, iters: int) -> No
       print(_row(f"kda-parts {size} {name} {tag}", medians), flush=True)
 
 
-def run_kda(trees: dict, sizes: Sequence, rounds: int, warmup: int, iters: int) -> None:
+def run_kda(trees: dict, sizes: Sequence, rounds: int, warmup: int, iters: int,
+            passes: Sequence[str] = PASSES) -> None:
   from benchmarks import peers
   from benchmarks.kernels import kda_inputs
   forwards = {tag: functools.partial(_kda_forward, tree.kda) for tag, tree in trees.items()}
   for size in sizes:
     inputs, cotangents = kda_inputs(size, jnp.bfloat16)
-    for backward in (False, True):
+    for backward in (pass_name == "fwd+bwd" for pass_name in passes):
       fla = None if peers.unavailable() else peers.kda_chunk(inputs, cotangents, backward)
       peer = fla and ("fla", lambda: peers.time_cuda(fla[0], warmup, iters)["median_ms"])
       timed = _time_forms(forwards, inputs, cotangents, backward, "new", rounds, warmup, iters,
@@ -192,6 +194,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   running.add_argument("--kda-sizes", nargs="+", type=SeqSize.parse,
                        default=[SeqSize.parse("B4,T8192,H16,D128"),
                                 SeqSize.parse("B4,T32768,H16,D128")], help="kda's sizes")
+  running.add_argument("--kda-passes", nargs="+", choices=PASSES, default=list(PASSES),
+                       help="kda's passes (fla autotunes each pass at each size on its first "
+                            "call: fewer passes, less device time)")
   running.add_argument("--rounds", type=int, default=2)
   running.add_argument("--warmup", type=int, default=3)
   running.add_argument("--iters", type=int, default=20)
@@ -217,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   if "kda-parts" in ops:
     run_kda_parts(kda_trees, args.kda_size, args.rounds, args.warmup, args.iters)
   if "kda" in ops:
-    run_kda(kda_trees, args.kda_sizes, args.rounds, args.warmup, args.iters)
+    run_kda(kda_trees, args.kda_sizes, args.rounds, args.warmup, args.iters, args.kda_passes)
 
 
 if __name__ == "__main__":

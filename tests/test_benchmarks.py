@@ -384,8 +384,9 @@ def test_revision_ab_times_an_exported_revision_beside_this_tree(tmp_path, capsy
 
 
 def test_revision_ab_times_kda_of_both_trees(tmp_path, capsys):
-  """``run --ops kda`` times both trees' public KDA (forward and forward+backward; fla beside
-  them where torch imports) and checks the old tree's outputs against the new one's."""
+  """``run --ops kda`` times both trees' public KDA (forward and forward+backward, or the
+  ``--kda-passes`` named; fla beside them where torch imports) and checks the old tree's outputs
+  against the new one's."""
   from benchmarks import revision_ab
   revision_ab.export("HEAD", tmp_path)
   revision_ab.main(["run", "--old", str(tmp_path), "--ops", "kda", "--kda-sizes",
@@ -395,6 +396,12 @@ def test_revision_ab_times_kda_of_both_trees(tmp_path, capsys):
       ["bf16", pass_name, tag] for pass_name in ("fwd", "fwd+bwd") for tag in ("old", "new")]
   errors = [float(line.split()[-1]) for line in rows if "check" in line]
   assert len(errors) == 2 and all(e < 1e-5 for e in errors)
+  revision_ab.main(["run", "--old", str(tmp_path), "--ops", "kda", "--kda-sizes",
+                    "B1,T40,H1,D16", "--kda-passes", "fwd+bwd", "--rounds", "1", "--warmup", "0",
+                    "--iters", "1"])
+  rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("kda")]
+  assert [line[:58].split()[5:] for line in rows] == [["bf16", "fwd+bwd", tag]
+                                                      for tag in ("old", "new")]
 
 
 def test_kernel_times_table_per_call_longest_first():
