@@ -753,20 +753,17 @@ def _kda_intra_backward(op, tokens, masks, cotangents, saved, *, scale, normaliz
   (C/16 x column blocks), ``_column_blocks`` of the K columns) and dg, the reverse cumulative
   sum of dG over each chunk (grid B x HV x chunks)."""
   B, T, HV, K, V, C = sizes
-  S = _kernel_subchunk.SUB
-  n = C // S
   M, T_inverse = saved
-  square = _token_spec(C, C)
+  inputs, square = _input_specs(tokens, C), _token_spec(C, C)
   params = dict(num_tokens=len(tokens), scale=scale, normalized=normalized, precision=precision)
   column_blocks = _column_blocks(sizes, WY_COLUMNS)
   dA_kk, dbeta_pairs = _triton_call(
       _wy_dA_kk_kernel, (B, HV, T // C),
-      _input_specs(tokens, C) + [square] * 2 + [_token_spec(C, K), _token_spec(C, V)],
+      inputs + [square] * 2 + [_token_spec(C, K), _token_spec(C, V)],
       [square, _token_spec(C, 1)],
       [jax.ShapeDtypeStruct((B, T, HV, C), F32), jax.ShapeDtypeStruct((B, T, HV, 1), F32)],
       interpret, LAUNCH["wy_dA_kk"], column_blocks=column_blocks, **params)(
           *tokens, *masks, T_inverse, M, cotangents.W, cotangents.U)
-  inputs = _input_specs(tokens, C)
   by_block = lambda spec: _column_block(spec, column_blocks, True)
   dv, dk_w, dbeta_columns = _triton_call(
       _wy_columns_kernel, (B, HV, T // C, column_blocks),
@@ -787,7 +784,8 @@ def _kda_intra_backward(op, tokens, masks, cotangents, saved, *, scale, normaliz
       sizes=sizes, interpret=interpret, precision=precision)
   g, beta = tokens[2], tokens[4]
   dg = _triton_call(
-      _dg_kernel, (B, HV, T // C), [_token_spec(C, K), _token_spec(n, K)], _token_spec(C, K),
+      _dg_kernel, (B, HV, T // C),
+      [_token_spec(C, K), _token_spec(C // _kernel_subchunk.SUB, K)], _token_spec(C, K),
       jax.ShapeDtypeStruct(g.shape, g.dtype), interpret, LAUNCH["dg"])(dG, through_end)
   return dq, dk, dg, dv, dbeta.astype(beta.dtype)
 
