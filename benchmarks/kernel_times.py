@@ -21,10 +21,8 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from benchmarks import peers
+from benchmarks import harness, peers
 from benchmarks.kernels import SeqSize, kda_fn, kda_inputs
-
-PASSES = ("fwd", "fwd+bwd")
 
 
 def kernel_table(events, calls: int) -> list[tuple[str, float, int]]:
@@ -85,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--sizes", nargs="+", type=SeqSize.parse,
                       default=[SeqSize.parse("B4,T8192,H16,D128")])
-  parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
+  parser.add_argument("--passes", nargs="+", choices=harness.PASSES, default=list(harness.PASSES))
   parser.add_argument("--calls", type=int, default=3)
   args = parser.parse_args(argv)
   run(args.sizes, args.passes, args.calls)

@@ -38,7 +38,6 @@ import jax.numpy as jnp
 
 from benchmarks import harness
 
-PASSES = ("fwd", "fwd+bwd")
 PACKAGE = "rev_ops"  # the exported revision's ``ops``, renamed so that both import side by side
 _IMPORT = re.compile(r"\b(from|import) ops([.\s])")
 
@@ -142,18 +141,18 @@ def run_kda_parts(trees: dict, size, rounds: int, warmup: int, iters: int) -> No
 
 
 def run_kda(trees: dict, sizes: Sequence, rounds: int, warmup: int, iters: int,
-            passes: Sequence[str] = PASSES) -> None:
+            passes: Sequence[str] = harness.PASSES) -> None:
   from benchmarks import peers
   from benchmarks.kernels import kda_inputs
   forwards = {tag: functools.partial(_kda_forward, tree.kda) for tag, tree in trees.items()}
   for size in sizes:
     inputs, cotangents = kda_inputs(size, jnp.bfloat16)
-    for backward in (pass_name == "fwd+bwd" for pass_name in passes):
+    for pass_name in passes:
+      backward = pass_name == "fwd+bwd"
       fla = None if peers.unavailable() else peers.kda_chunk(inputs, cotangents, backward)
       peer = fla and ("fla", lambda: peers.time_cuda(fla[0], warmup, iters)["median_ms"])
       timed = _time_forms(forwards, inputs, cotangents, backward, "new", rounds, warmup, iters,
                           peer)
-      pass_name = "fwd+bwd" if backward else "fwd"
       for tag, (medians, error) in timed.items():
         print(_row(f"kda {size} bf16 {pass_name} {tag}", medians, error), flush=True)
       if fla:
@@ -194,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   running.add_argument("--kda-sizes", nargs="+", type=SeqSize.parse,
                        default=[SeqSize.parse("B4,T8192,H16,D128"),
                                 SeqSize.parse("B4,T32768,H16,D128")], help="kda's sizes")
-  running.add_argument("--kda-passes", nargs="+", choices=PASSES, default=list(PASSES),
+  running.add_argument("--kda-passes", nargs="+", choices=harness.PASSES, default=list(harness.PASSES),
                        help="kda's passes (fla autotunes each pass at each size on its first "
                             "call: fewer passes, less device time)")
   running.add_argument("--rounds", type=int, default=2)
