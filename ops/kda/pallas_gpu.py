@@ -302,6 +302,13 @@ def _load_tokens(token_refs, where, normalized):
   return tokens
 
 
+def _chunk_rows(token_refs, mask_refs, normalized, scale, where=Ellipsis):
+  """A whole chunk's ``_kernel_subchunk.Rows`` from its token refs at ``where`` (as
+  ``_load_tokens`` takes it) and its three packed-row mask refs."""
+  return _kernel_subchunk.load_rows(_load_tokens(token_refs, where, normalized),
+                                    *(ref[...] for ref in mask_refs), scale)
+
+
 def _sub_chunk_rows(op, refs, num_tokens, scale, normalized):
   """(S, rows(b): sub-chunk b's slice, load(b): its ``Rows``) of a chunk's token and mask refs."""
   token_refs, mask_refs = refs[:num_tokens], refs[num_tokens:num_tokens + 3]
@@ -396,8 +403,7 @@ def _chunk_outputs_kernel(*refs, num_tokens, scale, normalized, precision):
   """A chunk's W, U, Qg, Kg and decay from its rows and T (``_kernel_subchunk.chunk_outputs``)."""
   token_refs, mask_refs = refs[:num_tokens], refs[num_tokens:num_tokens + 3]
   t_ref, out_refs = refs[num_tokens + 3], dict(zip(_CHUNK_OUTPUTS, refs[num_tokens + 4:]))
-  x = _kernel_subchunk.load_rows(_load_tokens(token_refs, Ellipsis, normalized),
-                                 *(ref[...] for ref in mask_refs), scale)
+  x = _chunk_rows(token_refs, mask_refs, normalized, scale)
 
   def store(name, value):
     ref = out_refs[name]
@@ -416,9 +422,8 @@ def _wy_dA_kk_kernel(*refs, num_tokens, scale, normalized, precision, column_blo
                                               ref.shape[-1] // column_blocks))
 
   def load(cb):
-    tokens = _load_tokens(token_refs, lambda ref: block(ref, cb) if ref.shape[-1] > 1
-                          else Ellipsis, normalized)
-    x = _kernel_subchunk.load_rows(tokens, *(ref[...] for ref in mask_refs), scale)
+    x = _chunk_rows(token_refs, mask_refs, normalized, scale,
+                    lambda ref: block(ref, cb) if ref.shape[-1] > 1 else Ellipsis)
     return x, dw_ref[block(dw_ref, cb)].astype(F32), du_ref[block(du_ref, cb)].astype(F32)
 
   def store(name, value):
@@ -433,8 +438,7 @@ def _wy_columns_kernel(*refs, num_tokens, scale, normalized, precision):
   (``_kernel_subchunk.wy_column_block``) from its rows, T, dW and dU on that block."""
   token_refs, mask_refs = refs[:num_tokens], refs[num_tokens:num_tokens + 3]
   t_ref, dw_ref, du_ref = refs[num_tokens + 3:num_tokens + 6]
-  x = _kernel_subchunk.load_rows(_load_tokens(token_refs, Ellipsis, normalized),
-                                 *(ref[...] for ref in mask_refs), scale)
+  x = _chunk_rows(token_refs, mask_refs, normalized, scale)
   outputs = _kernel_subchunk.wy_column_block(x, dw_ref[...].astype(F32),
                                              du_ref[...].astype(F32), t_ref[...],
                                              primitives(precision))
@@ -634,6 +638,22 @@ def _column_block(spec, blocks: int, split: bool):
                                           p % blocks if split else 0))
 
 
+def _column_block_inputs(tokens, C, blocks: int, split: Callable = lambda i, x: x.shape[-1] > 1):
+  """Block specs of the token inputs and the three packed-row masks (``_input_specs``) for a
+  grid whose fourth index picks a column block (``_column_block``): token i by column block
+  where ``split(i, x)`` (default: every token wider than one column), the rest whole."""
+  specs = _input_specs(tokens, C)
+  return ([_column_block(spec, blocks, split(i, x))
+           for i, (spec, x) in enumerate(zip(specs, tokens))]
+          + [_column_block(spec, blocks, False) for spec in specs[len(tokens):]])
+
+
+def _key_wide(op):
+  """``_column_block_inputs``' split for a grid over blocks of the key columns: the tokens K
+  wide (q, k, g) by block; v, beta and the inverse norms whole."""
+  return lambda i, x: i != op.value_index and x.shape[-1] > 1
+
+
 def _sub_chunk_rows_spec(width, n: int, blocks: int):
   """Output block of a [B, T, HV, width] array for a grid B x HV x chunks x (n x ``blocks``):
   program p writes sub-chunk p // ``blocks``'s rows of column block p % ``blocks``."""
@@ -652,10 +672,7 @@ def _pair_rows(tokens, masks, *, scale, normalized, sizes, interpret, precision)
   [key blocks, B, T, HV, C], grid B x HV x chunks x (C/16 x key blocks)."""
   B, T, HV, _, _, C = sizes
   n, n_kb = C // _kernel_subchunk.SUB, _key_blocks(sizes)
-  inputs = _input_specs(tokens, C)  # q, k, g by key block; v, beta and the masks whole
-  in_specs = ([_column_block(spec, n_kb, i != KDA.value_index and x.shape[-1] > 1)
-               for i, (spec, x) in enumerate(zip(inputs, tokens))]
-              + [_column_block(spec, n_kb, False) for spec in inputs[len(tokens):]])
+  in_specs = _column_block_inputs(tokens, C, n_kb, _key_wide(KDA))
   row_block = pl.BlockSpec((None, None, _kernel_subchunk.SUB, None, C),
                            lambda b, h, c, p: (p % n_kb, b, c * n + p // n_kb, h, 0))
   return _triton_call(
@@ -691,9 +708,7 @@ def _chunk_outputs(op, tokens, masks, T_inverse, *, scale, normalized, sizes, in
   T, so each program takes 1 / ``_column_blocks`` of the K and V columns."""
   n = _column_blocks(sizes, OUTPUT_COLUMNS)
   C = sizes.C
-  inputs = _input_specs(tokens, C)  # the tokens by column block, beta and the masks whole
-  in_specs = ([_column_block(spec, n, x.shape[-1] > 1) for spec, x in zip(inputs, tokens)]
-              + [_column_block(spec, n, False) for spec in inputs[len(tokens):]]
+  in_specs = (_column_block_inputs(tokens, C, n)  # beta, the inverse norms and masks whole
               + [_column_block(_token_spec(C, C), n, False)])
   fields = [getattr(op.fields, name) for name in _CHUNK_OUTPUTS]
   store = tokens[op.value_index].dtype
@@ -767,8 +782,7 @@ def _kda_intra_backward(op, tokens, masks, cotangents, saved, *, scale, normaliz
   by_block = lambda spec: _column_block(spec, column_blocks, True)
   dv, dk_w, dbeta_columns = _triton_call(
       _wy_columns_kernel, (B, HV, T // C, column_blocks),
-      [_column_block(spec, column_blocks, x.shape[-1] > 1) for spec, x in zip(inputs, tokens)]
-      + [_column_block(spec, column_blocks, False) for spec in inputs[len(tokens):]]
+      _column_block_inputs(tokens, C, column_blocks)
       + [_column_block(square, column_blocks, False), by_block(_token_spec(C, K)),
          by_block(_token_spec(C, V))],
       [by_block(_token_spec(C, V)), by_block(_token_spec(C, K)),
@@ -823,10 +837,7 @@ def _gradient_rows(op, tokens, masks, cotangents, dA_kk, dk_w, *, scale, normali
   B, T, HV, K, V, C = sizes
   S = _kernel_subchunk.SUB
   n, n_cb = C // S, max(1, K // GRADIENT_COLUMNS)
-  specs = _input_specs(tokens, C)
-  keyed = lambda i: i != op.value_index and tokens[i].shape[-1] > 1
-  inputs = ([_column_block(spec, n_cb, keyed(i)) for i, spec in enumerate(specs[:len(tokens)])]
-            + [_column_block(spec, n_cb, False) for spec in specs[len(tokens):]])
+  inputs = _column_block_inputs(tokens, C, n_cb, _key_wide(op))
   cotangent_specs = [_column_block(_layout(f.width, sizes)[1], n_cb, f.width in ("K", "chunk"))
                      for f in op.fields]
   square = _column_block(_token_spec(C, C), n_cb, False)
