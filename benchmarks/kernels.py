@@ -207,9 +207,9 @@ def kda_stage_flops(stage: str, s: SeqSize, C: int = KDA_CHUNK) -> float:
   whole C x C x d products (the chunk outputs kernel). The intra backward's three kernels
   (docs/kernels.md, version 10): the WY backward's four whole C x C x d products (dT from dW
   and dU in the dA_kk kernel, T^T dW and T^T dU in the columns kernel) and dA_kk = -T^T dT T^T
-  (two C^3 products); the gradient rows' four
-  block products per pair a < b (two as rows, two as columns) and per sub-chunk the level
-  split's backward (four products and four inverse-sized steps a level)."""
+  (two C^3 products); the gradient rows' four block products per pair a < b (two as rows, two
+  as columns) and per sub-chunk the level split's backward (four products and four
+  inverse-sized steps a level)."""
   d = s.dim
   product, state_product = 2 * C * C * d, 2 * C * d * d
   S = min(C, 16)

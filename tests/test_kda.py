@@ -732,10 +732,9 @@ def test_sub_chunk_intra_forward_equals_the_level_split(seed, chunk, decay):
 def test_sub_chunk_intra_backward_equals_the_level_split(seed, chunk, decay):
   """The GPU intra backward's steps (``ops.kda._kernel_subchunk``: ``wy_dA_kk_chunk`` and
   ``wy_column_block`` on the whole chunk, ``gradient_rows`` for each 16-row sub-chunk,
-  ``dg_from_rows``, on the forward's P_kk
-  and T) give the token gradients of the whole-chunk level split
-  (``_kernel_chunk.token_gradients``) from random cotangents of every chunk matrix, packed
-  segments and strong decay included."""
+  ``dg_from_rows``, on the forward's P_kk and T) give the token gradients of the whole-chunk
+  level split (``_kernel_chunk.token_gradients``) from random cotangents of every chunk
+  matrix, packed segments and strong decay included."""
   from ops.kda import _kernel_chunk
   from ops.kda import _kernel_subchunk as sub
   rng = np.random.default_rng(seed)
