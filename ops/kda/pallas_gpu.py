@@ -200,15 +200,18 @@ class Field(NamedTuple):
     ([C, V], one value block per program), or "chunk" (a [1, K] row per chunk, kept as
     [B, T/C, HV, K]). The state backward writes a "V" field's cotangent per value block and
     sums the others' over the value blocks in the kernel.
-  dtype: the stored dtype; None: v's (the cotangents are float32).
+  dtype: the stored dtype; None: v's.
   token: None, or the token input the field is (the intra forward stores nothing for it).
   cotangent_is_dO: the field's cotangent is dO itself; the state backward does not write it.
+  cotangent_dtype: the dtype the state backward writes the field's cotangent in; None: v's
+    (fla keeps its du in v's dtype between kernels).
   """
 
   width: str
   dtype: object = None
   token: int | None = None
   cotangent_is_dO: bool = False
+  cotangent_dtype: object = F32
 
 
 class TritonOp(NamedTuple):
@@ -530,14 +533,14 @@ def _state_cotangents_kernel(*refs, op, sizes, BV, precision, names):
         _load_matrices(op, matrix_refs, b, h, c, rows, values),
         do_ref[b, rows, h, values].astype(F32), dot)
     for name, width, ref in per_block:
-      ref[_block(width, b, h, c, rows, values)] = getattr(grads, name)
+      ref[_block(width, b, h, c, rows, values)] = getattr(grads, name).astype(ref.dtype)
     return tuple(s + getattr(grads, name) for s, (name, _, _) in zip(sums, summed))
 
   sums = jax.lax.fori_loop(0, sizes.V // BV, value_block,
                            tuple(jnp.zeros(_tile(width, sizes), F32) for _, width, _ in summed))
   for (_, width, ref), value in zip(summed, sums):
     ref[_block(width, b, h, c, rows, None)] = (value.reshape(ref.shape[-1])
-                                               if width == "chunk" else value)
+                                               if width == "chunk" else value).astype(ref.dtype)
 
 
 # ------------------------------------------------------------------------------------ wrappers
@@ -922,8 +925,9 @@ def _state_backward(op, matrices, states, dO, dfinal, *, sizes, interpret, preci
 
   cotangents = {}
   for names in _cotangent_groups(op, sizes):
-    shapes = [jax.ShapeDtypeStruct(_layout(getattr(op.fields, name).width, sizes)[0], F32)
-              for name in names]
+    fields = [getattr(op.fields, name) for name in names]
+    shapes = [jax.ShapeDtypeStruct(_layout(f.width, sizes)[0], f.cotangent_dtype or dO.dtype)
+              for f in fields]
     cotangents.update(zip(names, _triton_call(
         _state_cotangents_kernel, (B, HV, T // C), [whole] * (len(matrices) + 3),
         [whole] * len(shapes), shapes, interpret, _launch(op, "state_cotangents"), names=names,
@@ -1066,7 +1070,9 @@ def walk_stages(op: TritonOp, tokens, initial_state, *, scale: float, chunk_size
 # ------------------------------------------------------------------------------------------ KDA
 
 KDA = TritonOp(name="kda", primitives=primitives, math=chunk_math, value_index=3,
-               fields=chunk_math.ChunkMatrices(W=Field("K"), U=Field("V", F32), Qg=Field("K"),
+               fields=chunk_math.ChunkMatrices(W=Field("K", cotangent_dtype=None),
+                                               U=Field("V", F32, cotangent_dtype=None),
+                                               Qg=Field("K"),
                                                Kg=Field("K"), A=Field("C", F32),
                                                decay=Field("chunk", F32)),
                sub_chunks=_kernel_subchunk, intra_forward=_kda_intra_forward,
