@@ -480,7 +480,7 @@ def _state_forward_kernel(*refs, op, sizes, BV, precision, keep_states):
   def chunk(c, S):
     rows = pl.ds(c * sizes.C, sizes.C)
     if keep_states:
-      maybe_states_ref[0][b, c, h, :, values] = S
+      maybe_states_ref[0][b, c, h, :, values] = S.astype(maybe_states_ref[0].dtype)
     o, S = op.math.state_forward(S, _load_matrices(op, matrix_refs, b, h, c, rows, values), dot)
     o_ref[b, rows, h, values] = o.astype(o_ref.dtype)
     return S
@@ -503,7 +503,7 @@ def _state_walk_backward_kernel(*refs, op, sizes, BV, precision):
   def chunk(step, dS):
     c = num_chunks - 1 - step
     rows = pl.ds(c * sizes.C, sizes.C)
-    dstates_ref[b, c, h, :, values] = dS
+    dstates_ref[b, c, h, :, values] = dS.astype(dstates_ref.dtype)
     m = _load_matrices(op, matrix_refs, b, h, c, rows, values)
     return op.math.state_step_backward(dS, m, do_ref[b, rows, h, values].astype(F32), dot)
 
@@ -529,7 +529,7 @@ def _state_cotangents_kernel(*refs, op, sizes, BV, precision, names):
   def value_block(vb, sums):
     values = pl.ds(vb * BV, BV)
     grads = op.math.state_cotangents(
-        states_ref[b, c, h, :, values], dstates_ref[b, c, h, :, values],
+        states_ref[b, c, h, :, values].astype(F32), dstates_ref[b, c, h, :, values].astype(F32),
         _load_matrices(op, matrix_refs, b, h, c, rows, values),
         do_ref[b, rows, h, values].astype(F32), dot)
     for name, width, ref in per_block:
@@ -865,13 +865,16 @@ def _value_block(V):
 
 
 def _state_forward(op, matrices, h0, out_dtype, *, keep_states, sizes, interpret, precision):
-  """(o, the final state and, with ``keep_states``, the state before each chunk)."""
+  """(o [B, T, HV, V] in ``out_dtype``, the final state [B, HV, K, V] float32 and, with
+  ``keep_states``, the state before each chunk [B, T/C, HV, K, V] in ``out_dtype``, v's: the
+  walk carries it in float32, and every use in the backward but the decay's cotangent rounds
+  it to the products' operand dtype anyway, as fla keeps its h; docs/kernels.md, version 11)."""
   B, T, HV, K, V, C = sizes
   BV = _value_block(V)
   shapes = [jax.ShapeDtypeStruct((B, T, HV, V), out_dtype),
             jax.ShapeDtypeStruct((B, HV, K, V), F32)]
   if keep_states:
-    shapes.append(jax.ShapeDtypeStruct((B, T // C, HV, K, V), F32))
+    shapes.append(jax.ShapeDtypeStruct((B, T // C, HV, K, V), out_dtype))
   whole = pl.no_block_spec
   return _triton_call(_state_forward_kernel, (B, HV, V // BV), [whole] * (len(matrices) + 1),
                       [whole] * len(shapes), shapes, interpret, _launch(op, "state_forward"), op=op,
@@ -909,10 +912,10 @@ def _cotangent_groups(op, sizes) -> list[tuple[str, ...]]:
 
 def _state_backward(op, matrices, states, dO, dfinal, *, sizes, interpret, precision):
   """The cotangents of the chunk matrices (a ``ChunkMatrices``) and dh0, by two kernels: the
-  reverse walk (grid B x HV x V/64) gives dh0 and the dS after every chunk (float32
-  [B, T/C, HV, K, V]), then every chunk's cotangents at once (grid B x HV x chunks, the value
-  blocks a loop in each program), as fla's backward does, so that the walk carries only what dS
-  needs."""
+  reverse walk (grid B x HV x V/64) gives dh0 and the dS after every chunk ([B, T/C, HV, K, V]
+  in dO's dtype, as the states are stored), then every chunk's cotangents at once (grid
+  B x HV x chunks, the value blocks a loop in each program), as fla's backward does, so that
+  the walk carries only what dS needs."""
   B, T, HV, K, V, C = sizes
   BV = _value_block(V)
   NV = V // BV
@@ -920,7 +923,7 @@ def _state_backward(op, matrices, states, dO, dfinal, *, sizes, interpret, preci
   params = dict(op=op, sizes=sizes, BV=BV, precision=precision)
   dstates, dh0 = _triton_call(
       _state_walk_backward_kernel, (B, HV, NV), [whole] * (len(matrices) + 2), [whole] * 2,
-      [jax.ShapeDtypeStruct(states.shape, F32), jax.ShapeDtypeStruct((B, HV, K, V), F32)],
+      [jax.ShapeDtypeStruct(states.shape, dO.dtype), jax.ShapeDtypeStruct((B, HV, K, V), F32)],
       interpret, _launch(op, "state_backward"), **params)(*matrices, dO, dfinal)
 
   cotangents = {}
