@@ -130,11 +130,11 @@ def test_an_ops_own_launch_entry_overrides_the_shared_one(monkeypatch):
   from ops.kda import pallas_gpu
   monkeypatch.setattr(pallas_gpu, "LAUNCH", {**pallas_gpu.LAUNCH, "state_forward": (8, 3),
                                               "rwkv7.state_forward": (2, 1),
-                                              "state_backward": (4, 2)})
+                                              "intra_forward": (4, 2)})
   launches = {k["name"]: (k["num_warps"], k["num_stages"])
               for k in registers.triton_kernels("rwkv7", 16)}
   assert launches["_state_forward_kernel"] == (2, 1)
-  assert launches["_state_walk_backward_kernel"] == (4, 2)
+  assert launches["_intra_forward_kernel"] == (4, 2)
 
 
 def test_registers_compiles_only_the_kernels_asked_for(capsys):
