@@ -649,6 +649,32 @@ def test_stages_give_each_stage_and_each_kernel_of_the_intra_stages():
                                err_msg=name)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gpu_kernels_keep_states_and_their_cotangents_in_v_dtype(dtype):
+  """The states the forward keeps for the backward and the reverse walk's dS are stored in v's
+  dtype (the products round them to it on the GPU), the state before the first chunk being h0
+  so rounded; the final state and dh0 stay float32."""
+  rng = np.random.default_rng(1)
+  B, T, H, K, V = 1, 64, 1, 32, 32  # two chunks of 32
+  q, k, v = (num.normal(rng, (B, T, H, width)) for width in (K, K, V))
+  g = -np.abs(num.normal(rng, (B, T, H, K))) * 0.1
+  beta = 1 / (1 + np.exp(-num.normal(rng, (B, T, H))))
+  h0 = num.normal(rng, (B, H, K, V))
+  rows = {name: (fn, args) for name, fn, args in pallas_gpu.stages(
+      q, k, jnp.asarray(v, dtype), g, beta, h0, scale=K ** -0.5, chunk_size=32,
+      interpret=True)}
+  run = lambda name: rows[name][0](*rows[name][1])
+  _, final, states = run("state_forward")
+  dstates, dh0 = run("state_backward.state_walk_backward")
+  assert (states.dtype, dstates.dtype) == (dtype, dtype)
+  assert (final.dtype, dh0.dtype) == (jnp.float32, jnp.float32)
+  assert states.shape == dstates.shape == (B, T // 32, H, K, V)
+  np.testing.assert_array_equal(np.asarray(states[:, 0], np.float32),
+                                np.asarray(jnp.asarray(h0).astype(dtype), np.float32))
+  assert np.all(np.isfinite(np.asarray(dstates, np.float32)))
+  assert np.any(np.asarray(dstates[:, 0], np.float32) != 0)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_gpu_kernels_lower_to_triton(dtype):
   """Forward and backward lower through Pallas' Triton lowering for CUDA on this CPU machine
