@@ -193,7 +193,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   running.add_argument("--kda-sizes", nargs="+", type=SeqSize.parse,
                        default=[SeqSize.parse("B4,T8192,H16,D128"),
                                 SeqSize.parse("B4,T32768,H16,D128")], help="kda's sizes")
-  running.add_argument("--kda-passes", nargs="+", choices=harness.PASSES, default=list(harness.PASSES),
+  running.add_argument("--kda-passes", nargs="+", choices=harness.PASSES,
+                       default=list(harness.PASSES),
                        help="kda's passes (fla autotunes each pass at each size on its first "
                             "call: fewer passes, less device time)")
   running.add_argument("--rounds", type=int, default=2)

@@ -916,7 +916,7 @@ def _cotangent_groups(op, sizes) -> list[tuple[str, ...]]:
 def _state_backward(op, matrices, states, dO, dfinal, *, sizes, interpret, precision):
   """The cotangents of the chunk matrices (a ``ChunkMatrices``) and dh0, by two kernels: the
   reverse walk (grid B x HV x V/64) gives dh0 and the dS after every chunk ([B, T/C, HV, K, V]
-  in dO's dtype, as the states are stored), then every chunk's cotangents at once (grid
+  in the dtype the states are stored in), then every chunk's cotangents at once (grid
   B x HV x chunks, the value blocks a loop in each program), as fla's backward does, so that
   the walk carries only what dS needs."""
   B, T, HV, K, V, C = sizes
@@ -926,7 +926,8 @@ def _state_backward(op, matrices, states, dO, dfinal, *, sizes, interpret, preci
   params = dict(op=op, sizes=sizes, BV=BV, precision=precision)
   dstates, dh0 = _triton_call(
       _state_walk_backward_kernel, (B, HV, NV), [whole] * (len(matrices) + 2), [whole] * 2,
-      [jax.ShapeDtypeStruct(states.shape, dO.dtype), jax.ShapeDtypeStruct((B, HV, K, V), F32)],
+      [jax.ShapeDtypeStruct(states.shape, states.dtype),
+       jax.ShapeDtypeStruct((B, HV, K, V), F32)],
       interpret, _launch(op, "state_backward"), **params)(*matrices, dO, dfinal)
 
   cotangents = {}
