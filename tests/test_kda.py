@@ -632,7 +632,7 @@ def test_stages_give_each_stage_and_each_kernel_of_the_intra_stages():
             "intra_backward.gradient_rows", "intra_backward.dg")
   run = {name: fn(*args) for name, fn, args in rows if name in needed}
   matrices, (P_kk, T_inverse) = run["intra_forward"]
-  A, M, T_alone = run["intra_forward.inverse_blocks"]
+  A, T_alone, M = run["intra_forward.inverse_blocks"]
   W, U, Qg, Kg, decay = run["intra_forward.chunk_outputs"]
   for name, expected, got in [("A", matrices.A, A), ("P_kk", P_kk, M), ("T", T_inverse, T_alone),
                               ("W", matrices.W, W), ("U", matrices.U, U), ("decay",

@@ -233,8 +233,9 @@ class TritonOp(NamedTuple):
     and ``intra_backward``; ``ops.kda._kernel_subchunk``, ``ops.rwkv7._kernel_subchunk``).
   intra_forward: None, or the op's own intra forward in place of the one kernel over
     ``sub_chunks.intra_forward``: called as ``_intra_forward`` is, it returns the
-    ``ChunkMatrices`` of arrays and a tuple of arrays saved for the intra backward (KDA's:
-    ``_kda_intra_forward``, three kernels, saving P_kk and T).
+    ``ChunkMatrices`` of arrays and a tuple of arrays saved for the intra backward, empty
+    unless its keyword ``for_backward`` (KDA's: ``_kda_intra_forward``, three kernels, saving
+    P_kk and T).
   intra_backward: None, or the op's own intra backward in place of the one kernel over
     ``sub_chunks.intra_backward``: called as ``_intra_backward`` is (KDA's:
     ``_kda_intra_backward``, three kernels).
@@ -387,22 +388,27 @@ def _pair_rows_kernel(*refs, num_tokens, scale, normalized, precision, key_block
                              primitives(precision), store)
 
 
-def _inverse_blocks_kernel(a_parts_ref, m_parts_ref, beta_ref, a_ref, m_ref, t_ref, *,
+def _inverse_blocks_kernel(a_parts_ref, m_parts_ref, beta_ref, a_ref, t_ref, *maybe_m_ref,
                            precision):
-  """A chunk's A_qk, M = P_kk and T [C, C] from the key blocks' partial sums of A_qk and M and
-  from beta (``_kernel_subchunk.inverse_blocks``)."""
+  """A chunk's A_qk and T [C, C] from the key blocks' partial sums of A_qk and M = P_kk and
+  from beta (``_kernel_subchunk.inverse_blocks``); given its ref, M's blocks on and below the
+  diagonal too (the backward reads no others), each written as the inverse sums it."""
   S = _kernel_subchunk.SUB
   rows = lambda b: pl.ds(b * S, S)
   key_blocks = m_parts_ref.shape[0]
   a_ref[...] = sum(a_parts_ref[kb] for kb in range(key_blocks))
-  m_ref[...] = sum(m_parts_ref[kb] for kb in range(key_blocks))
+
+  def load(b, a):
+    value = sum(m_parts_ref[kb, rows(b), rows(a)] for kb in range(key_blocks))
+    for m_ref in maybe_m_ref:
+      m_ref[rows(b), rows(a)] = value
+    return value
 
   def store(value, b, a):
     t_ref[rows(b), rows(a)] = value
 
-  _kernel_subchunk.inverse_blocks(lambda b, a: m_ref[rows(b), rows(a)],
-                                  lambda b: beta_ref[rows(b), :].astype(F32), t_ref.shape[0] // S,
-                                  primitives(precision), store)
+  _kernel_subchunk.inverse_blocks(load, lambda b: beta_ref[rows(b), :].astype(F32),
+                                  t_ref.shape[0] // S, primitives(precision), store)
 
 
 def _chunk_outputs_kernel(*refs, num_tokens, scale, normalized, precision):
@@ -611,9 +617,11 @@ def _layout(width, sizes: Sizes):
   return (B, T, HV, getattr(sizes, width)), _token_spec(C, getattr(sizes, width))
 
 
-def _intra_forward(op, tokens, masks, *, scale, normalized, sizes, interpret, precision):
+def _intra_forward(op, tokens, masks, *, scale, normalized, for_backward, sizes, interpret,
+                   precision):
   """The chunk matrices as a ``ChunkMatrices`` of arrays (stored, or the token inputs they are)
-  and nothing saved for the backward."""
+  and nothing saved for the backward (``for_backward`` changes nothing)."""
+  del for_backward
   store = tokens[op.value_index].dtype
   names, fields = zip(*[(name, f) for name, f in zip(op.fields._fields, op.fields)
                         if f.token is None])
@@ -688,17 +696,19 @@ def _pair_rows(tokens, masks, *, scale, normalized, sizes, interpret, precision)
       key_blocks=n_kb)(*tokens, *masks)
 
 
-def _inverse_blocks(A_parts, M_parts, beta, *, sizes, interpret, precision):
-  """(A_qk, M = P_kk, T = (I + A_kk)^-1), each float32 [B, T, HV, C], from the pair rows'
-  partial sums and beta [B, T, HV, 1]; grid B x HV x chunks."""
+def _inverse_blocks(A_parts, M_parts, beta, *, keep_M, sizes, interpret, precision):
+  """(A_qk, T = (I + A_kk)^-1 and, with ``keep_M`` (for the backward), M = P_kk), each float32
+  [B, T, HV, C], from the pair rows' partial sums and beta [B, T, HV, 1]; grid
+  B x HV x chunks."""
   square = _token_spec(sizes.C, sizes.C)
   parts = pl.BlockSpec((A_parts.shape[0], None, sizes.C, None, sizes.C),
                        lambda b, h, c: (0, b, c, h, 0))
+  outputs = 3 if keep_M else 2
   return _triton_call(
       _inverse_blocks_kernel, (sizes.B, sizes.HV, sizes.T // sizes.C),
-      [parts, parts, _token_spec(sizes.C, 1)], [square] * 3,
-      [jax.ShapeDtypeStruct(A_parts.shape[1:], F32)] * 3, interpret, LAUNCH["inverse_blocks"],
-      precision=precision)(A_parts, M_parts, beta)
+      [parts, parts, _token_spec(sizes.C, 1)], [square] * outputs,
+      [jax.ShapeDtypeStruct(A_parts.shape[1:], F32)] * outputs, interpret,
+      LAUNCH["inverse_blocks"], precision=precision)(A_parts, M_parts, beta)
 
 
 def _column_blocks(sizes, width: int) -> int:
@@ -727,17 +737,20 @@ def _chunk_outputs(op, tokens, masks, T_inverse, *, scale, normalized, sizes, in
           *tokens, *masks, T_inverse)
 
 
-def _kda_intra_forward(op, tokens, masks, *, scale, normalized, sizes, interpret, precision):
+def _kda_intra_forward(op, tokens, masks, *, scale, normalized, for_backward, sizes, interpret,
+                       precision):
   """KDA's chunk matrices (a ``ChunkMatrices`` of arrays) from three kernels: the pair rows
   (partial sums of A_qk and M = P_kk by key blocks), the block inverse (their sums, and T from
-  M and beta) and the chunk outputs (W, U, Qg, Kg, decay from T); M and T pass through memory
-  as float32 [B, T, HV, C] and are saved for the intra backward."""
+  M and beta) and the chunk outputs (W, U, Qg, Kg, decay from T); T passes through memory as
+  float32 [B, T, HV, C] and, ``for_backward``, is saved with M (written only then) for the
+  intra backward."""
   config = dict(sizes=sizes, interpret=interpret, precision=precision)
   reading = dict(scale=scale, normalized=normalized)
-  A, M, T_inverse = _inverse_blocks(*_pair_rows(tokens, masks, **reading, **config),
-                                    tokens[4], **config)
+  A, T_inverse, *M = _inverse_blocks(*_pair_rows(tokens, masks, **reading, **config),
+                                     tokens[4], keep_M=for_backward, **config)
   outputs = _chunk_outputs(op, tokens, masks, T_inverse, **reading, **config)
-  return op.math.ChunkMatrices(A=A, **dict(zip(_CHUNK_OUTPUTS, outputs))), (M, T_inverse)
+  return (op.math.ChunkMatrices(A=A, **dict(zip(_CHUNK_OUTPUTS, outputs))),
+          (*M, T_inverse) if for_backward else ())
 
 
 def _gradient_shapes(tokens, normalized):
@@ -954,7 +967,7 @@ def _forward(op, scale, normalized, C, interpret, tokens, masks, h0, *, keep_sta
   tokens = _with_inverse_norms(tokens, normalized)
   config = _config(op, tokens, h0, C, interpret)
   matrices, saved = (op.intra_forward or _intra_forward)(
-      op, tokens, masks, scale=scale, normalized=normalized, **config)
+      op, tokens, masks, scale=scale, normalized=normalized, for_backward=keep_states, **config)
   o, final, *states = _state_forward(op, matrices, h0, tokens[op.value_index].dtype,
                                      keep_states=keep_states, **config)
   return o, final, (tokens, matrices, saved, states[0] if keep_states else None)
@@ -1051,7 +1064,7 @@ def walk_stages(op: TritonOp, tokens, initial_state, *, scale: float, chunk_size
   reading = dict(scale=scale, normalized=normalized)
   stage_functions = {
       "intra_forward": lambda x, m: (op.intra_forward or _intra_forward)(
-          op, x, m, **reading, **config),
+          op, x, m, **reading, for_backward=True, **config),
       "state_forward": lambda m, h: _state_forward(op, m, h, out_dtype, keep_states=True,
                                                    **config),
       "state_backward": lambda m, s, dO, df: _state_backward(op, m, s, dO, df, **config),
