@@ -392,11 +392,12 @@ def _inverse_blocks_kernel(a_parts_ref, m_parts_ref, beta_ref, a_ref, t_ref, *ma
                            precision):
   """A chunk's A_qk and T [C, C] from the key blocks' partial sums of A_qk and M = P_kk and
   from beta (``_kernel_subchunk.inverse_blocks``); given its ref, M's blocks on and below the
-  diagonal too (the backward reads no others), each written as the inverse sums it."""
+  diagonal too (the backward reads no others), each written as the inverse sums it; each
+  output in its ref's dtype."""
   S = _kernel_subchunk.SUB
   rows = lambda b: pl.ds(b * S, S)
-  key_blocks = m_parts_ref.shape[0]
-  a_ref[...] = sum(a_parts_ref[kb] for kb in range(key_blocks))
+  key_blocks, n = m_parts_ref.shape[0], t_ref.shape[0] // S
+  a_ref[...] = sum(a_parts_ref[kb] for kb in range(key_blocks)).astype(a_ref.dtype)
 
   def load(b, a):
     value = sum(m_parts_ref[kb, rows(b), rows(a)] for kb in range(key_blocks))
@@ -405,10 +406,10 @@ def _inverse_blocks_kernel(a_parts_ref, m_parts_ref, beta_ref, a_ref, t_ref, *ma
     return value
 
   def store(value, b, a):
-    t_ref[rows(b), rows(a)] = value
+    t_ref[rows(b), rows(a)] = value.astype(t_ref.dtype)
 
-  _kernel_subchunk.inverse_blocks(load, lambda b: beta_ref[rows(b), :].astype(F32),
-                                  t_ref.shape[0] // S, primitives(precision), store)
+  _kernel_subchunk.inverse_blocks(load, lambda b: beta_ref[rows(b), :].astype(F32), n,
+                                  primitives(precision), store)
 
 
 def _chunk_outputs_kernel(*refs, num_tokens, scale, normalized, precision):
@@ -696,18 +697,17 @@ def _pair_rows(tokens, masks, *, scale, normalized, sizes, interpret, precision)
       key_blocks=n_kb)(*tokens, *masks)
 
 
-def _inverse_blocks(A_parts, M_parts, beta, *, keep_M, sizes, interpret, precision):
-  """(A_qk, T = (I + A_kk)^-1 and, with ``keep_M`` (for the backward), M = P_kk), each float32
-  [B, T, HV, C], from the pair rows' partial sums and beta [B, T, HV, 1]; grid
-  B x HV x chunks."""
+def _inverse_blocks(A_parts, M_parts, beta, *, dtypes, sizes, interpret, precision):
+  """(A_qk, T = (I + A_kk)^-1 and, given a third dtype (for the backward), M = P_kk), each
+  [B, T, HV, C] in its entry of ``dtypes``, from the pair rows' partial sums and beta
+  [B, T, HV, 1]; grid B x HV x chunks."""
   square = _token_spec(sizes.C, sizes.C)
   parts = pl.BlockSpec((A_parts.shape[0], None, sizes.C, None, sizes.C),
                        lambda b, h, c: (0, b, c, h, 0))
-  outputs = 3 if keep_M else 2
   return _triton_call(
       _inverse_blocks_kernel, (sizes.B, sizes.HV, sizes.T // sizes.C),
-      [parts, parts, _token_spec(sizes.C, 1)], [square] * outputs,
-      [jax.ShapeDtypeStruct(A_parts.shape[1:], F32)] * outputs, interpret,
+      [parts, parts, _token_spec(sizes.C, 1)], [square] * len(dtypes),
+      [jax.ShapeDtypeStruct(A_parts.shape[1:], dtype) for dtype in dtypes], interpret,
       LAUNCH["inverse_blocks"], precision=precision)(A_parts, M_parts, beta)
 
 
@@ -741,13 +741,17 @@ def _kda_intra_forward(op, tokens, masks, *, scale, normalized, for_backward, si
                        precision):
   """KDA's chunk matrices (a ``ChunkMatrices`` of arrays) from three kernels: the pair rows
   (partial sums of A_qk and M = P_kk by key blocks), the block inverse (their sums, and T from
-  M and beta) and the chunk outputs (W, U, Qg, Kg, decay from T); T passes through memory as
-  float32 [B, T, HV, C] and, ``for_backward``, is saved with M (written only then) for the
-  intra backward."""
+  M and beta) and the chunk outputs (W, U, Qg, Kg, decay from T); T [B, T, HV, C] passes
+  through memory and, ``for_backward``, is saved with M (written only then, float32) for the
+  intra backward. A_qk is stored in v's dtype, and so is T unless ``for_backward``: the
+  chunk outputs and the state kernels take them only into products, whose operands on the GPU
+  are v's dtype; the backward's dA_kk takes T into float32 products, so it keeps T float32."""
   config = dict(sizes=sizes, interpret=interpret, precision=precision)
   reading = dict(scale=scale, normalized=normalized)
+  stored = tokens[op.value_index].dtype
+  dtypes = (stored, F32, F32) if for_backward else (stored, stored)
   A, T_inverse, *M = _inverse_blocks(*_pair_rows(tokens, masks, **reading, **config),
-                                     tokens[4], keep_M=for_backward, **config)
+                                     tokens[4], dtypes=dtypes, **config)
   outputs = _chunk_outputs(op, tokens, masks, T_inverse, **reading, **config)
   return (op.math.ChunkMatrices(A=A, **dict(zip(_CHUNK_OUTPUTS, outputs))),
           (*M, T_inverse) if for_backward else ())
@@ -1093,7 +1097,7 @@ KDA = TritonOp(name="kda", primitives=primitives, math=chunk_math, value_index=3
                fields=chunk_math.ChunkMatrices(W=Field("K", cotangent_dtype=None),
                                                U=Field("V", F32, cotangent_dtype=None),
                                                Qg=Field("K"),
-                                               Kg=Field("K"), A=Field("C", F32),
+                                               Kg=Field("K"), A=Field("C"),
                                                decay=Field("chunk", F32)),
                sub_chunks=_kernel_subchunk, intra_forward=_kda_intra_forward,
                intra_backward=_kda_intra_backward)
