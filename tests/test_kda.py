@@ -650,6 +650,42 @@ def test_stages_give_each_stage_and_each_kernel_of_the_intra_stages():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gpu_forward_only_call_writes_no_P_kk_and_keeps_product_operands_in_v_dtype(dtype):
+  """A call that is not differentiated writes no P_kk (only the backward reads it) and hands T to
+  the chunk outputs in v's dtype; a differentiated call keeps P_kk and T in float32 for the
+  backward's float32 products. A_qk is stored in v's dtype either way (only products read it).
+  Both calls give the same o and final state: exactly for float32, and for bf16 within the
+  rounding of T that the GPU's bf16 products apply anyway."""
+  rng = np.random.default_rng(2)
+  B, T, H, K, V = 1, 40, 2, 32, 16  # two chunks of 32, the second partial
+  q, k = (num.normal(rng, (B, T, H, K)) for _ in range(2))
+  v = jnp.asarray(num.normal(rng, (B, T, H, V)), dtype)
+  g = -np.abs(num.normal(rng, (B, T, H, K))) * 0.1
+  beta = 1 / (1 + np.exp(-num.normal(rng, (B, T, H))))
+  h0 = num.normal(rng, (B, H, K, V))
+  call = functools.partial(pallas_gpu.scan, scale=K ** -0.5, chunk_size=32, interpret=True)
+  args = (q, k, v, g, beta, h0, None)
+
+  def kernel_outputs(run):
+    with pallas_gpu._recording_kernel_calls() as kernels:
+      out = run()
+    return out, {name: (fn(*kernel_args), kernel_args) for name, fn, kernel_args in kernels}
+
+  forward_only, alone = kernel_outputs(lambda: call(*args))
+  differentiated, with_vjp = kernel_outputs(lambda: jax.vjp(call, *args)[0])
+  (A, T_alone), (A_vjp, T_vjp, M) = alone["inverse_blocks"][0], with_vjp["inverse_blocks"][0]
+  assert (A.dtype, T_alone.dtype, A_vjp.dtype) == (dtype, dtype, dtype)
+  assert (T_vjp.dtype, M.dtype) == (jnp.float32, jnp.float32)
+  assert alone["chunk_outputs"][1][-1].dtype == dtype  # the T the chunk outputs read
+  np.testing.assert_array_equal(np.asarray(A, np.float32), np.asarray(A_vjp, np.float32))
+  for name, got, expected in zip(("o", "final state"), forward_only, differentiated):
+    if dtype == jnp.float32:
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(expected), err_msg=name)
+    else:
+      num.assert_close(expected, got, num.TOL_BF16, name)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_gpu_kernels_keep_states_and_their_cotangents_in_v_dtype(dtype):
   """The states the forward keeps for the backward and the reverse walk's dS are stored in v's
   dtype (the products round them to it on the GPU), the state before the first chunk being h0

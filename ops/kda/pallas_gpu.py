@@ -11,7 +11,7 @@ its own chunk mathematics. For KDA (``ops.kda._kernel_subchunk`` has the sub-chu
                                                its rows of A_qk and P_kk, partial sums
     block inverse  grid (B, HV, chunks)        A_qk and P_kk summed, T = (I + A_kk)^-1 on
                                                [16, 16] blocks (P_kk and T kept for the
-                                               backward)
+                                               backward, P_kk written only then)
     chunk outputs  grid (B, HV, chunks, K/64)  W = T (beta k Gamma), U = T (beta v), Q*Gamma,
                                                K*exp(G_C - G), exp(G_C), by 64-column blocks
   state forward    grid (B, HV, V/BV)     walks the chunks: V~ = U - W S, O = (Q Gamma) S + A_qk V~,
@@ -67,9 +67,11 @@ intra forward does 10 block products of 16 x K x 16 per pair type, 4 level-split
 inverses with 16 block products of 16 x 16 x 16, and W and U (C C K, C C V): about 5 MFLOP; the
 state forward 3 C K V + C C V products: about 7 MFLOP; the intra backward takes about three
 times the intra forward's products. Bytes: inputs once (beta as a [C, 1] column; the intra
-forward's kernels read them twice), P_kk and T (float32 [C, C]) written once and read in both
-directions, the chunk matrices (W, Q Gamma, K exp(G_C - G) in v's dtype, U, A_qk and
-exp(G_C) float32) written once and read once per value block. U stays float32 because the
+forward's kernels read them twice), P_kk and T ([C, C], float32 for a differentiated call,
+which alone writes P_kk; T in v's dtype otherwise) written once and read in both directions,
+the chunk matrices (W, Q Gamma, K exp(G_C - G) and A_qk in v's dtype, U and exp(G_C) float32)
+written once and read once per value block; the arrays in v's dtype enter only products, whose
+operands on the GPU are v's dtype (docs/kernels.md, versions 11 and 12). U stays float32 because the
 gradients take it into sums that can cancel (dA_qk = dO U^T): rounded to bfloat16 it made a
 one-token dq 1.6% off the reference at the gradient's usual size. Tokens that the op
 L2-normalises (``walk``'s ``normalized``: KDA's q and k under ``l2_normalize_qk``) arrive in their
