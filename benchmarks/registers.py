@@ -1,8 +1,9 @@
 """Registers, spills, shared memory and instruction counts of the Pallas Triton kernels, measured
 without a GPU.
 
-Each op's kernels (forward and backward, as ``jax.grad`` runs them) are lowered for CUDA on this
-host; the Triton IR of every ``pallas_call`` is taken from Pallas' Triton lowering, compiled for
+Each op's kernels (forward and backward, as ``jax.grad`` runs them; ``kda-forward``: KDA's call
+that is not differentiated, whose forward kernels write less, docs/kernels.md version 12) are
+lowered for CUDA on this host; the Triton IR of every ``pallas_call`` is taken from Pallas' Triton lowering, compiled for
 sm_90 (the H200) by the ``triton`` package (``pip install triton``; it carries ``ptxas``) with
 the launch settings the kernel asked for, and ``ptxas -v`` reports the registers per thread and
 the bytes spilled to local memory; ``nvdisasm`` of the result gives the machine (SASS)
@@ -40,8 +41,8 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-OPS = ("kda", "rwkv7", "scan", "decode")
-CHUNKED = ("kda", "rwkv7")  # the ops that take --chunks
+OPS = ("kda", "kda-forward", "rwkv7", "scan", "decode")
+CHUNKED = ("kda", "kda-forward", "rwkv7")  # the ops that take --chunks
 ARCH = 90  # sm_90: H100 / H200
 
 
@@ -105,7 +106,8 @@ def _decode(chunk: int):
   return (lambda *x: pallas_gpu_step.update(*x, interpret=False)), (state, q, k, v, g, beta)
 
 
-BUILDERS: dict[str, Callable] = {"kda": _kda, "rwkv7": _rwkv7, "scan": _scan, "decode": _decode}
+BUILDERS: dict[str, Callable] = {"kda": _kda, "kda-forward": _kda, "rwkv7": _rwkv7, "scan": _scan,
+                                 "decode": _decode}
 DIFFERENTIABLE = {"kda", "rwkv7", "scan"}
 
 
@@ -233,13 +235,13 @@ def report(ops: Sequence[str], chunks: Sequence[int], kernels: str | None = None
   return rows
 
 
-HEADER = (f"{'op':>6} {'chunk':>5} {'kernel':<30} {'warps':>5} {'stages':>6} {'regs':>5} "
+HEADER = (f"{'op':>11} {'chunk':>5} {'kernel':<30} {'warps':>5} {'stages':>6} {'regs':>5} "
           f"{'spill st B':>10} {'spill ld B':>10} {'stack B':>8} {'smem B':>8} {'SASS':>6} "
           f"{'LDL+STL':>7}")
 
 
 def format_row(row: dict) -> str:
-  return (f"{row['op']:>6} {row['chunk'] or '-':>5} {row['kernel']:<30} {row['num_warps']:>5} "
+  return (f"{row['op']:>11} {row['chunk'] or '-':>5} {row['kernel']:<30} {row['num_warps']:>5} "
           f"{row['num_stages']:>6} {row['registers']:>5} {row['spill_store_bytes']:>10} "
           f"{row['spill_load_bytes']:>10} {row['stack_bytes']:>8} {row['shared_bytes']:>8} "
           f"{row['instructions']:>6} {row['spill_instructions']:>7}")

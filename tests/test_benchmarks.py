@@ -123,6 +123,23 @@ def test_registers_captures_each_kernel_with_its_launch_settings():
              (("segment_end", segment_ends), ("forward", forward), ("backward", backward)))
 
 
+def test_registers_kda_forward_is_the_call_that_is_not_differentiated():
+  """``kda-forward`` lowers KDA's forward-only call: its forward kernels and no backward kernel,
+  the block inverse without its P_kk output (three outputs where the differentiated call's has
+  four)."""
+  from benchmarks import registers
+  forward = [k["name"] for k in registers.triton_kernels("kda-forward", 16)]
+  both = registers.triton_kernels("kda", 16)
+  assert forward == [k["name"] for k in both][:len(forward)]
+  assert not {"_wy_dA_kk_kernel", "_gradient_rows_kernel"} & set(forward)
+  assert {"_pair_rows_kernel", "_inverse_blocks_kernel", "_chunk_outputs_kernel",
+          "_state_forward_kernel"} <= set(forward)
+  ir = {k["name"]: k["ir"] for k in registers.triton_kernels("kda-forward", 16)}
+  inverse_args = lambda text: text.split("@_inverse_blocks_kernel(")[1].split(")")[0].count("%arg")
+  assert inverse_args(ir["_inverse_blocks_kernel"]) + 1 == inverse_args(
+      next(k["ir"] for k in both if k["name"] == "_inverse_blocks_kernel"))
+
+
 def test_an_ops_own_launch_entry_overrides_the_shared_one(monkeypatch):
   """RWKV-7's kernels ask for its own ``LAUNCH["rwkv7.<kernel>"]`` where there is one and for
   the shared entry elsewhere, as the lowered program shows."""
