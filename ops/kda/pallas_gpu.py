@@ -67,13 +67,15 @@ intra forward does 10 block products of 16 x K x 16 per pair type, 4 level-split
 inverses with 16 block products of 16 x 16 x 16, and W and U (C C K, C C V): about 5 MFLOP; the
 state forward 3 C K V + C C V products: about 7 MFLOP; the intra backward takes about three
 times the intra forward's products. Bytes: inputs once (beta as a [C, 1] column; the intra
-forward's kernels read them twice), P_kk and T ([C, C], float32 for a differentiated call,
-which alone writes P_kk; T in v's dtype otherwise) written once and read in both directions,
-the chunk matrices (W, Q Gamma, K exp(G_C - G) and A_qk in v's dtype, U and exp(G_C) float32)
-written once and read once per value block; the arrays in v's dtype enter only products, whose
-operands on the GPU are v's dtype (docs/kernels.md, versions 11 and 12). U stays float32 because the
-gradients take it into sums that can cancel (dA_qk = dO U^T): rounded to bfloat16 it made a
-one-token dq 1.6% off the reference at the gradient's usual size. Tokens that the op
+forward's kernels read them twice), P_kk and T ([C, C]; a differentiated call alone writes
+P_kk, in v's dtype, and keeps T float32; T in v's dtype otherwise) written once and read in
+both directions, the chunk matrices (W, Q Gamma, K exp(G_C - G) and A_qk in v's dtype, exp(G_C)
+float32, U float32 for a differentiated call and in v's dtype otherwise) written once and read
+once per value block; the arrays in v's dtype enter only products, whose operands on the GPU
+are v's dtype, or sums whose result the products round so (docs/kernels.md, versions 11-13).
+A differentiated call keeps U float32 because the gradients take it into sums that can cancel
+(dA_qk = dO U^T): rounded to bfloat16 it made a one-token dq 1.6% off the reference at the
+gradient's usual size. Tokens that the op
 L2-normalises (``walk``'s ``normalized``: KDA's q and k under ``l2_normalize_qk``) arrive in their
 own dtype with a float32 inverse norm per token, multiplied in as each kernel loads them, so the
 normalised values are float32 without a float32 copy in memory (docs/kernels.md, version 8).
@@ -404,7 +406,7 @@ def _inverse_blocks_kernel(a_parts_ref, m_parts_ref, beta_ref, a_ref, t_ref, *ma
   def load(b, a):
     value = sum(m_parts_ref[kb, rows(b), rows(a)] for kb in range(key_blocks))
     for m_ref in maybe_m_ref:
-      m_ref[rows(b), rows(a)] = value
+      m_ref[rows(b), rows(a)] = value.astype(m_ref.dtype)
     return value
 
   def store(value, b, a):
@@ -444,7 +446,7 @@ def _wy_dA_kk_kernel(*refs, num_tokens, scale, normalized, precision, column_blo
   def store(name, value):
     outs[name][...] = value.astype(outs[name].dtype)
 
-  _kernel_subchunk.wy_dA_kk_chunk(load, column_blocks, t_ref[...], p_ref[...],
+  _kernel_subchunk.wy_dA_kk_chunk(load, column_blocks, t_ref[...], p_ref[...].astype(F32),
                                   primitives(precision), store)
 
 
@@ -719,11 +721,12 @@ def _column_blocks(sizes, width: int) -> int:
   return max(1, min(sizes.K, sizes.V) // width)
 
 
-def _chunk_outputs(op, tokens, masks, T_inverse, *, scale, normalized, sizes, interpret,
+def _chunk_outputs(op, tokens, masks, T_inverse, *, rounded, scale, normalized, sizes, interpret,
                    precision):
-  """W, U, Qg, Kg and decay (``_CHUNK_OUTPUTS``) stored as ``op.fields`` asks, grid
-  B x HV x chunks x column blocks: every output is a column-wise function of its inputs and
-  T, so each program takes 1 / ``_column_blocks`` of the K and V columns."""
+  """W, U, Qg, Kg and decay (``_CHUNK_OUTPUTS``) stored as ``op.fields`` asks, those named in
+  ``rounded`` in v's dtype whatever their field's; grid B x HV x chunks x column blocks: every
+  output is a column-wise function of its inputs and T, so each program takes
+  1 / ``_column_blocks`` of the K and V columns."""
   n = _column_blocks(sizes, OUTPUT_COLUMNS)
   C = sizes.C
   in_specs = (_column_block_inputs(tokens, C, n)  # beta, the inverse norms and masks whole
@@ -733,8 +736,9 @@ def _chunk_outputs(op, tokens, masks, T_inverse, *, scale, normalized, sizes, in
   return _triton_call(
       _chunk_outputs_kernel, (sizes.B, sizes.HV, sizes.T // C, n), in_specs,
       [_column_block(_layout(f.width, sizes)[1], n, True) for f in fields],
-      [jax.ShapeDtypeStruct(_layout(f.width, sizes)[0], store if f.dtype is None else f.dtype)
-       for f in fields], interpret, LAUNCH["chunk_outputs"],
+      [jax.ShapeDtypeStruct(_layout(f.width, sizes)[0],
+                            store if f.dtype is None or name in rounded else f.dtype)
+       for name, f in zip(_CHUNK_OUTPUTS, fields)], interpret, LAUNCH["chunk_outputs"],
       num_tokens=len(tokens), scale=scale, normalized=normalized, precision=precision)(
           *tokens, *masks, T_inverse)
 
@@ -744,17 +748,21 @@ def _kda_intra_forward(op, tokens, masks, *, scale, normalized, for_backward, si
   """KDA's chunk matrices (a ``ChunkMatrices`` of arrays) from three kernels: the pair rows
   (partial sums of A_qk and M = P_kk by key blocks), the block inverse (their sums, and T from
   M and beta) and the chunk outputs (W, U, Qg, Kg, decay from T); T [B, T, HV, C] passes
-  through memory and, ``for_backward``, is saved with M (written only then, float32) for the
-  intra backward. A_qk is stored in v's dtype, and so is T unless ``for_backward``: the
-  chunk outputs and the state kernels take them only into products, whose operands on the GPU
-  are v's dtype; the backward's dA_kk takes T into float32 products, so it keeps T float32."""
+  through memory and, ``for_backward``, is saved with M (written only then) for the intra
+  backward. A_qk is stored in v's dtype, and so are T and U unless ``for_backward``: the
+  chunk outputs and the state kernels take A_qk and T only into products, whose operands on
+  the GPU are v's dtype, and U only into V~ = U - W S, which the products then round to v's
+  dtype; the backward's dA_kk takes T into float32 products, so it keeps T float32, and its
+  sums through U can cancel (``KDA``'s fields keep U float32). M is stored in v's dtype: the
+  backward reads it only for dbeta's part through A_kk, sum(dA_kk * M) over each row."""
   config = dict(sizes=sizes, interpret=interpret, precision=precision)
   reading = dict(scale=scale, normalized=normalized)
   stored = tokens[op.value_index].dtype
-  dtypes = (stored, F32, F32) if for_backward else (stored, stored)
+  dtypes = (stored, F32, stored) if for_backward else (stored, stored)
   A, T_inverse, *M = _inverse_blocks(*_pair_rows(tokens, masks, **reading, **config),
                                      tokens[4], dtypes=dtypes, **config)
-  outputs = _chunk_outputs(op, tokens, masks, T_inverse, **reading, **config)
+  outputs = _chunk_outputs(op, tokens, masks, T_inverse, rounded=() if for_backward else ("U",),
+                           **reading, **config)
   return (op.math.ChunkMatrices(A=A, **dict(zip(_CHUNK_OUTPUTS, outputs))),
           (*M, T_inverse) if for_backward else ())
 
