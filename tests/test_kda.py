@@ -651,13 +651,12 @@ def test_stages_give_each_stage_and_each_kernel_of_the_intra_stages():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_gpu_forward_only_call_writes_no_P_kk_and_keeps_product_operands_in_v_dtype(dtype):
-  """A call that is not differentiated writes no P_kk (only the backward reads it) and hands T to
-  the chunk outputs and U to the state forward in v's dtype; a differentiated call keeps T and
-  U in float32 for the backward's float32 products and cancelling sums, and writes P_kk in v's
-  dtype (the backward only multiplies it into dbeta's sums). A_qk is stored in v's dtype
-  either way (only products read it). Both calls give the same o and final state: exactly for
-  float32, and for bf16 within the rounding of T and U that the GPU's bf16 products apply
-  anyway."""
+  """A call that is not differentiated writes no P_kk (only the backward reads it) and hands U to
+  the state forward in v's dtype; a differentiated call keeps U in float32 for the backward's
+  cancelling sums and writes P_kk in v's dtype (the backward only multiplies it into dbeta's
+  sums). A_qk and T are stored in v's dtype either way (only products read them). Both calls
+  give the same o and final state: exactly for float32, and for bf16 within the rounding of U
+  that the GPU's bf16 products apply anyway."""
   rng = np.random.default_rng(2)
   B, T, H, K, V = 1, 40, 2, 32, 16  # two chunks of 32, the second partial
   q, k = (num.normal(rng, (B, T, H, K)) for _ in range(2))
@@ -677,7 +676,7 @@ def test_gpu_forward_only_call_writes_no_P_kk_and_keeps_product_operands_in_v_dt
   differentiated, with_vjp = kernel_outputs(lambda: jax.vjp(call, *args)[0])
   (A, T_alone), (A_vjp, T_vjp, M) = alone["inverse_blocks"][0], with_vjp["inverse_blocks"][0]
   assert (A.dtype, T_alone.dtype, A_vjp.dtype) == (dtype, dtype, dtype)
-  assert (T_vjp.dtype, M.dtype) == (jnp.float32, dtype)
+  assert (T_vjp.dtype, M.dtype) == (dtype, dtype)
   assert alone["chunk_outputs"][1][-1].dtype == dtype  # the T the chunk outputs read
   U_alone, U_vjp = alone["chunk_outputs"][0][1], with_vjp["chunk_outputs"][0][1]
   assert (U_alone.dtype, U_vjp.dtype) == (dtype, jnp.float32)

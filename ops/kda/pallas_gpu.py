@@ -67,9 +67,8 @@ intra forward does 10 block products of 16 x K x 16 per pair type, 4 level-split
 inverses with 16 block products of 16 x 16 x 16, and W and U (C C K, C C V): about 5 MFLOP; the
 state forward 3 C K V + C C V products: about 7 MFLOP; the intra backward takes about three
 times the intra forward's products. Bytes: inputs once (beta as a [C, 1] column; the intra
-forward's kernels read them twice), P_kk and T ([C, C]; a differentiated call alone writes
-P_kk, in v's dtype, and keeps T float32; T in v's dtype otherwise) written once and read in
-both directions, the chunk matrices (W, Q Gamma, K exp(G_C - G) and A_qk in v's dtype, exp(G_C)
+forward's kernels read them twice), P_kk and T ([C, C] in v's dtype; a differentiated call
+alone writes P_kk) written once and read in both directions, the chunk matrices (W, Q Gamma, K exp(G_C - G) and A_qk in v's dtype, exp(G_C)
 float32, U float32 for a differentiated call and in v's dtype otherwise) written once and read
 once per value block; the arrays in v's dtype enter only products, whose operands on the GPU
 are v's dtype, or sums whose result the products round so (docs/kernels.md, versions 11-13).
@@ -749,16 +748,16 @@ def _kda_intra_forward(op, tokens, masks, *, scale, normalized, for_backward, si
   (partial sums of A_qk and M = P_kk by key blocks), the block inverse (their sums, and T from
   M and beta) and the chunk outputs (W, U, Qg, Kg, decay from T); T [B, T, HV, C] passes
   through memory and, ``for_backward``, is saved with M (written only then) for the intra
-  backward. A_qk is stored in v's dtype, and so are T and U unless ``for_backward``: the
-  chunk outputs and the state kernels take A_qk and T only into products, whose operands on
-  the GPU are v's dtype, and U only into V~ = U - W S, which the products then round to v's
-  dtype; the backward's dA_kk takes T into float32 products, so it keeps T float32, and its
-  sums through U can cancel (``KDA``'s fields keep U float32). M is stored in v's dtype: the
-  backward reads it only for dbeta's part through A_kk, sum(dA_kk * M) over each row."""
+  backward. A_qk, T and M are stored in v's dtype: the chunk outputs, the state kernels and the
+  backward take A_qk and T only into products, whose operands on the GPU are v's dtype or
+  (dA_kk = -T^T dT T^T) TF32, and M only into dbeta's sums, sum(dA_kk * M) over each row. U is
+  stored in v's dtype unless ``for_backward``: it enters only V~ = U - W S, which the products
+  then round to v's dtype, but the backward's sums through U can cancel (``KDA``'s fields keep
+  U float32)."""
   config = dict(sizes=sizes, interpret=interpret, precision=precision)
   reading = dict(scale=scale, normalized=normalized)
   stored = tokens[op.value_index].dtype
-  dtypes = (stored, F32, stored) if for_backward else (stored, stored)
+  dtypes = (stored,) * (3 if for_backward else 2)
   A, T_inverse, *M = _inverse_blocks(*_pair_rows(tokens, masks, **reading, **config),
                                      tokens[4], dtypes=dtypes, **config)
   outputs = _chunk_outputs(op, tokens, masks, T_inverse, rounded=() if for_backward else ("U",),
