@@ -68,13 +68,13 @@ inverses with 16 block products of 16 x 16 x 16, and W and U (C C K, C C V): abo
 state forward 3 C K V + C C V products: about 7 MFLOP; the intra backward takes about three
 times the intra forward's products. Bytes: inputs once (beta as a [C, 1] column; the intra
 forward's kernels read them twice), P_kk and T ([C, C] in v's dtype; a differentiated call
-alone writes P_kk) written once and read in both directions, the chunk matrices (W, Q Gamma, K exp(G_C - G) and A_qk in v's dtype, exp(G_C)
-float32, U float32 for a differentiated call and in v's dtype otherwise) written once and read
-once per value block; the arrays in v's dtype enter only products, whose operands on the GPU
-are v's dtype, or sums whose result the products round so (docs/kernels.md, versions 11-13).
-A differentiated call keeps U float32 because the gradients take it into sums that can cancel
-(dA_qk = dO U^T): rounded to bfloat16 it made a one-token dq 1.6% off the reference at the
-gradient's usual size. Tokens that the op
+alone writes P_kk) written once and read in both directions, the chunk matrices (W, Q Gamma,
+K exp(G_C - G) and A_qk in v's dtype, exp(G_C) float32, U float32 for a differentiated call
+and in v's dtype otherwise) written once and read once per value block; the arrays in v's
+dtype enter only products, whose operands on the GPU are v's dtype, or sums whose result the
+products round so (docs/kernels.md, versions 11-13). A differentiated call keeps U float32
+because the gradients take it into sums that can cancel (dA_qk = dO U^T): rounded to bfloat16
+it made a one-token dq 1.6% off the reference at the gradient's usual size. Tokens that the op
 L2-normalises (``walk``'s ``normalized``: KDA's q and k under ``l2_normalize_qk``) arrive in their
 own dtype with a float32 inverse norm per token, multiplied in as each kernel loads them, so the
 normalised values are float32 without a float32 copy in memory (docs/kernels.md, version 8).
@@ -700,17 +700,18 @@ def _pair_rows(tokens, masks, *, scale, normalized, sizes, interpret, precision)
       key_blocks=n_kb)(*tokens, *masks)
 
 
-def _inverse_blocks(A_parts, M_parts, beta, *, dtypes, sizes, interpret, precision):
-  """(A_qk, T = (I + A_kk)^-1 and, given a third dtype (for the backward), M = P_kk), each
-  [B, T, HV, C] in its entry of ``dtypes``, from the pair rows' partial sums and beta
-  [B, T, HV, 1]; grid B x HV x chunks."""
-  square = _token_spec(sizes.C, sizes.C)
+def _inverse_blocks(A_parts, M_parts, beta, *, dtype, with_M: bool, sizes, interpret,
+                    precision):
+  """(A_qk, T = (I + A_kk)^-1 and, ``with_M`` (for the backward), M = P_kk), each
+  [B, T, HV, C] in ``dtype``, from the pair rows' partial sums and beta [B, T, HV, 1]; grid
+  B x HV x chunks."""
+  outputs = 3 if with_M else 2
   parts = pl.BlockSpec((A_parts.shape[0], None, sizes.C, None, sizes.C),
                        lambda b, h, c: (0, b, c, h, 0))
   return _triton_call(
       _inverse_blocks_kernel, (sizes.B, sizes.HV, sizes.T // sizes.C),
-      [parts, parts, _token_spec(sizes.C, 1)], [square] * len(dtypes),
-      [jax.ShapeDtypeStruct(A_parts.shape[1:], dtype) for dtype in dtypes], interpret,
+      [parts, parts, _token_spec(sizes.C, 1)], [_token_spec(sizes.C, sizes.C)] * outputs,
+      [jax.ShapeDtypeStruct(A_parts.shape[1:], dtype)] * outputs, interpret,
       LAUNCH["inverse_blocks"], precision=precision)(A_parts, M_parts, beta)
 
 
@@ -756,10 +757,9 @@ def _kda_intra_forward(op, tokens, masks, *, scale, normalized, for_backward, si
   U float32)."""
   config = dict(sizes=sizes, interpret=interpret, precision=precision)
   reading = dict(scale=scale, normalized=normalized)
-  stored = tokens[op.value_index].dtype
-  dtypes = (stored,) * (3 if for_backward else 2)
   A, T_inverse, *M = _inverse_blocks(*_pair_rows(tokens, masks, **reading, **config),
-                                     tokens[4], dtypes=dtypes, **config)
+                                     tokens[4], dtype=tokens[op.value_index].dtype,
+                                     with_M=for_backward, **config)
   outputs = _chunk_outputs(op, tokens, masks, T_inverse, rounded=() if for_backward else ("U",),
                            **reading, **config)
   return (op.math.ChunkMatrices(A=A, **dict(zip(_CHUNK_OUTPUTS, outputs))),
