@@ -688,6 +688,40 @@ def test_gpu_forward_only_call_writes_no_P_kk_and_keeps_product_operands_in_v_dt
       num.assert_close(expected, got, num.TOL_BF16, name)
 
 
+def test_gpu_chunk_outputs_over_consecutive_chunks_equal_one_chunk_a_program(monkeypatch):
+  """On a large call each chunk-outputs program loops over consecutive chunks
+  (``_output_chunks``); small calls, as the other tests make, keep one chunk a program. With the
+  grid's floor lowered the loop runs here, over the chunks of two packed segments (the last
+  chunk partial, the normalised q and k read in bf16, U kept float32 for the backward), and
+  gives the same outputs exactly."""
+  rng = np.random.default_rng(3)
+  B, T, H, K, V, C = 1, 250, 2, 32, 16, 32  # eight chunks of two sub-chunks, the last partial
+  q, k = (jnp.asarray(num.normal(rng, (B, T, H, K)), jnp.bfloat16) for _ in range(2))
+  v = num.normal(rng, (B, T, H, V))
+  g = -np.abs(num.normal(rng, (B, T, H, K))) * 0.1
+  beta = 1 / (1 + np.exp(-num.normal(rng, (B, T, H))))
+  segments = jnp.asarray([[0] * 100 + [1] * 150], jnp.int32)
+  call = functools.partial(pallas_gpu.scan, scale=K ** -0.5, chunk_size=C, l2_normalize_qk=True,
+                           interpret=True)
+  with pallas_gpu._recording_kernel_calls() as kernels:
+    jax.vjp(call, q, k, v, g, beta, num.normal(rng, (B, H, K, V)), segments)
+  [(one_chunk, args)] = [(fn, args) for name, fn, args in kernels if name == "chunk_outputs"]
+  *tokens, T_inverse = args
+  sizes = pallas_gpu.Sizes(B, 256, H, K, V, C)
+  n = pallas_gpu._column_blocks(sizes, pallas_gpu.OUTPUT_COLUMNS)
+  assert pallas_gpu._output_chunks(sizes, n) == 1
+  monkeypatch.setattr(pallas_gpu, "OUTPUT_PROGRAMS", 1)
+  assert pallas_gpu._output_chunks(sizes, n) == 8
+  looped = pallas_gpu._chunk_outputs(
+      pallas_gpu.KDA, tokens[:-3], tokens[-3:], T_inverse, rounded=(), scale=K ** -0.5,
+      normalized=(0, 1), sizes=sizes, interpret=True,
+      precision=pallas_gpu.precision_for(v.dtype, True))
+  expected = one_chunk(*args)
+  assert len(expected) == len(looped) == len(pallas_gpu._CHUNK_OUTPUTS)
+  for name, e, got in zip(pallas_gpu._CHUNK_OUTPUTS, expected, looped):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(e), err_msg=name)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_gpu_kernels_keep_states_and_their_cotangents_in_v_dtype(dtype):
   """The states the forward keeps for the backward and the reverse walk's dS are stored in v's

@@ -102,12 +102,14 @@ VALUE_BLOCK = 64
 MAX_KEY_DIM = 128  # the widest K the state kernels fit in shared memory (``unsupported``)
 PAIR_KEY_BLOCKS = 2  # key blocks of the pair rows' grid (docs/kernels.md, version 6)
 OUTPUT_COLUMNS = 64  # key and value columns a chunk-outputs program takes
+OUTPUT_CHUNKS = 32  # most consecutive chunks a chunk-outputs program takes (docs/kernels.md, v15)
+OUTPUT_PROGRAMS = 512  # fewest programs of the chunk outputs' grid, where the chunks allow
 GRADIENT_COLUMNS = 32  # key columns a gradient-rows program takes (docs/kernels.md, v9)
 WY_COLUMNS = 64  # K and V columns the WY-backward program takes at a time
 COTANGENT_SUMS = 2 * 64 * 128  # floats one state-cotangents program sums (docs/kernels.md, v7)
 LAUNCH = {"intra_forward": (8, 1), "intra_backward": (8, 1), "state_forward": (8, 3),
           "state_backward": (8, 3), "pair_rows": (1, 1), "inverse_blocks": (1, 1),
-          "chunk_outputs": (4, 1), "wy_dA_kk": (4, 1), "wy_columns": (4, 1),
+          "chunk_outputs": (4, 3), "wy_dA_kk": (4, 1), "wy_columns": (4, 1),
           "gradient_rows": (4, 3), "dg": (4, 1), "normalize_backward": (4, 1),
           "state_cotangents": (8, 2),
           # "<op>.<kernel>": one op's own setting. RWKV-7's state forward loads four [C, K]
@@ -416,16 +418,27 @@ def _inverse_blocks_kernel(a_parts_ref, m_parts_ref, beta_ref, a_ref, t_ref, *ma
 
 
 def _chunk_outputs_kernel(*refs, num_tokens, scale, normalized, precision):
-  """A chunk's W, U, Qg, Kg and decay from its rows and T (``_kernel_subchunk.chunk_outputs``)."""
+  """W, U, Qg, Kg and decay (``_kernel_subchunk.chunk_outputs``) of the block's consecutive
+  chunks, from their rows and T, in a loop: with ``num_stages`` > 1 Triton's pipeliner loads a
+  chunk's inputs while the chunk before it is being formed."""
   token_refs, mask_refs = refs[:num_tokens], refs[num_tokens:num_tokens + 3]
   t_ref, out_refs = refs[num_tokens + 3], dict(zip(_CHUNK_OUTPUTS, refs[num_tokens + 4:]))
-  x = _chunk_rows(token_refs, mask_refs, normalized, scale)
+  C = t_ref.shape[1]
 
-  def store(name, value):
-    ref = out_refs[name]
-    ref[...] = value.reshape(ref.shape).astype(ref.dtype)
+  def chunk(i, carry):
+    rows = pl.ds(i * C, C)
+    x = _kernel_subchunk.load_rows(_load_tokens(token_refs, (rows, slice(None)), normalized),
+                                   *(ref[rows, :] for ref in mask_refs), scale)
 
-  _kernel_subchunk.chunk_outputs(x, t_ref[...], primitives(precision), store)
+    def store(name, value):
+      ref = out_refs[name]
+      at = pl.ds(i, 1) if name == "decay" else rows
+      ref[at, :] = value.astype(ref.dtype)
+
+    _kernel_subchunk.chunk_outputs(x, t_ref[rows, :], primitives(precision), store)
+    return carry
+
+  jax.lax.fori_loop(0, out_refs["decay"].shape[0], chunk, 0)
 
 
 def _wy_dA_kk_kernel(*refs, num_tokens, scale, normalized, precision, column_blocks):
@@ -721,21 +734,35 @@ def _column_blocks(sizes, width: int) -> int:
   return max(1, min(sizes.K, sizes.V) // width)
 
 
+def _output_chunks(sizes, column_blocks: int) -> int:
+  """Consecutive chunks a chunk-outputs program takes: ``OUTPUT_CHUNKS``, or the largest power of
+  two below it that divides the chunks, halved while the grid would have fewer than
+  ``OUTPUT_PROGRAMS`` programs (a small call keeps every multiprocessor busy)."""
+  chunks = sizes.T // sizes.C
+  P = math.gcd(OUTPUT_CHUNKS, chunks)
+  while P > 1 and sizes.B * sizes.HV * column_blocks * chunks // P < OUTPUT_PROGRAMS:
+    P //= 2
+  return P
+
+
 def _chunk_outputs(op, tokens, masks, T_inverse, *, rounded, scale, normalized, sizes, interpret,
                    precision):
   """W, U, Qg, Kg and decay (``_CHUNK_OUTPUTS``) stored as ``op.fields`` asks, those named in
-  ``rounded`` in v's dtype whatever their field's; grid B x HV x chunks x column blocks: every
-  output is a column-wise function of its inputs and T, so each program takes
-  1 / ``_column_blocks`` of the K and V columns."""
+  ``rounded`` in v's dtype whatever their field's; grid B x HV x (chunks / P) x column blocks,
+  each program P consecutive chunks (``_output_chunks``): every output is a column-wise function
+  of its inputs and T, so each program takes 1 / ``_column_blocks`` of the K and V columns."""
   n = _column_blocks(sizes, OUTPUT_COLUMNS)
-  C = sizes.C
-  in_specs = (_column_block_inputs(tokens, C, n)  # beta, the inverse norms and masks whole
-              + [_column_block(_token_spec(C, C), n, False)])
+  P = _output_chunks(sizes, n)
+  rows = P * sizes.C
+  in_specs = (_column_block_inputs(tokens, rows, n)  # beta, the inverse norms and masks whole
+              + [_column_block(_token_spec(rows, sizes.C), n, False)])
   fields = [getattr(op.fields, name) for name in _CHUNK_OUTPUTS]
+  decay = pl.BlockSpec((None, P, None, sizes.K), lambda b, h, c: (b, c, h, 0))
+  out_specs = [_column_block(decay if f.width == "chunk" else
+                             _token_spec(rows, getattr(sizes, f.width)), n, True) for f in fields]
   store = tokens[op.value_index].dtype
   return _triton_call(
-      _chunk_outputs_kernel, (sizes.B, sizes.HV, sizes.T // C, n), in_specs,
-      [_column_block(_layout(f.width, sizes)[1], n, True) for f in fields],
+      _chunk_outputs_kernel, (sizes.B, sizes.HV, sizes.T // rows, n), in_specs, out_specs,
       [jax.ShapeDtypeStruct(_layout(f.width, sizes)[0],
                             store if f.dtype is None or name in rounded else f.dtype)
        for name, f in zip(_CHUNK_OUTPUTS, fields)], interpret, LAUNCH["chunk_outputs"],
