@@ -321,10 +321,11 @@ def _chunk_rows(token_refs, mask_refs, normalized, scale, where=Ellipsis):
                                     *(ref[...] for ref in mask_refs), scale)
 
 
-def _sub_chunk_rows(op, refs, num_tokens, scale, normalized):
-  """(S, rows(b): sub-chunk b's slice, load(b): its ``Rows``) of a chunk's token and mask refs."""
+def _sub_chunk_rows(op, refs, num_tokens, scale, normalized, size: int | None = None):
+  """(S, rows(b): block b's slice, load(b): its ``Rows``) of a block's token and mask refs, by
+  blocks of S = ``size`` rows (default: the op's sub-chunks, ``op.sub_chunks.SUB``)."""
   token_refs, mask_refs = refs[:num_tokens], refs[num_tokens:num_tokens + 3]
-  S = op.sub_chunks.SUB
+  S = size or op.sub_chunks.SUB
   rows = lambda b: pl.ds(b * S, S)
 
   def load(b):
@@ -421,21 +422,15 @@ def _chunk_outputs_kernel(*refs, num_tokens, scale, normalized, precision):
   """W, U, Qg, Kg and decay (``_kernel_subchunk.chunk_outputs``) of the block's consecutive
   chunks, from their rows and T, in a loop: with ``num_stages`` > 1 Triton's pipeliner loads a
   chunk's inputs while the chunk before it is being formed."""
-  token_refs, mask_refs = refs[:num_tokens], refs[num_tokens:num_tokens + 3]
   t_ref, out_refs = refs[num_tokens + 3], dict(zip(_CHUNK_OUTPUTS, refs[num_tokens + 4:]))
-  C = t_ref.shape[1]
+  _, rows, load = _sub_chunk_rows(KDA, refs, num_tokens, scale, normalized, size=t_ref.shape[1])
 
   def chunk(i, carry):
-    rows = pl.ds(i * C, C)
-    x = _kernel_subchunk.load_rows(_load_tokens(token_refs, (rows, slice(None)), normalized),
-                                   *(ref[rows, :] for ref in mask_refs), scale)
-
     def store(name, value):
       ref = out_refs[name]
-      at = pl.ds(i, 1) if name == "decay" else rows
-      ref[at, :] = value.astype(ref.dtype)
+      ref[pl.ds(i, 1) if name == "decay" else rows(i), :] = value.astype(ref.dtype)
 
-    _kernel_subchunk.chunk_outputs(x, t_ref[rows, :], primitives(precision), store)
+    _kernel_subchunk.chunk_outputs(load(i), t_ref[rows(i), :], primitives(precision), store)
     return carry
 
   jax.lax.fori_loop(0, out_refs["decay"].shape[0], chunk, 0)
