@@ -786,8 +786,9 @@ def _sub_chunk_steps(tokens, masks, prims):
 def _three_step_forward(tokens, masks, prims):
   """A chunk's matrices (whole float32 arrays by ``ChunkMatrices`` name), T and M = P_kk from
   the GPU forward's three steps (``_kernel_subchunk``: ``pair_rows`` for each sub-chunk, then
-  ``inverse_blocks`` and ``chunk_outputs``), as its three kernels run them; M's blocks above the
-  diagonal, never stored, stay NaN (and must never be read)."""
+  ``inverse_blocks`` and ``chunk_outputs``), as its three kernels run them; the blocks above the
+  diagonal of A_qk and M, never stored, stay NaN (and must never be read) until A_qk's are
+  written as zeros, as the block inverse's kernel writes them."""
   from ops.kda import _kernel_subchunk as sub
   S, chunk = sub.SUB, tokens[0].shape[0]
   n = chunk // S
@@ -797,11 +798,13 @@ def _three_step_forward(tokens, masks, prims):
     for j in range(n):
       def store(name, value, a, j=j):
         square[name][block(j), block(int(a))] = value
-      sub.pair_rows(load, j, n, prims, store)
+      sub.pair_rows(load, j, prims, store)
   M = square["M"]
   sub.inverse_blocks(lambda b, a: M[block(b), block(a)], lambda b: rows.beta[block(b)], n, prims,
                      lambda value, b, a: square["T"].__setitem__((block(b), block(a)), value))
-  got = {"A": square["A"]}
+  above = np.kron(np.triu(np.ones((n, n), bool), 1), np.ones((S, S), bool))
+  assert np.isnan(square["A"][above]).all()
+  got = {"A": np.where(above, 0.0, square["A"])}
   sub.chunk_outputs(rows, square["T"], prims,
                     lambda name, value: got.__setitem__(name, np.asarray(value)))
   return got, square["T"], M

@@ -112,12 +112,12 @@ def _gated_columns(y: Rows, prims: Primitives):
   return y.k * exp(total - local), total
 
 
-def pair_rows(load: Callable, j, num_blocks: int, prims: Primitives, store: Callable) -> None:
+def pair_rows(load: Callable, j, prims: Primitives, store: Callable) -> None:
   """Row block j of A_qk and of M, the pair kernel's work for sub-chunk j (``j`` may be traced:
-  the earlier sub-chunks are a loop), each [S, S] block (j, a) handed to
-  ``store(name, value, a)``: "A" for A_qk (zeros above the diagonal), "M" for P_kk, A_kk
-  before its rows' beta (its blocks above the diagonal are not stored; the backward reads it
-  for dbeta).
+  the earlier sub-chunks are a loop), each [S, S] block (j, a), a <= j, handed to
+  ``store(name, value, a)``: "A" for A_qk, "M" for P_kk, A_kk before its rows' beta (the
+  backward reads it for dbeta). Blocks above the diagonal, zero, are not stored: the block
+  inverse writes A_qk's (``inverse_blocks``' caller) and no step reads M's.
 
   ``load(a)`` gives sub-chunk a's ``Rows``. The earlier sub-chunks a = j - 1, ..., 0 are visited
   backwards carrying ``since``, the sum of g over the sub-chunks between a and j, so that with
@@ -143,13 +143,6 @@ def pair_rows(load: Callable, j, num_blocks: int, prims: Primitives, store: Call
     return since + total
 
   jax.lax.fori_loop(0, j, earlier, jnp.zeros((1, x.g.shape[1]), F32))
-  zeros = jnp.zeros((SUB, SUB), F32)
-
-  def later(a, carry):
-    store("A", zeros, a)
-    return carry
-
-  jax.lax.fori_loop(j + 1, num_blocks, later, 0)
 
 
 def inverse_blocks(load: Callable, beta: Callable, num_blocks: int, prims: Primitives,

@@ -382,16 +382,16 @@ def _intra_backward_kernel(*refs, op, num_tokens, scale, normalized, precision):
 
 def _pair_rows_kernel(*refs, num_tokens, scale, normalized, precision, key_blocks):
   """KDA's sub-chunk j of a chunk (``_kernel_subchunk.pair_rows``) on key block kb, with
-  program_id(3) = j key_blocks + kb: its row blocks [S, C] of A_qk's and of M's partial sums
-  over that block's key columns (every entry is a sum over the key columns)."""
+  program_id(3) = j key_blocks + kb: its [S, S] blocks on and below the diagonal of A_qk's and
+  of M's partial sums over that block's key columns (every entry is a sum over the key
+  columns)."""
   S, rows, load = _sub_chunk_rows(KDA, refs, num_tokens, scale, normalized)
   outs = dict(zip(("A", "M"), refs[num_tokens + 3:]))
 
   def store(name, value, a):
     outs[name][:, rows(a)] = value
 
-  _kernel_subchunk.pair_rows(load, pl.program_id(3) // key_blocks, refs[0].shape[0] // S,
-                             primitives(precision), store)
+  _kernel_subchunk.pair_rows(load, pl.program_id(3) // key_blocks, primitives(precision), store)
 
 
 def _inverse_blocks_kernel(a_parts_ref, m_parts_ref, beta_ref, a_ref, t_ref, *maybe_m_ref,
@@ -399,14 +399,19 @@ def _inverse_blocks_kernel(a_parts_ref, m_parts_ref, beta_ref, a_ref, t_ref, *ma
   """A chunk's A_qk and T [C, C] from the key blocks' partial sums of A_qk and M = P_kk and
   from beta (``_kernel_subchunk.inverse_blocks``); given its ref, M's blocks on and below the
   diagonal too (the backward reads no others), each written as the inverse sums it; each
-  output in its ref's dtype."""
+  output in its ref's dtype. The partial sums are read by [S, S] blocks on and below the
+  diagonal only (``pair_rows`` stores no others); A_qk's blocks above it are written as zeros."""
   S = _kernel_subchunk.SUB
   rows = lambda b: pl.ds(b * S, S)
   key_blocks, n = m_parts_ref.shape[0], t_ref.shape[0] // S
-  a_ref[...] = sum(a_parts_ref[kb] for kb in range(key_blocks)).astype(a_ref.dtype)
+  summed = lambda parts_ref, b, a: sum(parts_ref[kb, rows(b), rows(a)] for kb in range(key_blocks))
+  for b in range(n):
+    for a in range(n):
+      A_ba = summed(a_parts_ref, b, a) if a <= b else jnp.zeros((S, S), F32)
+      a_ref[rows(b), rows(a)] = A_ba.astype(a_ref.dtype)
 
   def load(b, a):
-    value = sum(m_parts_ref[kb, rows(b), rows(a)] for kb in range(key_blocks))
+    value = summed(m_parts_ref, b, a)
     for m_ref in maybe_m_ref:
       m_ref[rows(b), rows(a)] = value.astype(m_ref.dtype)
     return value
@@ -695,7 +700,8 @@ def _key_blocks(sizes) -> int:
 
 def _pair_rows(tokens, masks, *, scale, normalized, sizes, interpret, precision):
   """The key blocks' partial sums of A_qk and of M = P_kk, each float32
-  [key blocks, B, T, HV, C], grid B x HV x chunks x (C/16 x key blocks)."""
+  [key blocks, B, T, HV, C], grid B x HV x chunks x (C/16 x key blocks); each chunk's [16, 16]
+  blocks above its diagonal are not written (``_kernel_subchunk.pair_rows``)."""
   B, T, HV, _, _, C = sizes
   n, n_kb = C // _kernel_subchunk.SUB, _key_blocks(sizes)
   in_specs = _column_block_inputs(tokens, C, n_kb, _key_wide(KDA))
