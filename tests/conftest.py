@@ -7,9 +7,22 @@ os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
 import hypothesis  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# A compilation cache for this process alone, fresh each run and removed at exit: a program
+# compiled again in another test (the same kernel traced anew, both trees of a revision A/B)
+# is then read back instead of compiled. One directory a worker process, since the cache's
+# writes are not atomic unless it evicts.
+_COMPILATION_CACHE = tempfile.mkdtemp(prefix="jax_compilation_cache_")
+atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 # "ci" keeps the suite under 10 minutes on a 2-core machine with fresh examples each run (two
 # per property: every CI run draws new ones, and the fixed cases beside each property run
