@@ -626,7 +626,7 @@ def test_stages_give_each_stage_and_each_kernel_of_the_intra_stages():
       "intra_forward.chunk_outputs", "state_forward", "state_backward",
       "state_backward.state_walk_backward", "state_backward.state_cotangents[W,U,Qg,Kg,A,decay]",
       "intra_backward", "intra_backward.wy_dA_kk", "intra_backward.wy_columns",
-      "intra_backward.gradient_rows", "intra_backward.dg"]
+      "intra_backward.gated_operands", "intra_backward.gradient_rows", "intra_backward.dg"]
   needed = ("intra_forward", "intra_forward.inverse_blocks", "intra_forward.chunk_outputs",
             "intra_backward", "intra_backward.wy_dA_kk", "intra_backward.wy_columns",
             "intra_backward.gradient_rows", "intra_backward.dg")
@@ -832,8 +832,9 @@ def test_sub_chunk_intra_forward_equals_the_level_split(seed, chunk, decay):
 @pytest.mark.parametrize("chunk, decay", [(64, 0.1), (64, 20.0), (32, 1.0)])
 @given(seed=num.seeds())
 def test_sub_chunk_intra_backward_equals_the_level_split(seed, chunk, decay):
-  """The GPU intra backward's steps (``ops.kda._kernel_subchunk``: ``wy_dA_kk_chunk`` and
-  ``wy_column_block`` on the whole chunk, ``gradient_rows`` for each 16-row sub-chunk,
+  """The GPU intra backward's steps (``ops.kda._kernel_subchunk``: ``wy_dA_kk_chunk``,
+  ``wy_column_block`` and ``gated_operands`` on the whole chunk by column blocks,
+  ``gradient_rows`` for each 16-row sub-chunk,
   ``dg_from_rows``, on the forward's P_kk and T) give the token gradients of the whole-chunk
   level split (``_kernel_chunk.token_gradients``) from random cotangents of every chunk
   matrix, packed segments and strong decay included."""
@@ -868,6 +869,7 @@ def test_sub_chunk_intra_backward_equals_the_level_split(seed, chunk, decay):
       sub.Rows(*(columns(x, cb) if x.shape[1] in (K, V) and x.shape[1] > 1 else x
                  for x in whole)), columns(cotangents.W, cb), columns(cotangents.U, cb))
 
+  gated = {name: [] for name in sub.GATED}
   with jax.disable_jit():
     sub.wy_dA_kk_chunk(load_block, blocks, T, P_kk, prims, wy.__setitem__)
     for cb in range(blocks):
@@ -875,10 +877,18 @@ def test_sub_chunk_intra_backward_equals_the_level_split(seed, chunk, decay):
       for name, value in (("dv", dv), ("dk_w", dk_w)):
         wy[name][:, cb * value.shape[1]:(cb + 1) * value.shape[1]] = value
       wy["dbeta"] = wy["dbeta"] + dbeta
+      x = load_block(cb)[0]
+      parts = [sub.gated_operands(sub.Rows(*(y[block(b)] for y in x)), prims) for b in range(n)]
+      for name in sub.GATED:
+        gated[name].append(np.concatenate([part[name] for part in parts]))
+  gated = {name: np.concatenate(values, axis=1) for name, values in gated.items()}
+  assert gated["total"].shape == (n, K)
+  load_gated = lambda name, b: (gated[name][int(b)][None] if name == "total"
+                                else gated[name][block(int(b))])
   rows = {}
   with jax.disable_jit():
     for j in range(n):
-      sub.gradient_rows(load, cotangent,
+      sub.gradient_rows(load, load_gated, cotangent,
                         lambda b, a: wy["dA_kk"][block(int(b)), block(int(a))],
                         lambda b: wy["dk_w"][block(int(b))], j, n, prims,
                         lambda name, value, j=j: rows.setdefault(name, []).append(value),

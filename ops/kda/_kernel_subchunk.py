@@ -23,13 +23,16 @@ sub-chunks are the unit, and the forward is three steps, each a kernel of its ow
                       Gamma) and U = T (beta v) as C x C x 64 products, Q Gamma,
                       K exp(G_C - G) and exp(G_C), each column-wise in k, g and v.
 
-The backward is three steps, on the P_kk and T that the forward saved:
+The backward is four steps, on the P_kk and T that the forward saved:
 
   ``wy_dA_kk_chunk``  one program per chunk: dT = dW (beta k Gamma)^T + dU (beta v)^T summed
                       over column blocks, dA_kk = -T^T dT T^T and dbeta's part through A_kk;
   ``wy_column_block`` one program per chunk and column block: the rest of the cotangents
                       through W and U (dv, dk's part through W, dbeta's part), whole [C, C]
                       and [C, width] tiles, as fla's WY backward;
+  ``gated_operands``  one program per sub-chunk and block of key columns: its k and q scaled
+                      by its own cumulative gate, which every gradient-rows program visiting
+                      it would otherwise form again (docs/kernels.md, version 17);
   ``gradient_rows``   one program per sub-chunk j and block of key columns: its rows against
                       the earlier sub-chunks and its columns against the later ones, the
                       diagonal block by the level split, the cotangents through Q Gamma,
@@ -207,12 +210,27 @@ def wy_column_block(x: Rows, dW, dU, T, prims: Primitives):
   return wy_columns(T, x.k, x.v, x.beta, _gates(x, prims), x.carried, dW, dU, prims.dot)
 
 
+GATED = ("k_to_end", "q_from_start", "k_from_start", "total")  # ``gated_operands``' names
+
+
+def gated_operands(y: Rows, prims: Primitives) -> dict:
+  """Sub-chunk y's pair operands that depend on y alone, with L the cumulative gate within y
+  (inclusive) and L_m its last row: "k_to_end" = k exp(L_m - L), y as the columns of a later
+  sub-chunk's rows; "q_from_start" = q exp(L) and "k_from_start" = k exp(L), y as the rows of
+  an earlier one's columns ([S, width] each, every exponent <= 0); and "total" = L_m
+  [1, width]."""
+  k_to_end, total = _gated_columns(y, prims)
+  from_start = exp(prims.cumsum(y.g, reverse=False))
+  return dict(k_to_end=k_to_end, q_from_start=y.q * from_start, k_from_start=y.k * from_start,
+              total=total)
+
+
 def _gates(x: Rows, prims: Primitives):
   """Gamma = exp(G) [C, width] of a whole chunk's rows, G the cumulative gate from its start."""
   return exp(prims.cumsum(x.g, reverse=False))
 
 
-def gradient_rows(load: Callable, cotangent: Callable, load_dA_kk: Callable,
+def gradient_rows(load: Callable, gated: Callable, cotangent: Callable, load_dA_kk: Callable,
                   load_dk_w: Callable, j, num_blocks: int, prims: Primitives, store: Callable,
                   scale: float) -> None:
   """Sub-chunk j's token gradients through the pair products, Q Gamma, K exp(G_C - G) and
@@ -222,12 +240,14 @@ def gradient_rows(load: Callable, cotangent: Callable, load_dA_kk: Callable,
   part of dG_C, the cotangent of G at the chunk's last row); dg is the reverse cumulative sum of
   dG over the chunk plus the chunk's sum of through_end (``dg_from_rows``).
 
-  ``load(a)`` gives sub-chunk a's ``Rows``; ``cotangent(name, b, a=None)`` row block b of a
+  ``load(a)`` gives sub-chunk a's ``Rows``; ``gated(name, a)`` its ``gated_operands``
+  ([S, width], "total" [1, width]); ``cotangent(name, b, a=None)`` row block b of a
   chunk matrix's cotangent ([S, width]; block (b, a) of "A"; the [1, K] "decay" for b = None);
   ``load_dA_kk(b, a)`` [S, S] blocks (a <= b) of dA_kk (``wy_dA_kk_chunk``). Sub-chunk j takes part
   in the pair products as rows (against the earlier sub-chunks a, visited backwards with the
   sum of g between them carried, as ``pair_rows`` does) and as columns (against the later
-  sub-chunks b, visited in order with the sum of g between them carried).
+  sub-chunks b, visited in order with the sum of g between them carried: b's rows referenced at
+  the row before b, so that the sum scales the product's columns).
 
   Every output is column-wise in the key columns, so the columns may be split across programs:
   given a block of the K columns of every input and cotangent, it returns that block's columns.
@@ -241,13 +261,12 @@ def gradient_rows(load: Callable, cotangent: Callable, load_dA_kk: Callable,
   def earlier(step, carry):
     since, dq, dk = carry
     a = j - 1 - step
-    y = load(a)
-    columns, y_total = _gated_columns(y, prims)
+    columns = gated("k_to_end", a)
     to_m = exp(local + since)
-    mask = same_segment(x.segment, y.segment)
+    mask = same_segment(x.segment, load(a).segment)
     dA_qk = cotangent("A", j, a) * mask
     dA_kk = load_dA_kk(j, a)
-    return (since + y_total, dq + dot(dA_qk, columns) * to_m,
+    return (since + gated("total", a), dq + dot(dA_qk, columns) * to_m,
             dk + dot(x.beta * dA_kk, columns) * to_m)
 
   zeros = jnp.zeros_like(x.k)
@@ -256,12 +275,10 @@ def gradient_rows(load: Callable, cotangent: Callable, load_dA_kk: Callable,
   def later(b, carry):
     gap, dY = carry
     z = load(b)
-    z_local = prims.cumsum(z.g, reverse=False)
-    to_m = exp(z_local + gap)
     mask = same_segment(z.segment, x.segment)
-    return (gap + last_row(z_local),
-            dY + dot(cotangent("A", b, j) * mask, z.q * to_m, trans_a=True)
-            + dot(z.beta * load_dA_kk(b, j), z.k * to_m, trans_a=True))
+    products = (dot(cotangent("A", b, j) * mask, gated("q_from_start", b), trans_a=True)
+                + dot(z.beta * load_dA_kk(b, j), gated("k_from_start", b), trans_a=True))
+    return gap + gated("total", b), dY + products * exp(gap)
 
   gap, dY = jax.lax.fori_loop(j + 1, num_blocks, later, (jnp.zeros((1, K), F32), zeros))
 

@@ -106,11 +106,13 @@ OUTPUT_CHUNKS = 32  # most consecutive chunks a chunk-outputs program takes (doc
 OUTPUT_PROGRAMS = 512  # fewest programs of the chunk outputs' grid, where the chunks allow
 GRADIENT_COLUMNS = 32  # key columns a gradient-rows program takes (docs/kernels.md, v9)
 WY_COLUMNS = 64  # K and V columns the WY-backward program takes at a time
+GATED_COLUMNS = 64  # key columns a gated-operands program takes (docs/kernels.md, v17)
 COTANGENT_SUMS = 2 * 64 * 128  # floats one state-cotangents program sums (docs/kernels.md, v7)
 LAUNCH = {"intra_forward": (8, 1), "intra_backward": (8, 1), "state_forward": (8, 3),
           "state_backward": (8, 3), "pair_rows": (1, 1), "inverse_blocks": (1, 1),
           "chunk_outputs": (4, 3), "wy_dA_kk": (4, 1), "wy_columns": (4, 1),
-          "gradient_rows": (4, 3), "dg": (4, 1), "normalize_backward": (4, 1),
+          "gated_operands": (4, 1), "gradient_rows": (4, 3), "dg": (4, 1),
+          "normalize_backward": (4, 1),
           "state_cotangents": (8, 2),
           # "<op>.<kernel>": one op's own setting. RWKV-7's state forward loads four [C, K]
           # fields a chunk to KDA's three, and its loop's buffers for 3 stages would pass the
@@ -475,6 +477,14 @@ def _wy_columns_kernel(*refs, num_tokens, scale, normalized, precision):
     ref[...] = value.astype(ref.dtype)
 
 
+def _gated_operands_kernel(*refs, num_tokens, scale, normalized, precision):
+  """One sub-chunk's ``_kernel_subchunk.gated_operands`` on one block of its key columns."""
+  _, _, load = _sub_chunk_rows(KDA, refs, num_tokens, scale, normalized)
+  gated = _kernel_subchunk.gated_operands(load(0), primitives(precision))
+  for name, ref in zip(_kernel_subchunk.GATED, refs[num_tokens + 3:]):
+    ref[...] = gated[name].reshape(ref.shape).astype(ref.dtype)
+
+
 def _gradient_rows_kernel(*refs, num_tokens, scale, normalized, precision, column_blocks):
   """Sub-chunk j's token gradients on column block cb (``_kernel_subchunk.gradient_rows``),
   with program_id(3) = j column_blocks + cb."""
@@ -483,14 +493,19 @@ def _gradient_rows_kernel(*refs, num_tokens, scale, normalized, precision, colum
   rest = refs[num_tokens + 3:]
   cotangent = _cotangent_loader(KDA, rest[:num_fields], rows)
   dA_ref, dk_w_ref = rest[num_fields:num_fields + 2]
-  outs = dict(zip(_GRADIENT_ROWS, rest[num_fields + 2:]))
+  num_gated = len(_kernel_subchunk.GATED)
+  gated_refs = dict(zip(_kernel_subchunk.GATED, rest[num_fields + 2:num_fields + 2 + num_gated]))
+  outs = dict(zip(_GRADIENT_ROWS, rest[num_fields + 2 + num_gated:]))
 
   def store(name, value):
     ref = outs[name]
     ref[...] = value.reshape(ref.shape).astype(ref.dtype)
 
+  def gated(name, b):
+    return gated_refs[name][pl.ds(b, 1) if name == "total" else rows(b), :].astype(F32)
+
   _kernel_subchunk.gradient_rows(
-      load, cotangent, lambda b, a: dA_ref[rows(b), rows(a)],
+      load, gated, cotangent, lambda b, a: dA_ref[rows(b), rows(a)],
       lambda b: dk_w_ref[rows(b), :], pl.program_id(3) // column_blocks,
       refs[0].shape[0] // S, primitives(precision), store, scale)
 
@@ -822,11 +837,12 @@ _GRADIENT_ROWS = ("dq", "dk", "dG", "through_end")
 def _kda_intra_backward(op, tokens, masks, cotangents, saved, *, scale, normalized, sizes,
                         interpret, precision):
   """KDA's token gradients from its chunk matrices' cotangents and the forward's saved P_kk
-  and T, by four kernels: dA_kk and dbeta's part through A_kk (grid B x HV x chunks), the
+  and T, by five kernels: dA_kk and dbeta's part through A_kk (grid B x HV x chunks), the
   rest of the cotangents through W and U (grid B x HV x chunks x column blocks: dv, dk's part
-  through W, dbeta's parts, summed after), the gradient rows (grid B x HV x chunks x
-  (C/16 x column blocks), ``_column_blocks`` of the K columns) and dg, the reverse cumulative
-  sum of dG over each chunk (grid B x HV x chunks)."""
+  through W, dbeta's parts, summed after), each sub-chunk's gated operands (grid B x HV x
+  sub-chunks x blocks of ``GATED_COLUMNS`` key columns), the gradient rows (grid B x HV x
+  chunks x (C/16 x column blocks), ``_column_blocks`` of the K columns) and dg, the reverse
+  cumulative sum of dG over each chunk (grid B x HV x chunks)."""
   B, T, HV, K, V, C = sizes
   M, T_inverse = saved
   inputs, square = _input_specs(tokens, C), _token_spec(C, C)
@@ -853,8 +869,14 @@ def _kda_intra_backward(op, tokens, masks, cotangents, saved, *, scale, normaliz
       interpret, LAUNCH["wy_columns"], **params)(
           *tokens, *masks, T_inverse, cotangents.W, cotangents.U)
   dbeta = dbeta_pairs + jnp.sum(dbeta_columns, axis=-1, keepdims=True)
+  S, gated_blocks = _kernel_subchunk.SUB, max(1, K // GATED_COLUMNS)
+  gated = _triton_call(
+      _gated_operands_kernel, (B, HV, T // S, gated_blocks),
+      _column_block_inputs(tokens, S, gated_blocks, _key_wide(op)),
+      _gated_specs(S, K, gated_blocks), _gated_shapes(tokens, sizes), interpret,
+      LAUNCH["gated_operands"], **params)(*tokens, *masks)
   dq, dk, dG, through_end = _gradient_rows(
-      op, tokens, masks, cotangents, dA_kk, dk_w, scale=scale, normalized=normalized,
+      op, tokens, masks, cotangents, dA_kk, dk_w, gated, scale=scale, normalized=normalized,
       sizes=sizes, interpret=interpret, precision=precision)
   g, beta = tokens[2], tokens[4]
   dg = _triton_call(
@@ -890,10 +912,29 @@ def _normalize_backward(x, inverse, dy, *, C, interpret):
           x, inverse, dy)
 
 
-def _gradient_rows(op, tokens, masks, cotangents, dA_kk, dk_w, *, scale, normalized, sizes,
-                   interpret, precision):
-  """dq, dk, dG [B, T, HV, K] and through_end [B, T/16, HV, K], float32; grid B x HV x chunks x
-  (C/16 x column blocks of the K columns)."""
+def _gated_shapes(tokens, sizes):
+  """``_kernel_subchunk.gated_operands``' arrays: [B, T, HV, K] in v's dtype (the products'
+  operands: the same products as from float32), "total" [B, T/16, HV, K] float32."""
+  B, T, HV, K, _, _ = sizes
+  operand = jax.ShapeDtypeStruct((B, T, HV, K), tokens[KDA.value_index].dtype)
+  total = jax.ShapeDtypeStruct((B, T // _kernel_subchunk.SUB, HV, K), F32)
+  return [total if name == "total" else operand for name in _kernel_subchunk.GATED]
+
+
+def _gated_specs(C, K, blocks: int):
+  """Block specs of ``_gated_shapes``' arrays, C rows a block (a multiple of the sub-chunk), for
+  a grid whose fourth index picks one of ``blocks`` blocks of the K columns
+  (``_column_block``)."""
+  S = _kernel_subchunk.SUB
+  return [_column_block(_token_spec(C // S if name == "total" else C, K), blocks, True)
+          for name in _kernel_subchunk.GATED]
+
+
+def _gradient_rows(op, tokens, masks, cotangents, dA_kk, dk_w, gated, *, scale, normalized,
+                   sizes, interpret, precision):
+  """dq, dk, dG [B, T, HV, K] and through_end [B, T/16, HV, K], float32, from the token inputs,
+  the chunk matrices' cotangents, dA_kk, dk's part through W and the sub-chunks' gated operands
+  (``_gated_shapes``); grid B x HV x chunks x (C/16 x column blocks of the K columns)."""
   B, T, HV, K, V, C = sizes
   S = _kernel_subchunk.SUB
   n, n_cb = C // S, max(1, K // GRADIENT_COLUMNS)
@@ -910,10 +951,11 @@ def _gradient_rows(op, tokens, masks, cotangents, dA_kk, dk_w, *, scale, normali
                 jax.ShapeDtypeStruct((B, T // S, HV, K), F32)]
   return _triton_call(
       _gradient_rows_kernel, (B, HV, T // C, n * n_cb),
-      inputs + cotangent_specs + [square, _column_block(_token_spec(C, K), n_cb, True)],
+      inputs + cotangent_specs + [square, _column_block(_token_spec(C, K), n_cb, True)]
+      + _gated_specs(C, K, n_cb),
       out_specs, out_shapes, interpret, LAUNCH["gradient_rows"], num_tokens=len(tokens),
       scale=scale, normalized=normalized, precision=precision, column_blocks=n_cb)(
-          *tokens, *masks, *cotangents, dA_kk, dk_w)
+          *tokens, *masks, *cotangents, dA_kk, dk_w, *gated)
 
 
 def _value_block(V):
