@@ -1,5 +1,6 @@
-"""Test session setup: 8 host CPU devices, set before JAX starts, hypothesis profiles, and XLA's
-optimisation passes off for the compile-bound modules."""
+"""Test session setup: 8 host CPU devices, set before JAX starts, a compilation cache for each
+test process, hypothesis profiles, and XLA's optimisation passes off for the compile-bound
+modules."""
 
 import os
 
