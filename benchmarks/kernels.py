@@ -222,7 +222,7 @@ def kda_stage_flops(stage: str, s: SeqSize, C: int = KDA_CHUNK) -> float:
   per_chunk = {
       "intra_forward": sub_chunk_forward,
       "state_forward": 3 * state_product + product,
-      "state_backward": 7 * state_product + 2 * product,
+      "state_backward": 6 * state_product + 2 * product,
       "intra_backward": (4 * product + 2 * 2 * C ** 3
                          + n * (n - 1) // 2 * 4 * block
                          + n * levels_in_sub * 4 * (block + block_inverse)),

@@ -531,10 +531,10 @@ class TestPallasGpu(AgreementBase):
     K = V = 128 (two value blocks, the sums held in the loop) two groups that hold every field
     once; the wide-heads case above checks the values."""
     sizes = lambda K, V: pallas_gpu.Sizes(B=1, T=64, HV=1, K=K, V=V, C=64)
-    written = ("W", "U", "Qg", "Kg", "A", "decay")
+    written = ("W", "Qg", "Kg", "A", "decay")  # dU is dV~, which the reverse walk writes
     assert pallas_gpu._cotangent_groups(pallas_gpu.KDA, sizes(128, 64)) == [written]
-    assert pallas_gpu._cotangent_groups(pallas_gpu.KDA, sizes(128, 128)) == [written[:3],
-                                                                             written[3:]]
+    assert pallas_gpu._cotangent_groups(pallas_gpu.KDA, sizes(128, 128)) == [written[:2],
+                                                                             written[2:]]
 
 
 class TestPallasTpu(AgreementBase):
@@ -624,7 +624,7 @@ def test_stages_give_each_stage_and_each_kernel_of_the_intra_stages():
   assert [name for name, _, _ in rows] == [
       "intra_forward", "intra_forward.pair_rows", "intra_forward.inverse_blocks",
       "intra_forward.chunk_outputs", "state_forward", "state_backward",
-      "state_backward.state_walk_backward", "state_backward.state_cotangents[W,U,Qg,Kg,A,decay]",
+      "state_backward.state_walk_backward", "state_backward.state_cotangents[W,Qg,Kg,A,decay]",
       "intra_backward", "intra_backward.wy_dA_kk", "intra_backward.wy_columns",
       "intra_backward.gated_operands", "intra_backward.gradient_rows", "intra_backward.dg"]
   needed = ("intra_forward", "intra_forward.inverse_blocks", "intra_forward.chunk_outputs",
@@ -724,28 +724,40 @@ def test_gpu_chunk_outputs_over_consecutive_chunks_equal_one_chunk_a_program(mon
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_gpu_kernels_keep_states_and_their_cotangents_in_v_dtype(dtype):
-  """The states the forward keeps for the backward and the reverse walk's dS are stored in v's
-  dtype (the products round them to it on the GPU), the state before the first chunk being h0
-  so rounded; the final state and dh0 stay float32."""
+  """The states the forward keeps for the backward, its pseudo-values V~ = U - W S, the reverse
+  walk's dS and dV~ are stored in v's dtype (the products round them to it on the GPU), the
+  state before the first chunk being h0 so rounded; the final state and dh0 stay float32. V~
+  is each chunk's U - W S from the chunk matrices and kept states, and dV~ the last chunk's
+  A_qk^T dO + Kg dS_final."""
   rng = np.random.default_rng(1)
-  B, T, H, K, V = 1, 64, 1, 32, 32  # two chunks of 32
+  B, T, H, K, V, C = 1, 64, 1, 32, 32, 32  # two chunks
   q, k, v = (num.normal(rng, (B, T, H, width)) for width in (K, K, V))
   g = -np.abs(num.normal(rng, (B, T, H, K))) * 0.1
   beta = 1 / (1 + np.exp(-num.normal(rng, (B, T, H))))
   h0 = num.normal(rng, (B, H, K, V))
   rows = {name: (fn, args) for name, fn, args in pallas_gpu.stages(
-      q, k, jnp.asarray(v, dtype), g, beta, h0, scale=K ** -0.5, chunk_size=32,
+      q, k, jnp.asarray(v, dtype), g, beta, h0, scale=K ** -0.5, chunk_size=C,
       interpret=True)}
   run = lambda name: rows[name][0](*rows[name][1])
-  _, final, states = run("state_forward")
-  dstates, dh0 = run("state_backward.state_walk_backward")
-  assert (states.dtype, dstates.dtype) == (dtype, dtype)
+  _, final, states, pseudo_values = run("state_forward")
+  dstates, dh0, d_pseudo = run("state_backward.state_walk_backward")
+  assert {x.dtype for x in (states, dstates, pseudo_values, d_pseudo)} == {jnp.dtype(dtype)}
   assert (final.dtype, dh0.dtype) == (jnp.float32, jnp.float32)
-  assert states.shape == dstates.shape == (B, T // 32, H, K, V)
+  assert states.shape == dstates.shape == (B, T // C, H, K, V)
+  assert pseudo_values.shape == d_pseudo.shape == (B, T, H, V)
   np.testing.assert_array_equal(np.asarray(states[:, 0], np.float32),
                                 np.asarray(jnp.asarray(h0).astype(dtype), np.float32))
   assert np.all(np.isfinite(np.asarray(dstates, np.float32)))
   assert np.any(np.asarray(dstates[:, 0], np.float32) != 0)
+
+  matrices, dO, dfinal = (rows["state_backward"][1][i] for i in (0, 3, 4))
+  as_chunks = lambda x: np.asarray(x, np.float32)[0, :, 0].reshape(T // C, C, -1)
+  W, U, Qg, Kg, A = (as_chunks(getattr(matrices, name)) for name in ("W", "U", "Qg", "Kg", "A"))
+  S = np.asarray(states, np.float32)[0, :, 0]
+  tolerance = 1e-5 if dtype == jnp.float32 else 1e-2
+  num.assert_close(as_chunks(pseudo_values), U - W @ S, tolerance)
+  last_d_pseudo = A[-1].T @ as_chunks(dO)[-1] + Kg[-1] @ np.asarray(dfinal)[0, 0]
+  num.assert_close(as_chunks(d_pseudo)[-1], last_d_pseudo, tolerance)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -28,8 +28,8 @@ Per chunk, with S the state before it (all float32):
                     K exp(G_C - G) (last-segment rows), A_qk, the state decay exp(G_C)
   state_forward     V~ = U - W S, O = (Q Gamma) S + A_qk V~, S' = decay S + Kg^T V~
   state_backward    dS -> dU, dW, dQg, dKg, dA_qk, d decay and the dS before the chunk
-                    (``state_step_backward``: the dS before only, for the reverse walk;
-                    ``state_cotangents``: the rest, from S and dS, chunk by chunk)
+                    (``state_step_backward``: the dS before and dV~, for the reverse walk;
+                    ``state_cotangents``: the rest, from S, dS, V~ and dV~, chunk by chunk)
   intra_backward    those cotangents -> dq, dk, dv, dg, dbeta
 """
 
@@ -275,11 +275,17 @@ def intra_forward(c: Chunk, v) -> ChunkMatrices:
       decay=c.carried_last * exp(G_last))
 
 
+def _pseudo_values(S, m: ChunkMatrices, dot):
+  """V~ = U - W S [C, V]: the values both o and the next state read."""
+  return m.U - dot(m.W, S)
+
+
 def state_forward(S, m: ChunkMatrices, dot):
-  """(o [C, V], the state after the chunk) from the state S [K, V] before it."""
-  pseudo_values = m.U - dot(m.W, S)
+  """(o [C, V], the state after the chunk, V~ [C, V]) from the state S [K, V] before it."""
+  pseudo_values = _pseudo_values(S, m, dot)
   o = dot(m.Qg, S) + dot(m.A, pseudo_values)
-  return o, jnp.transpose(m.decay) * S + dot(m.Kg, pseudo_values, trans_a=True)
+  return (o, jnp.transpose(m.decay) * S + dot(m.Kg, pseudo_values, trans_a=True),
+          pseudo_values)
 
 
 def _pseudo_values_cotangent(dS, m, dO, dot):
@@ -287,8 +293,11 @@ def _pseudo_values_cotangent(dS, m, dO, dot):
   return dot(m.A, dO, trans_a=True) + dot(m.Kg, dS)
 
 
-def _state_cotangents(S, dS, d_pseudo, m, dO, dot):
-  pseudo_values = m.U - dot(m.W, S)
+def state_cotangents(S, dS, pseudo_values, d_pseudo, m, dO, dot):
+  """The chunk matrices' cotangents (a ``ChunkMatrices``) from the state S before the chunk,
+  the dS after it, V~ and dV~ (``state_forward``'s and ``state_step_backward``'s): independent
+  across chunks once the walk has given every dS and dV~; the entries other than [C, V] are
+  sums over this value block only (the caller adds the other value blocks)."""
   return ChunkMatrices(
       W=-dot(d_pseudo, S, trans_b=True), U=d_pseudo, Qg=dot(dO, S, trans_b=True),
       Kg=dot(pseudo_values, dS, trans_b=True), A=dot(dO, pseudo_values, trans_b=True),
@@ -300,36 +309,34 @@ def _state_before_cotangent(dS, d_pseudo, m, dO, dot):
           - dot(m.W, d_pseudo, trans_a=True))
 
 
-def state_backward_forms(values_cotangent: Callable, cotangents: Callable, before: Callable):
-  """An op's chunk of ``state_forward`` differentiated, in the three forms the kernels call,
-  from its three parts: ``values_cotangent(dS, m, dO, dot)``, the cotangent [C, V] of the
-  values that feed both o and the next state (KDA's V~, RWKV-7's X); ``cotangents(S, dS,
-  d_values, m, dO, dot)``, the chunk matrices' cotangents; ``before(dS, d_values, m, dO,
-  dot)``, the dS before the chunk. Returns:
+def state_backward_forms(shared_values: Callable, shared_cotangent: Callable,
+                         cotangents: Callable, before: Callable):
+  """An op's chunk of ``state_forward`` differentiated, in the two forms the kernels call, from
+  its parts: ``shared_values(S, m, dot)``, the values [C, V] that feed both o and the next
+  state (KDA's V~, RWKV-7's X); ``shared_cotangent(dS, m, dO, dot)``, their cotangent;
+  ``cotangents(S, dS, shared, d_shared, m, dO, dot)``, the chunk matrices' cotangents (the
+  op's ``state_cotangents``); ``before(dS, d_shared, m, dO, dot)``, the dS before the chunk.
+  Returns:
 
   state_backward(S, dS, m, dO, dot): ``(ChunkMatrices of cotangents, dS before the chunk)``
-    from dO [C, V] and dS [K, V] after the chunk; the entries other than [C, V] are sums over
-    this value block only (the caller adds the other value blocks).
-  state_step_backward(dS, m, dO, dot): the dS before only, what the reverse walk over the
-    chunks needs (no state S).
-  state_cotangents(S, dS, m, dO, dot): the cotangents only, from the state S before the chunk
-    and the dS after it: independent across chunks once the walk has given every dS.
+    from dO [C, V] and dS [K, V] after the chunk, all in one (the TPU kernels' walk).
+  state_step_backward(dS, m, dO, dot): ``(dS before the chunk, d_shared [C, V])``, what the
+    reverse walk over the chunks needs and gives ``cotangents`` (no state S).
   """
   def state_backward(S, dS, m, dO, dot):
-    d_values = values_cotangent(dS, m, dO, dot)
-    return cotangents(S, dS, d_values, m, dO, dot), before(dS, d_values, m, dO, dot)
+    d_shared = shared_cotangent(dS, m, dO, dot)
+    return (cotangents(S, dS, shared_values(S, m, dot), d_shared, m, dO, dot),
+            before(dS, d_shared, m, dO, dot))
 
   def state_step_backward(dS, m, dO, dot):
-    return before(dS, values_cotangent(dS, m, dO, dot), m, dO, dot)
+    d_shared = shared_cotangent(dS, m, dO, dot)
+    return before(dS, d_shared, m, dO, dot), d_shared
 
-  def state_cotangents(S, dS, m, dO, dot):
-    return cotangents(S, dS, values_cotangent(dS, m, dO, dot), m, dO, dot)
-
-  return state_backward, state_step_backward, state_cotangents
+  return state_backward, state_step_backward
 
 
-state_backward, state_step_backward, state_cotangents = state_backward_forms(
-    _pseudo_values_cotangent, _state_cotangents, _state_before_cotangent)
+state_backward, state_step_backward = state_backward_forms(
+    _pseudo_values, _pseudo_values_cotangent, state_cotangents, _state_before_cotangent)
 
 
 def rows_and_columns_cotangents(q, k, diagonal, dq_rows, dk_rows, dk_columns):

@@ -15,12 +15,13 @@ its own chunk mathematics. For KDA (``ops.kda._kernel_subchunk`` has the sub-chu
     chunk outputs  grid (B, HV, chunks, K/64)  W = T (beta k Gamma), U = T (beta v), Q*Gamma,
                                                K*exp(G_C - G), exp(G_C), by 64-column blocks
   state forward    grid (B, HV, V/BV)     walks the chunks: V~ = U - W S, O = (Q Gamma) S + A_qk V~,
-                                          S' = diag(exp G_C) S + Kg^T V~ (keeps S per chunk)
+                                          S' = diag(exp G_C) S + Kg^T V~ (keeps S and V~
+                                          per chunk)
   state backward   two kernels:
     reverse walk   grid (B, HV, V/BV)          walks the chunks backwards with dS only,
-                                               keeping the dS after each chunk
-    cotangents     grid (B, HV, chunks)        each chunk's dU, dW, dQg, dKg, dA_qk,
-                                               d exp(G_C) from its S and dS, summed over the
+                                               keeping the dS after each chunk and dV~ (dU)
+    cotangents     grid (B, HV, chunks)        each chunk's dW, dQg, dKg, dA_qk, d exp(G_C)
+                                               from its S, dS, V~ and dV~, summed over the
                                                value blocks in a loop; one call per group of
                                                fields whose sums fit the registers
   intra backward   four kernels, on the saved P_kk and T:
@@ -212,7 +213,9 @@ class Field(NamedTuple):
     sums the others' over the value blocks in the kernel.
   dtype: the stored dtype; None: v's.
   token: None, or the token input the field is (the intra forward stores nothing for it).
-  cotangent_is_dO: the field's cotangent is dO itself; the state backward does not write it.
+  cotangent_is: None, or what the field's cotangent is and the state backward does not write
+    again: "dO" (dO itself) or "d_shared" (the cotangent of the values both o and the next
+    state read, KDA's V~ and RWKV-7's X, which the reverse walk writes).
   cotangent_dtype: the dtype the state backward writes the field's cotangent in; None: v's
     (fla keeps its du in v's dtype between kernels).
   """
@@ -220,7 +223,7 @@ class Field(NamedTuple):
   width: str
   dtype: object = None
   token: int | None = None
-  cotangent_is_dO: bool = False
+  cotangent_is: str | None = None
   cotangent_dtype: object = F32
 
 
@@ -231,7 +234,8 @@ class TritonOp(NamedTuple):
   name: the op's name, for its own ``LAUNCH`` entries ("<name>.<kernel>").
   primitives(precision) -> the chunk module's ``Primitives``.
   math: the op's chunk module, shared with the TPU kernels; the state kernels take its
-    ``ChunkMatrices``, ``state_forward``, ``state_step_backward`` and ``state_cotangents``.
+    ``ChunkMatrices``, ``state_forward``, ``state_step_backward`` and ``state_cotangents``
+    (``_kernel_chunk.state_backward_forms``).
   value_index: which token input is v.
   fields: a ``math.ChunkMatrices`` of ``Field``s.
   sub_chunks: the module forming the chunk matrices and the token gradients from 16-row
@@ -513,18 +517,21 @@ def _gradient_rows_kernel(*refs, num_tokens, scale, normalized, precision, colum
 def _state_forward_kernel(*refs, op, sizes, BV, precision, keep_states):
   num_fields = len(op.fields)
   matrix_refs = refs[:num_fields]
-  h0_ref, o_ref, final_ref, *maybe_states_ref = refs[num_fields:]
+  h0_ref, o_ref, final_ref, *kept_refs = refs[num_fields:]
   b, h, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   values = pl.ds(vb * BV, BV)
   dot = op.primitives(precision).dot
 
   def chunk(c, S):
     rows = pl.ds(c * sizes.C, sizes.C)
+    o, S_after, shared = op.math.state_forward(
+        S, _load_matrices(op, matrix_refs, b, h, c, rows, values), dot)
     if keep_states:
-      maybe_states_ref[0][b, c, h, :, values] = S.astype(maybe_states_ref[0].dtype)
-    o, S = op.math.state_forward(S, _load_matrices(op, matrix_refs, b, h, c, rows, values), dot)
+      states_ref, shared_ref = kept_refs
+      states_ref[b, c, h, :, values] = S.astype(states_ref.dtype)
+      shared_ref[b, rows, h, values] = shared.astype(shared_ref.dtype)
     o_ref[b, rows, h, values] = o.astype(o_ref.dtype)
-    return S
+    return S_after
 
   final_ref[b, h, :, values] = jax.lax.fori_loop(0, sizes.T // sizes.C, chunk,
                                                  h0_ref[b, h, :, values].astype(F32))
@@ -532,10 +539,11 @@ def _state_forward_kernel(*refs, op, sizes, BV, precision, keep_states):
 
 def _state_walk_backward_kernel(*refs, op, sizes, BV, precision):
   """The reverse walk over the chunks (``math.state_step_backward``): the dS after each chunk
-  to ``dstates`` [B, T/C, HV, K, V] and dh0, value block program_id(2)."""
+  to ``dstates`` [B, T/C, HV, K, V], each chunk's d_shared to [B, T, HV, V] and dh0, value
+  block program_id(2)."""
   num_fields = len(op.fields)
   matrix_refs = refs[:num_fields]
-  do_ref, dfinal_ref, dstates_ref, dh0_ref = refs[num_fields:]
+  do_ref, dfinal_ref, dstates_ref, dh0_ref, d_shared_ref = refs[num_fields:]
   b, h, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   num_chunks = sizes.T // sizes.C
   values = pl.ds(vb * BV, BV)
@@ -546,7 +554,10 @@ def _state_walk_backward_kernel(*refs, op, sizes, BV, precision):
     rows = pl.ds(c * sizes.C, sizes.C)
     dstates_ref[b, c, h, :, values] = dS.astype(dstates_ref.dtype)
     m = _load_matrices(op, matrix_refs, b, h, c, rows, values)
-    return op.math.state_step_backward(dS, m, do_ref[b, rows, h, values].astype(F32), dot)
+    dS, d_shared = op.math.state_step_backward(dS, m, do_ref[b, rows, h, values].astype(F32),
+                                               dot)
+    d_shared_ref[b, rows, h, values] = d_shared.astype(d_shared_ref.dtype)
+    return dS
 
   dh0_ref[b, h, :, values] = jax.lax.fori_loop(0, num_chunks, chunk,
                                                dfinal_ref[b, h, :, values].astype(F32))
@@ -554,13 +565,15 @@ def _state_walk_backward_kernel(*refs, op, sizes, BV, precision):
 
 def _state_cotangents_kernel(*refs, op, sizes, BV, precision, names):
   """Chunk program_id(2)'s cotangents of the chunk matrices ``names`` (``math.state_cotangents``)
-  from the state before it and the dS after it, value block by value block: a "V" field's
-  block written in place, the others summed over the blocks in the loop and written once."""
+  from the state before it, the dS after it and the shared values and their cotangent, value
+  block by value block: a "V" field's block written in place, the others summed over the
+  blocks in the loop and written once. What a group's fields do not read is not loaded
+  (Triton drops unused loads)."""
   num_fields = len(op.fields)
   matrix_refs = refs[:num_fields]
-  states_ref, dstates_ref, do_ref = refs[num_fields:num_fields + 3]
+  states_ref, dstates_ref, shared_ref, d_shared_ref, do_ref = refs[num_fields:num_fields + 5]
   written = [(name, getattr(op.fields, name).width, ref)
-             for name, ref in zip(names, refs[num_fields + 3:])]
+             for name, ref in zip(names, refs[num_fields + 5:])]
   per_block = [(name, width, ref) for name, width, ref in written if width == "V"]
   summed = [(name, width, ref) for name, width, ref in written if width != "V"]
   b, h, c = (pl.program_id(axis) for axis in range(3))
@@ -571,6 +584,7 @@ def _state_cotangents_kernel(*refs, op, sizes, BV, precision, names):
     values = pl.ds(vb * BV, BV)
     grads = op.math.state_cotangents(
         states_ref[b, c, h, :, values].astype(F32), dstates_ref[b, c, h, :, values].astype(F32),
+        shared_ref[b, rows, h, values].astype(F32), d_shared_ref[b, rows, h, values].astype(F32),
         _load_matrices(op, matrix_refs, b, h, c, rows, values),
         do_ref[b, rows, h, values].astype(F32), dot)
     for name, width, ref in per_block:
@@ -965,15 +979,18 @@ def _value_block(V):
 
 def _state_forward(op, matrices, h0, out_dtype, *, keep_states, sizes, interpret, precision):
   """(o [B, T, HV, V] in ``out_dtype``, the final state [B, HV, K, V] float32 and, with
-  ``keep_states``, the state before each chunk [B, T/C, HV, K, V] in ``out_dtype``, v's: the
-  walk carries it in float32, and every use in the backward but the decay's cotangent rounds
-  it to the products' operand dtype anyway, as fla keeps its h; docs/kernels.md, version 11)."""
+  ``keep_states``, the state before each chunk [B, T/C, HV, K, V] and each chunk's shared
+  values [B, T, HV, V] (``math.state_forward``'s third), both in ``out_dtype``, v's: the walk
+  carries them in float32, and every use in the backward but the decay's cotangent rounds them
+  to the products' operand dtype anyway, as fla keeps its h and v_new; docs/kernels.md,
+  versions 11 and 18)."""
   B, T, HV, K, V, C = sizes
   BV = _value_block(V)
   shapes = [jax.ShapeDtypeStruct((B, T, HV, V), out_dtype),
             jax.ShapeDtypeStruct((B, HV, K, V), F32)]
   if keep_states:
-    shapes.append(jax.ShapeDtypeStruct((B, T // C, HV, K, V), out_dtype))
+    shapes += [jax.ShapeDtypeStruct((B, T // C, HV, K, V), out_dtype),
+               jax.ShapeDtypeStruct((B, T, HV, V), out_dtype)]
   whole = pl.no_block_spec
   return _triton_call(_state_forward_kernel, (B, HV, V // BV), [whole] * (len(matrices) + 1),
                       [whole] * len(shapes), shapes, interpret, _launch(op, "state_forward"), op=op,
@@ -993,8 +1010,9 @@ def _cotangent_groups(op, sizes) -> list[tuple[str, ...]]:
   chunk's [C, K], [C, C] and [1, K] cotangents over the value blocks in a loop, and all of them
   at once would not fit its registers (KDA at K = V = 128, 8 warps: 912 bytes of spills a
   thread), so the fields are taken in order, a new group started where the sums would pass
-  ``COTANGENT_SUMS`` floats; each call reads S and dS again."""
-  names = [n for n, f in zip(op.fields._fields, op.fields) if not f.cotangent_is_dO]
+  ``COTANGENT_SUMS`` floats; each call loads only what its fields read (KDA's first group S,
+  dV~ and dO; its second dS, V~, dO and S for the decay)."""
+  names = [n for n, f in zip(op.fields._fields, op.fields) if f.cotangent_is is None]
   if sizes.V <= _value_block(sizes.V):
     return [tuple(names)]
   groups, floats = [[]], 0
@@ -1009,35 +1027,43 @@ def _cotangent_groups(op, sizes) -> list[tuple[str, ...]]:
   return [tuple(g) for g in groups]
 
 
-def _state_backward(op, matrices, states, dO, dfinal, *, sizes, interpret, precision):
+def _cotangent_dtype(field: Field, dO):
+  return field.cotangent_dtype or dO.dtype
+
+
+def _state_backward(op, matrices, states, shared, dO, dfinal, *, sizes, interpret, precision):
   """The cotangents of the chunk matrices (a ``ChunkMatrices``) and dh0, by two kernels: the
-  reverse walk (grid B x HV x V/64) gives dh0 and the dS after every chunk ([B, T/C, HV, K, V]
-  in the dtype the states are stored in), then every chunk's cotangents at once (grid
-  B x HV x chunks, the value blocks a loop in each program), as fla's backward does, so that
-  the walk carries only what dS needs."""
+  reverse walk (grid B x HV x V/64) gives dh0, the dS after every chunk ([B, T/C, HV, K, V]
+  in the dtype the states are stored in) and the shared values' cotangent d_shared, then every
+  chunk's cotangents at once (grid B x HV x chunks, the value blocks a loop in each program)
+  from S, dS, the shared values and d_shared, as fla's backward does with its h, dh, v_new and
+  dv, so that the walk carries only what dS needs."""
   B, T, HV, K, V, C = sizes
   BV = _value_block(V)
   NV = V // BV
   whole = pl.no_block_spec
   params = dict(op=op, sizes=sizes, BV=BV, precision=precision)
-  dstates, dh0 = _triton_call(
-      _state_walk_backward_kernel, (B, HV, NV), [whole] * (len(matrices) + 2), [whole] * 2,
+  (d_shared_field,) = [f for f in op.fields if f.cotangent_is == "d_shared"]
+  dstates, dh0, d_shared = _triton_call(
+      _state_walk_backward_kernel, (B, HV, NV), [whole] * (len(matrices) + 2), [whole] * 3,
       [jax.ShapeDtypeStruct(states.shape, states.dtype),
-       jax.ShapeDtypeStruct((B, HV, K, V), F32)],
+       jax.ShapeDtypeStruct((B, HV, K, V), F32),
+       jax.ShapeDtypeStruct(dO.shape, _cotangent_dtype(d_shared_field, dO))],
       interpret, _launch(op, "state_backward"), **params)(*matrices, dO, dfinal)
 
   cotangents = {}
   for names in _cotangent_groups(op, sizes):
     fields = [getattr(op.fields, name) for name in names]
-    shapes = [jax.ShapeDtypeStruct(_layout(f.width, sizes)[0], f.cotangent_dtype or dO.dtype)
+    shapes = [jax.ShapeDtypeStruct(_layout(f.width, sizes)[0], _cotangent_dtype(f, dO))
               for f in fields]
     cotangents.update(zip(names, _triton_call(
-        _state_cotangents_kernel, (B, HV, T // C), [whole] * (len(matrices) + 3),
+        _state_cotangents_kernel, (B, HV, T // C), [whole] * (len(matrices) + 5),
         [whole] * len(shapes), shapes, interpret, _launch(op, "state_cotangents"), names=names,
-        label=f"[{','.join(names)}]", **params)(*matrices, states, dstates, dO)))
-  cotangents = [dO if f.cotangent_is_dO else cotangents[name]
-                for name, f in zip(op.fields._fields, op.fields)]
-  return op.math.ChunkMatrices(*cotangents), dh0
+        label=f"[{','.join(names)}]", **params)(*matrices, states, dstates, shared, d_shared,
+                                                dO)))
+  cotangents.update(dO=dO, d_shared=d_shared)
+  return op.math.ChunkMatrices(*(cotangents[f.cotangent_is or name]
+                                 for name, f in zip(op.fields._fields, op.fields))), dh0
 
 
 def _with_inverse_norms(tokens, normalized):
@@ -1051,9 +1077,9 @@ def _forward(op, scale, normalized, C, interpret, tokens, masks, h0, *, keep_sta
   config = _config(op, tokens, h0, C, interpret)
   matrices, saved = (op.intra_forward or _intra_forward)(
       op, tokens, masks, scale=scale, normalized=normalized, for_backward=keep_states, **config)
-  o, final, *states = _state_forward(op, matrices, h0, tokens[op.value_index].dtype,
-                                     keep_states=keep_states, **config)
-  return o, final, (tokens, matrices, saved, states[0] if keep_states else None)
+  o, final, *kept = _state_forward(op, matrices, h0, tokens[op.value_index].dtype,
+                                   keep_states=keep_states, **config)
+  return o, final, (tokens, matrices, saved, tuple(kept))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
@@ -1070,10 +1096,10 @@ def _walk_fwd(op, scale, normalized, C, interpret, tokens, masks, h0):
 
 
 def _walk_bwd(op, scale, normalized, C, interpret, residuals, cotangents):
-  masks, tokens, matrices, saved, states = residuals
+  masks, tokens, matrices, saved, (states, shared) = residuals
   dO, dfinal = cotangents
   config = _config(op, tokens, dfinal, C, interpret)
-  matrix_cotangents, dh0 = _state_backward(op, matrices, states, dO, dfinal, **config)
+  matrix_cotangents, dh0 = _state_backward(op, matrices, states, shared, dO, dfinal, **config)
   grads = list((op.intra_backward or _intra_backward)(
       op, tokens, masks, matrix_cotangents, saved, scale=scale, normalized=normalized, **config))
   for i, inverse in zip(normalized, _split_inverse_norms(tokens, normalized)[1]):
@@ -1150,7 +1176,8 @@ def walk_stages(op: TritonOp, tokens, initial_state, *, scale: float, chunk_size
           op, x, m, **reading, for_backward=True, **config),
       "state_forward": lambda m, h: _state_forward(op, m, h, out_dtype, keep_states=True,
                                                    **config),
-      "state_backward": lambda m, s, dO, df: _state_backward(op, m, s, dO, df, **config),
+      "state_backward": lambda m, s, x, dO, df: _state_backward(op, m, s, x, dO, df,
+                                                                **config),
       "intra_backward": lambda x, m, d, saved: (op.intra_backward or _intra_backward)(
           op, x, m, d, saved, **reading, **config)}
   rows = []
@@ -1164,8 +1191,8 @@ def walk_stages(op: TritonOp, tokens, initial_state, *, scale: float, chunk_size
     return out
 
   matrices, saved = run("intra_forward", tokens, masks)
-  o, final, states = run("state_forward", matrices, h0)
-  matrix_cotangents, _ = run("state_backward", matrices, states, o, final)
+  o, final, states, shared = run("state_forward", matrices, h0)
+  matrix_cotangents, _ = run("state_backward", matrices, states, shared, o, final)
   run("intra_backward", tokens, masks, matrix_cotangents, saved)
   return rows
 
@@ -1174,7 +1201,8 @@ def walk_stages(op: TritonOp, tokens, initial_state, *, scale: float, chunk_size
 
 KDA = TritonOp(name="kda", primitives=primitives, math=chunk_math, value_index=3,
                fields=chunk_math.ChunkMatrices(W=Field("K", cotangent_dtype=None),
-                                               U=Field("V", F32, cotangent_dtype=None),
+                                               U=Field("V", F32, cotangent_is="d_shared",
+                                                       cotangent_dtype=None),
                                                Qg=Field("K"),
                                                Kg=Field("K"), A=Field("C"),
                                                decay=Field("chunk", F32)),

@@ -159,7 +159,7 @@ def _forward_kernel(*refs, op: ChunkOp, num_tokens, scale, prims, keep_states):
   S = state_ref[...]
   if keep_states:
     states_ref[...] = S
-  o, S = op.math.state_forward(S, matrices, prims.dot)
+  o, S, _ = op.math.state_forward(S, matrices, prims.dot)
   o_ref[...] = o.astype(o_ref.dtype)
   state_ref[...] = S
 

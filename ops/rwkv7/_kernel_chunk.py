@@ -23,7 +23,8 @@ X = A_ab X + (a exp(G~)) S + A_ak v, so with T = (I - A_ab)^-1:
   state_forward     X = U + W S, o = (r exp(G)) S + A_rb X + Y,
                     S' = exp(G_C) S + (b exp(G_C - G))^T X + (k exp(G_C - G))^T v
   state_backward    dO, dS' -> the cotangents of those matrices and dS before the chunk
-                    (``state_step_backward`` and ``state_cotangents``: the two apart)
+                    (``state_step_backward``: dS before and dX, for the reverse walk;
+                    ``state_cotangents``: the rest, from S, dS, X and dX, chunk by chunk)
   intra_backward    those cotangents -> dr, dw, dk, dv, da, db
 
 Packed rows: every pair product is masked to the same segment, the incoming state reaches only
@@ -118,13 +119,18 @@ def intra_forward(c: Chunk, v) -> ChunkMatrices:
       Kg=c.k * to_end, values=v, decay=c.carried_last * exp(G_last))
 
 
+def _removed_rows(S, m: ChunkMatrices, dot):
+  """X = U + W S [C, V]: the rows the tokens remove, read by both o and the next state."""
+  return m.U + dot(m.W, S)
+
+
 def state_forward(S, m: ChunkMatrices, dot):
-  """(o [C, V], the state after the chunk) from the state S [K, V] before it."""
-  X = m.U + dot(m.W, S)
+  """(o [C, V], the state after the chunk, X [C, V]) from the state S [K, V] before it."""
+  X = _removed_rows(S, m, dot)
   o = dot(m.Rg, S) + dot(m.A, X) + m.Y
   S = (jnp.transpose(m.decay) * S + dot(m.Bg, X, trans_a=True)
        + dot(m.Kg, m.values, trans_a=True))
-  return o, S
+  return o, S, X
 
 
 def _removed_rows_cotangent(dS, m, dO, dot):
@@ -132,8 +138,9 @@ def _removed_rows_cotangent(dS, m, dO, dot):
   return dot(m.A, dO, trans_a=True) + dot(m.Bg, dS)
 
 
-def _state_cotangents(S, dS, dX, m, dO, dot):
-  X = m.U + dot(m.W, S)
+def state_cotangents(S, dS, X, dX, m, dO, dot):
+  """The chunk matrices' cotangents from S before the chunk, dS after it, X and dX (as KDA's
+  ``state_cotangents``)."""
   return ChunkMatrices(
       W=dot(dX, S, trans_b=True), U=dX, Rg=dot(dO, S, trans_b=True),
       A=dot(dO, X, trans_b=True), Y=dO, Bg=dot(X, dS, trans_b=True),
@@ -146,8 +153,8 @@ def _state_before_cotangent(dS, dX, m, dO, dot):
           + dot(m.W, dX, trans_a=True))
 
 
-state_backward, state_step_backward, state_cotangents = state_backward_forms(
-    _removed_rows_cotangent, _state_cotangents, _state_before_cotangent)
+state_backward, state_step_backward = state_backward_forms(
+    _removed_rows, _removed_rows_cotangent, state_cotangents, _state_before_cotangent)
 
 
 def intra_backward(c: Chunk, v, d: ChunkMatrices):

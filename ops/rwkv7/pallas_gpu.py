@@ -67,7 +67,8 @@ _K = Field("K")
 RWKV7 = kda_gpu.TritonOp(
     name="rwkv7", primitives=_primitives, math=chunk_math, value_index=5,
     fields=chunk_math.ChunkMatrices(
-        W=_K, U=Field("V", F32), Rg=_K, A=Field("C", F32), Y=Field("V", cotangent_is_dO=True),
+        W=_K, U=Field("V", F32, cotangent_is="d_shared"), Rg=_K, A=Field("C", F32),
+        Y=Field("V", cotangent_is="dO"),
         Bg=_K, Kg=_K, values=Field("V", token=5), decay=Field("chunk", F32)),
     sub_chunks=_kernel_subchunk)
 
