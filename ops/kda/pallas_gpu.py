@@ -99,7 +99,8 @@ from ops.kda import _kernel_subchunk, l2norm
 from ops.kda._step_common import next_power_of_2
 
 F32 = jnp.float32
-VALUE_BLOCK = 64
+# Value channels a state-kernel program takes (the cotangents': a step of its loop over them).
+VALUE_BLOCK = {"state_forward": 64, "state_walk_backward": 64, "state_cotangents": 64}
 MAX_KEY_DIM = 128  # the widest K the state kernels fit in shared memory (``unsupported``)
 PAIR_KEY_BLOCKS = 2  # key blocks of the pair rows' grid (docs/kernels.md, version 6)
 OUTPUT_COLUMNS = 64  # key and value columns a chunk-outputs program takes
@@ -972,9 +973,9 @@ def _gradient_rows(op, tokens, masks, cotangents, dA_kk, dk_w, gated, *, scale, 
           *tokens, *masks, *cotangents, dA_kk, dk_w, *gated)
 
 
-def _value_block(V):
-  """Value channels per program of the state kernels."""
-  return min(V, VALUE_BLOCK)
+def _value_block(V, kernel: str):
+  """Value channels per program (or loop step) of the state kernel ``kernel``."""
+  return min(V, VALUE_BLOCK[kernel])
 
 
 def _state_forward(op, matrices, h0, out_dtype, *, keep_states, sizes, interpret, precision):
@@ -985,7 +986,7 @@ def _state_forward(op, matrices, h0, out_dtype, *, keep_states, sizes, interpret
   to the products' operand dtype anyway, as fla keeps its h and v_new; docs/kernels.md,
   versions 11 and 18)."""
   B, T, HV, K, V, C = sizes
-  BV = _value_block(V)
+  BV = _value_block(V, "state_forward")
   shapes = [jax.ShapeDtypeStruct((B, T, HV, V), out_dtype),
             jax.ShapeDtypeStruct((B, HV, K, V), F32)]
   if keep_states:
@@ -1013,7 +1014,7 @@ def _cotangent_groups(op, sizes) -> list[tuple[str, ...]]:
   ``COTANGENT_SUMS`` floats; each call loads only what its fields read (KDA's first group S,
   dV~ and dO; its second dS, V~, dO and S for the decay)."""
   names = [n for n, f in zip(op.fields._fields, op.fields) if f.cotangent_is is None]
-  if sizes.V <= _value_block(sizes.V):
+  if sizes.V <= _value_block(sizes.V, "state_cotangents"):
     return [tuple(names)]
   groups, floats = [[]], 0
   for name in names:
@@ -1033,23 +1034,22 @@ def _cotangent_dtype(field: Field, dO):
 
 def _state_backward(op, matrices, states, shared, dO, dfinal, *, sizes, interpret, precision):
   """The cotangents of the chunk matrices (a ``ChunkMatrices``) and dh0, by two kernels: the
-  reverse walk (grid B x HV x V/64) gives dh0, the dS after every chunk ([B, T/C, HV, K, V]
+  reverse walk (grid B x HV x V/BV) gives dh0, the dS after every chunk ([B, T/C, HV, K, V]
   in the dtype the states are stored in) and the shared values' cotangent d_shared, then every
   chunk's cotangents at once (grid B x HV x chunks, the value blocks a loop in each program)
   from S, dS, the shared values and d_shared, as fla's backward does with its h, dh, v_new and
   dv, so that the walk carries only what dS needs."""
   B, T, HV, K, V, C = sizes
-  BV = _value_block(V)
-  NV = V // BV
+  BV = _value_block(V, "state_walk_backward")
   whole = pl.no_block_spec
-  params = dict(op=op, sizes=sizes, BV=BV, precision=precision)
+  params = dict(op=op, sizes=sizes, precision=precision)
   (d_shared_field,) = [f for f in op.fields if f.cotangent_is == "d_shared"]
   dstates, dh0, d_shared = _triton_call(
-      _state_walk_backward_kernel, (B, HV, NV), [whole] * (len(matrices) + 2), [whole] * 3,
+      _state_walk_backward_kernel, (B, HV, V // BV), [whole] * (len(matrices) + 2), [whole] * 3,
       [jax.ShapeDtypeStruct(states.shape, states.dtype),
        jax.ShapeDtypeStruct((B, HV, K, V), F32),
        jax.ShapeDtypeStruct(dO.shape, _cotangent_dtype(d_shared_field, dO))],
-      interpret, _launch(op, "state_backward"), **params)(*matrices, dO, dfinal)
+      interpret, _launch(op, "state_backward"), BV=BV, **params)(*matrices, dO, dfinal)
 
   cotangents = {}
   for names in _cotangent_groups(op, sizes):
@@ -1059,8 +1059,8 @@ def _state_backward(op, matrices, states, shared, dO, dfinal, *, sizes, interpre
     cotangents.update(zip(names, _triton_call(
         _state_cotangents_kernel, (B, HV, T // C), [whole] * (len(matrices) + 5),
         [whole] * len(shapes), shapes, interpret, _launch(op, "state_cotangents"), names=names,
-        label=f"[{','.join(names)}]", **params)(*matrices, states, dstates, shared, d_shared,
-                                                dO)))
+        label=f"[{','.join(names)}]", BV=_value_block(V, "state_cotangents"), **params)(
+            *matrices, states, dstates, shared, d_shared, dO)))
   cotangents.update(dO=dO, d_shared=d_shared)
   return op.math.ChunkMatrices(*(cotangents[f.cotangent_is or name]
                                  for name, f in zip(op.fields._fields, op.fields))), dh0
