@@ -99,8 +99,11 @@ from ops.kda import _kernel_subchunk, l2norm
 from ops.kda._step_common import next_power_of_2
 
 F32 = jnp.float32
-# Value channels a state-kernel program takes (the cotangents': a step of its loop over them).
-VALUE_BLOCK = {"state_forward": 64, "state_walk_backward": 64, "state_cotangents": 64}
+# Value channels a state-kernel program takes (the cotangents': a step of its loop over them);
+# "state_cotangents[<fields>]" sets one group's (docs/kernels.md, version 18: KDA's second group
+# loads S, dS, V~ and dO each step and runs faster on 32).
+VALUE_BLOCK = {"state_forward": 64, "state_walk_backward": 64, "state_cotangents": 64,
+               "state_cotangents[Kg,A,decay]": 32}
 MAX_KEY_DIM = 128  # the widest K the state kernels fit in shared memory (``unsupported``)
 PAIR_KEY_BLOCKS = 2  # key blocks of the pair rows' grid (docs/kernels.md, version 6)
 OUTPUT_COLUMNS = 64  # key and value columns a chunk-outputs program takes
@@ -973,9 +976,10 @@ def _gradient_rows(op, tokens, masks, cotangents, dA_kk, dk_w, gated, *, scale, 
           *tokens, *masks, *cotangents, dA_kk, dk_w, *gated)
 
 
-def _value_block(V, kernel: str):
-  """Value channels per program (or loop step) of the state kernel ``kernel``."""
-  return min(V, VALUE_BLOCK[kernel])
+def _value_block(V, kernel: str, label: str = ""):
+  """Value channels per program (or loop step) of the state kernel ``kernel`` (for the
+  cotangents, of the group ``label``, "[<fields>]", where it has an entry of its own)."""
+  return min(V, VALUE_BLOCK.get(kernel + label, VALUE_BLOCK[kernel]))
 
 
 def _state_forward(op, matrices, h0, out_dtype, *, keep_states, sizes, interpret, precision):
@@ -1056,10 +1060,11 @@ def _state_backward(op, matrices, states, shared, dO, dfinal, *, sizes, interpre
     fields = [getattr(op.fields, name) for name in names]
     shapes = [jax.ShapeDtypeStruct(_layout(f.width, sizes)[0], _cotangent_dtype(f, dO))
               for f in fields]
+    label = f"[{','.join(names)}]"
     cotangents.update(zip(names, _triton_call(
         _state_cotangents_kernel, (B, HV, T // C), [whole] * (len(matrices) + 5),
         [whole] * len(shapes), shapes, interpret, _launch(op, "state_cotangents"), names=names,
-        label=f"[{','.join(names)}]", BV=_value_block(V, "state_cotangents"), **params)(
+        label=label, BV=_value_block(V, "state_cotangents", label), **params)(
             *matrices, states, dstates, shared, d_shared, dO)))
   cotangents.update(dO=dO, d_shared=d_shared)
   return op.math.ChunkMatrices(*(cotangents[f.cotangent_is or name]
