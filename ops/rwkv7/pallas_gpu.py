@@ -12,11 +12,12 @@ it loads a chunk, its gradients' order and how its chunk matrices are kept.
                                          exp(G_C)
   state forward    grid (B, H, V/BV)     walks the chunks: X = U + W S, o = (r exp(G)) S + A_rb X
                                          + Y, S' = exp(G_C) S + (b exp(G_C - G))^T X
-                                         + (k exp(G_C - G))^T v (keeps S per chunk)
+                                         + (k exp(G_C - G))^T v (keeps S and X per chunk)
   state backward   two kernels, KDA's:   a reverse walk (grid (B, H, V/BV)) keeping the dS
-                                         after every chunk, then every chunk's cotangents of
-                                         those matrices and dv's part through the state (grid
-                                         (B, H, chunks), the value blocks summed in a loop)
+                                         after every chunk and dX (dU), then every chunk's
+                                         cotangents of those matrices and dv's part through
+                                         the state from S, dS, X and dX (grid (B, H, chunks),
+                                         the value blocks summed in a loop)
   intra backward   grid (B, H, chunks)   per chunk, by 16-row sub-chunks: recomputes the
                                          chunk's matrices and takes those cotangents (dY is dO
                                          itself) to dr, dw, dk, dv, da, db
