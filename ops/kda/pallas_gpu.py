@@ -571,8 +571,9 @@ def _state_cotangents_kernel(*refs, op, sizes, BV, precision, names):
   """Chunk program_id(2)'s cotangents of the chunk matrices ``names`` (``math.state_cotangents``)
   from the state before it, the dS after it and the shared values and their cotangent, value
   block by value block: a "V" field's block written in place, the others summed over the
-  blocks in the loop and written once. What a group's fields do not read is not loaded
-  (Triton drops unused loads)."""
+  blocks in the loop and written once. What a group's fields do not read is not loaded:
+  ``pallas_call`` removes unused reads when it traces the kernel (``pe.dce_jaxpr``; reads are
+  a dead-code-eliminable effect)."""
   num_fields = len(op.fields)
   matrix_refs = refs[:num_fields]
   states_ref, dstates_ref, shared_ref, d_shared_ref, do_ref = refs[num_fields:num_fields + 5]
