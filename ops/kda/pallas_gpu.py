@@ -118,7 +118,7 @@ LAUNCH = {"intra_forward": (8, 1), "intra_backward": (8, 1), "state_forward": (8
           "chunk_outputs": (4, 3), "wy_dA_kk": (4, 1), "wy_columns": (4, 1),
           "gated_operands": (4, 1), "gradient_rows": (4, 3), "dg": (4, 1),
           "normalize_backward": (4, 1),
-          "state_cotangents": (8, 2),
+          "state_cotangents": (8, 3),
           # "<op>.<kernel>": one op's own setting. RWKV-7's state forward loads four [C, K]
           # fields a chunk to KDA's three, and its loop's buffers for 3 stages would pass the
           # H200's shared memory at K = 128 (docs/kernels.md, version 7). Its state backward
