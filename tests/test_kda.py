@@ -604,9 +604,9 @@ def _kernel_functions(kernels, dtype):
 
 def test_stages_give_each_stage_and_each_kernel_of_the_intra_stages():
   """``pallas_gpu.stages`` (what ``benchmarks.kernels --ops kda-parts`` times): the four stages
-  in order, each intra stage followed by its kernels alone on their real inputs; the block
-  inverse's, the chunk outputs', the WY backward's, the gradient rows' and dg's outputs are the
-  stages'."""
+  in order, each intra stage followed by its kernels alone on their real inputs; the pair
+  rows' gated operands, the block inverse's, the chunk outputs', the WY backward's, the gradient
+  rows' and dg's outputs are the stages'."""
   rng = np.random.default_rng(0)
   B, T, H, K, V = 1, 40, 1, 32, 32  # two chunks of 32, the second partial
   q, k, v = (num.normal(rng, (B, T, H, width)) for width in (K, K, V))
@@ -626,15 +626,20 @@ def test_stages_give_each_stage_and_each_kernel_of_the_intra_stages():
       "intra_forward.chunk_outputs", "state_forward", "state_backward",
       "state_backward.state_walk_backward", "state_backward.state_cotangents[W,Qg,Kg,A,decay]",
       "intra_backward", "intra_backward.wy_dA_kk", "intra_backward.wy_columns",
-      "intra_backward.gated_operands", "intra_backward.gradient_rows", "intra_backward.dg"]
-  needed = ("intra_forward", "intra_forward.inverse_blocks", "intra_forward.chunk_outputs",
+      "intra_backward.gradient_rows", "intra_backward.dg"]
+  needed = ("intra_forward", "intra_forward.pair_rows", "intra_forward.inverse_blocks",
+            "intra_forward.chunk_outputs",
             "intra_backward", "intra_backward.wy_dA_kk", "intra_backward.wy_columns",
             "intra_backward.gradient_rows", "intra_backward.dg")
   run = {name: fn(*args) for name, fn, args in rows if name in needed}
-  matrices, (P_kk, T_inverse) = run["intra_forward"]
+  matrices, (P_kk, T_inverse, *gated) = run["intra_forward"]
+  _, _, *gated_alone = run["intra_forward.pair_rows"]
   A, T_alone, M = run["intra_forward.inverse_blocks"]
   W, U, Qg, Kg, decay = run["intra_forward.chunk_outputs"]
-  for name, expected, got in [("A", matrices.A, A), ("P_kk", P_kk, M), ("T", T_inverse, T_alone),
+  assert len(gated) == len(gated_alone) == 4
+  for name, expected, got in [*zip(("k_to_end", "q_from_start", "k_from_start", "total"),
+                                   gated, gated_alone),
+                              ("A", matrices.A, A), ("P_kk", P_kk, M), ("T", T_inverse, T_alone),
                               ("W", matrices.W, W), ("U", matrices.U, U), ("decay",
                                                                             matrices.decay, decay)]:
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-6, atol=1e-6,

@@ -9,7 +9,7 @@ sub-chunks are the unit, and the forward is three steps, each a kernel of its ow
 (``ops.kda.pallas_gpu``), so that every program is short and many run at once:
 
   ``pair_rows``       one program per sub-chunk j: row block j of A_qk and P_kk (A_kk before
-                      beta). The diagonal
+                      beta) and, for the backward, j's ``gated_operands``. The diagonal
                       block by ``Chunk`` on the sub-chunk alone (the level split, levels 1, 2,
                       4, 8), whose products depend on differences of G within it only; each
                       earlier sub-chunk a as one [16, K] x [K, 16] product of gated rows and
@@ -23,16 +23,13 @@ sub-chunks are the unit, and the forward is three steps, each a kernel of its ow
                       Gamma) and U = T (beta v) as C x C x 64 products, Q Gamma,
                       K exp(G_C - G) and exp(G_C), each column-wise in k, g and v.
 
-The backward is four steps, on the P_kk and T that the forward saved:
+The backward is three steps, on the P_kk, T and gated operands that the forward saved:
 
   ``wy_dA_kk_chunk``  one program per chunk: dT = dW (beta k Gamma)^T + dU (beta v)^T summed
                       over column blocks, dA_kk = -T^T dT T^T and dbeta's part through A_kk;
   ``wy_column_block`` one program per chunk and column block: the rest of the cotangents
                       through W and U (dv, dk's part through W, dbeta's part), whole [C, C]
                       and [C, width] tiles, as fla's WY backward;
-  ``gated_operands``  one program per sub-chunk and block of key columns: its k and q scaled
-                      by its own cumulative gate, which every gradient-rows program visiting
-                      it would otherwise form again (docs/kernels.md, version 17);
   ``gradient_rows``   one program per sub-chunk j and block of key columns: its rows against
                       the earlier sub-chunks and its columns against the later ones, the
                       diagonal block by the level split, the cotangents through Q Gamma,
@@ -107,20 +104,24 @@ def load_rows(tokens, segment, carried, last, scale: float) -> Rows:
   return Rows(q * scale, k, g, v, beta, segment, carried, last)
 
 
-def _gated_columns(y: Rows, prims: Primitives):
+def _gated_columns(y: Rows, prims: Primitives, local=None):
   """An earlier sub-chunk's pair columns referenced at its last row m: (k exp(G_m - G) [S, K],
-  its total gate G_m - G_start [1, K]); exponents <= 0."""
-  local = prims.cumsum(y.g, reverse=False)
+  its total gate G_m - G_start [1, K]); exponents <= 0. ``local``: y's cumulative gate within
+  it, where already formed."""
+  local = prims.cumsum(y.g, reverse=False) if local is None else local
   total = last_row(local)
   return y.k * exp(total - local), total
 
 
-def pair_rows(load: Callable, j, prims: Primitives, store: Callable) -> None:
+def pair_rows(load: Callable, j, prims: Primitives, store: Callable,
+              store_gated: Callable | None = None) -> None:
   """Row block j of A_qk and of M, the pair kernel's work for sub-chunk j (``j`` may be traced:
   the earlier sub-chunks are a loop), each [S, S] block (j, a), a <= j, handed to
   ``store(name, value, a)``: "A" for A_qk, "M" for P_kk, A_kk before its rows' beta (the
   backward reads it for dbeta). Blocks above the diagonal, zero, are not stored: the block
-  inverse writes A_qk's (``inverse_blocks``' caller) and no step reads M's.
+  inverse writes A_qk's (``inverse_blocks``' caller) and no step reads M's. Given
+  ``store_gated(name, value)``, sub-chunk j's ``gated_operands`` go to it too, for the backward
+  (docs/kernels.md, version 19).
 
   ``load(a)`` gives sub-chunk a's ``Rows``. The earlier sub-chunks a = j - 1, ..., 0 are visited
   backwards carrying ``since``, the sum of g over the sub-chunks between a and j, so that with
@@ -131,6 +132,9 @@ def pair_rows(load: Callable, j, prims: Primitives, store: Callable) -> None:
   dot = prims.dot
   x = load(j)
   c = Chunk(x.q, x.k, x.g, x.beta, x.segment, x.carried, x.last, prims)
+  if store_gated is not None:
+    for name, value in gated_operands(x, prims, local=c.G).items():
+      store_gated(name, value)
   diagonal = jnp.sum(x.q * x.k, axis=1, keepdims=True) * eye(SUB)
   store("A", (c.P_qk + diagonal) * c.lower, j)
   store("M", c.P_kk * c.strict, j)
@@ -213,14 +217,15 @@ def wy_column_block(x: Rows, dW, dU, T, prims: Primitives):
 GATED = ("k_to_end", "q_from_start", "k_from_start", "total")  # ``gated_operands``' names
 
 
-def gated_operands(y: Rows, prims: Primitives) -> dict:
+def gated_operands(y: Rows, prims: Primitives, local=None) -> dict:
   """Sub-chunk y's pair operands that depend on y alone, with L the cumulative gate within y
-  (inclusive) and L_m its last row: "k_to_end" = k exp(L_m - L), y as the columns of a later
-  sub-chunk's rows; "q_from_start" = q exp(L) and "k_from_start" = k exp(L), y as the rows of
-  an earlier one's columns ([S, width] each, every exponent <= 0); and "total" = L_m
-  [1, width]."""
-  k_to_end, total = _gated_columns(y, prims)
-  from_start = exp(prims.cumsum(y.g, reverse=False))
+  (inclusive; ``local``, where already formed) and L_m its last row: "k_to_end" =
+  k exp(L_m - L), y as the columns of a later sub-chunk's rows; "q_from_start" = q exp(L) and
+  "k_from_start" = k exp(L), y as the rows of an earlier one's columns ([S, width] each, every
+  exponent <= 0); and "total" = L_m [1, width]."""
+  local = prims.cumsum(y.g, reverse=False) if local is None else local
+  k_to_end, total = _gated_columns(y, prims, local)
+  from_start = exp(local)
   return dict(k_to_end=k_to_end, q_from_start=y.q * from_start, k_from_start=y.k * from_start,
               total=total)
 

@@ -8,7 +8,8 @@ its own chunk mathematics. For KDA (``ops.kda._kernel_subchunk`` has the sub-chu
 
   intra forward    three kernels:
     pair rows      grid (B, HV, chunks, C/16 x 2)  one 16-row sub-chunk and key block each:
-                                               its rows of A_qk and P_kk, partial sums
+                                               its rows of A_qk and P_kk, partial sums,
+                                               and for the backward its gated operands
     block inverse  grid (B, HV, chunks)        A_qk and P_kk summed, T = (I + A_kk)^-1 on
                                                [16, 16] blocks (P_kk and T kept for the
                                                backward, P_kk written only then)
@@ -24,7 +25,7 @@ its own chunk mathematics. For KDA (``ops.kda._kernel_subchunk`` has the sub-chu
                                                from its S, dS, V~ and dV~, summed over the
                                                value blocks in a loop; one call per group of
                                                fields whose sums fit the registers
-  intra backward   four kernels, on the saved P_kk and T:
+  intra backward   four kernels, on the saved P_kk, T and gated operands:
     WY dA_kk       grid (B, HV, chunks)        dT summed over column blocks, dA_kk and dbeta's
                                                part through A_kk
     WY columns     grid (B, HV, chunks, K/64)  the rest of the cotangents through W and U: dv,
@@ -111,13 +112,11 @@ OUTPUT_CHUNKS = 32  # most consecutive chunks a chunk-outputs program takes (doc
 OUTPUT_PROGRAMS = 512  # fewest programs of the chunk outputs' grid, where the chunks allow
 GRADIENT_COLUMNS = 32  # key columns a gradient-rows program takes (docs/kernels.md, v9)
 WY_COLUMNS = 64  # K and V columns the WY-backward program takes at a time
-GATED_COLUMNS = 64  # key columns a gated-operands program takes (docs/kernels.md, v17)
 COTANGENT_SUMS = 2 * 64 * 128  # floats one state-cotangents program sums (docs/kernels.md, v7)
 LAUNCH = {"intra_forward": (8, 1), "intra_backward": (8, 1), "state_forward": (8, 3),
           "state_backward": (8, 3), "pair_rows": (1, 1), "inverse_blocks": (1, 1),
           "chunk_outputs": (4, 3), "wy_dA_kk": (4, 1), "wy_columns": (4, 1),
-          "gated_operands": (4, 1), "gradient_rows": (4, 3), "dg": (4, 1),
-          "normalize_backward": (4, 1),
+          "gradient_rows": (4, 3), "dg": (4, 1), "normalize_backward": (4, 1),
           "state_cotangents": (8, 3),
           # "<op>.<kernel>": one op's own setting. RWKV-7's state forward loads four [C, K]
           # fields a chunk to KDA's three, and its loop's buffers for 3 stages would pass the
@@ -394,14 +393,20 @@ def _pair_rows_kernel(*refs, num_tokens, scale, normalized, precision, key_block
   """KDA's sub-chunk j of a chunk (``_kernel_subchunk.pair_rows``) on key block kb, with
   program_id(3) = j key_blocks + kb: its [S, S] blocks on and below the diagonal of A_qk's and
   of M's partial sums over that block's key columns (every entry is a sum over the key
-  columns)."""
+  columns) and, given their refs (after those two), j's gated operands on that block."""
   S, rows, load = _sub_chunk_rows(KDA, refs, num_tokens, scale, normalized)
-  outs = dict(zip(("A", "M"), refs[num_tokens + 3:]))
+  outs = dict(zip(("A", "M"), refs[num_tokens + 3:num_tokens + 5]))
+  gated_refs = dict(zip(_kernel_subchunk.GATED, refs[num_tokens + 5:]))
 
   def store(name, value, a):
     outs[name][:, rows(a)] = value
 
-  _kernel_subchunk.pair_rows(load, pl.program_id(3) // key_blocks, primitives(precision), store)
+  def store_gated(name, value):
+    ref = gated_refs[name]
+    ref[...] = value.reshape(ref.shape).astype(ref.dtype)
+
+  _kernel_subchunk.pair_rows(load, pl.program_id(3) // key_blocks, primitives(precision), store,
+                             store_gated if gated_refs else None)
 
 
 def _inverse_blocks_kernel(a_parts_ref, m_parts_ref, beta_ref, a_ref, t_ref, *maybe_m_ref,
@@ -483,14 +488,6 @@ def _wy_columns_kernel(*refs, num_tokens, scale, normalized, precision):
                                              primitives(precision))
   for ref, value in zip(refs[num_tokens + 6:], outputs):
     ref[...] = value.astype(ref.dtype)
-
-
-def _gated_operands_kernel(*refs, num_tokens, scale, normalized, precision):
-  """One sub-chunk's ``_kernel_subchunk.gated_operands`` on one block of its key columns."""
-  _, _, load = _sub_chunk_rows(KDA, refs, num_tokens, scale, normalized)
-  gated = _kernel_subchunk.gated_operands(load(0), primitives(precision))
-  for name, ref in zip(_kernel_subchunk.GATED, refs[num_tokens + 3:]):
-    ref[...] = gated[name].reshape(ref.shape).astype(ref.dtype)
 
 
 def _gradient_rows_kernel(*refs, num_tokens, scale, normalized, precision, column_blocks):
@@ -727,25 +724,40 @@ def _sub_chunk_rows_spec(width, n: int, blocks: int):
                       lambda b, h, c, p: (b, c * n + p // blocks, h, p % blocks))
 
 
+def _sub_chunk_total_spec(width, n: int, blocks: int):
+  """As ``_sub_chunk_rows_spec``, of a [B, T/16, HV, width] array of one row a sub-chunk."""
+  return pl.BlockSpec((None, None, None, width // blocks),
+                      lambda b, h, c, p: (b, c * n + p // blocks, h, p % blocks))
+
+
 def _key_blocks(sizes) -> int:
   """Key blocks of the pair rows' grid: ``PAIR_KEY_BLOCKS``, each at least 16 columns wide."""
   return max(1, min(PAIR_KEY_BLOCKS, sizes.K // 16))
 
 
-def _pair_rows(tokens, masks, *, scale, normalized, sizes, interpret, precision):
+def _pair_rows(tokens, masks, *, keep_gated: bool, scale, normalized, sizes, interpret,
+               precision):
   """The key blocks' partial sums of A_qk and of M = P_kk, each float32
   [key blocks, B, T, HV, C], grid B x HV x chunks x (C/16 x key blocks); each chunk's [16, 16]
-  blocks above its diagonal are not written (``_kernel_subchunk.pair_rows``)."""
-  B, T, HV, _, _, C = sizes
+  blocks above its diagonal are not written (``_kernel_subchunk.pair_rows``). With
+  ``keep_gated`` (for the backward) the sub-chunks' gated operands (``_gated_shapes``) follow,
+  which the pair rows have all they need for (docs/kernels.md, version 19)."""
+  B, T, HV, K, _, C = sizes
   n, n_kb = C // _kernel_subchunk.SUB, _key_blocks(sizes)
   in_specs = _column_block_inputs(tokens, C, n_kb, _key_wide(KDA))
   row_block = pl.BlockSpec((None, None, _kernel_subchunk.SUB, None, C),
                            lambda b, h, c, p: (p % n_kb, b, c * n + p // n_kb, h, 0))
-  return _triton_call(
-      _pair_rows_kernel, (B, HV, T // C, n * n_kb), in_specs, [row_block] * 2,
-      [jax.ShapeDtypeStruct((n_kb, B, T, HV, C), F32)] * 2, interpret, LAUNCH["pair_rows"],
-      num_tokens=len(tokens), scale=scale, normalized=normalized, precision=precision,
-      key_blocks=n_kb)(*tokens, *masks)
+  out_specs = [row_block] * 2
+  out_shapes = [jax.ShapeDtypeStruct((n_kb, B, T, HV, C), F32)] * 2
+  if keep_gated:
+    out_specs += [_sub_chunk_total_spec(K, n, n_kb) if name == "total" else
+                  _sub_chunk_rows_spec(K, n, n_kb) for name in _kernel_subchunk.GATED]
+    out_shapes += _gated_shapes(tokens, sizes)
+  A_parts, M_parts, *gated = _triton_call(
+      _pair_rows_kernel, (B, HV, T // C, n * n_kb), in_specs, out_specs, out_shapes, interpret,
+      LAUNCH["pair_rows"], num_tokens=len(tokens), scale=scale, normalized=normalized,
+      precision=precision, key_blocks=n_kb)(*tokens, *masks)
+  return A_parts, M_parts, gated
 
 
 def _inverse_blocks(A_parts, M_parts, beta, *, dtype, with_M: bool, sizes, interpret,
@@ -810,8 +822,8 @@ def _kda_intra_forward(op, tokens, masks, *, scale, normalized, for_backward, si
   """KDA's chunk matrices (a ``ChunkMatrices`` of arrays) from three kernels: the pair rows
   (partial sums of A_qk and M = P_kk by key blocks), the block inverse (their sums, and T from
   M and beta) and the chunk outputs (W, U, Qg, Kg, decay from T); T [B, T, HV, C] passes
-  through memory and, ``for_backward``, is saved with M (written only then) for the intra
-  backward. A_qk, T and M are stored in v's dtype: the chunk outputs, the state kernels and the
+  through memory and, ``for_backward``, is saved with M and the pair rows' gated operands (both
+  written only then) for the intra backward. A_qk, T and M are stored in v's dtype: the chunk outputs, the state kernels and the
   backward take A_qk and T only into products, whose operands on the GPU are v's dtype or
   (dA_kk = -T^T dT T^T) TF32, and M only into dbeta's sums, sum(dA_kk * M) over each row. U is
   stored in v's dtype unless ``for_backward``: it enters only V~ = U - W S, which the products
@@ -819,13 +831,15 @@ def _kda_intra_forward(op, tokens, masks, *, scale, normalized, for_backward, si
   U float32)."""
   config = dict(sizes=sizes, interpret=interpret, precision=precision)
   reading = dict(scale=scale, normalized=normalized)
-  A, T_inverse, *M = _inverse_blocks(*_pair_rows(tokens, masks, **reading, **config),
-                                     tokens[4], dtype=tokens[op.value_index].dtype,
-                                     with_M=for_backward, **config)
+  A_parts, M_parts, gated = _pair_rows(tokens, masks, keep_gated=for_backward, **reading,
+                                       **config)
+  A, T_inverse, *M = _inverse_blocks(A_parts, M_parts, tokens[4],
+                                     dtype=tokens[op.value_index].dtype, with_M=for_backward,
+                                     **config)
   outputs = _chunk_outputs(op, tokens, masks, T_inverse, rounded=() if for_backward else ("U",),
                            **reading, **config)
   return (op.math.ChunkMatrices(A=A, **dict(zip(_CHUNK_OUTPUTS, outputs))),
-          (*M, T_inverse) if for_backward else ())
+          (*M, T_inverse, *gated) if for_backward else ())
 
 
 def _gradient_shapes(tokens, normalized):
@@ -855,15 +869,14 @@ _GRADIENT_ROWS = ("dq", "dk", "dG", "through_end")
 
 def _kda_intra_backward(op, tokens, masks, cotangents, saved, *, scale, normalized, sizes,
                         interpret, precision):
-  """KDA's token gradients from its chunk matrices' cotangents and the forward's saved P_kk
-  and T, by five kernels: dA_kk and dbeta's part through A_kk (grid B x HV x chunks), the
-  rest of the cotangents through W and U (grid B x HV x chunks x column blocks: dv, dk's part
-  through W, dbeta's parts, summed after), each sub-chunk's gated operands (grid B x HV x
-  sub-chunks x blocks of ``GATED_COLUMNS`` key columns), the gradient rows (grid B x HV x
+  """KDA's token gradients from its chunk matrices' cotangents and the forward's saved P_kk, T
+  and gated operands, by four kernels: dA_kk and dbeta's part through A_kk (grid B x HV x
+  chunks), the rest of the cotangents through W and U (grid B x HV x chunks x column blocks:
+  dv, dk's part through W, dbeta's parts, summed after), the gradient rows (grid B x HV x
   chunks x (C/16 x column blocks), ``_column_blocks`` of the K columns) and dg, the reverse
   cumulative sum of dG over each chunk (grid B x HV x chunks)."""
   B, T, HV, K, V, C = sizes
-  M, T_inverse = saved
+  M, T_inverse, *gated = saved
   inputs, square = _input_specs(tokens, C), _token_spec(C, C)
   params = dict(num_tokens=len(tokens), scale=scale, normalized=normalized, precision=precision)
   column_blocks = _column_blocks(sizes, WY_COLUMNS)
@@ -888,12 +901,6 @@ def _kda_intra_backward(op, tokens, masks, cotangents, saved, *, scale, normaliz
       interpret, LAUNCH["wy_columns"], **params)(
           *tokens, *masks, T_inverse, cotangents.W, cotangents.U)
   dbeta = dbeta_pairs + jnp.sum(dbeta_columns, axis=-1, keepdims=True)
-  S, gated_blocks = _kernel_subchunk.SUB, max(1, K // GATED_COLUMNS)
-  gated = _triton_call(
-      _gated_operands_kernel, (B, HV, T // S, gated_blocks),
-      _column_block_inputs(tokens, S, gated_blocks, _key_wide(op)),
-      _gated_specs(S, K, gated_blocks), _gated_shapes(tokens, sizes), interpret,
-      LAUNCH["gated_operands"], **params)(*tokens, *masks)
   dq, dk, dG, through_end = _gradient_rows(
       op, tokens, masks, cotangents, dA_kk, dk_w, gated, scale=scale, normalized=normalized,
       sizes=sizes, interpret=interpret, precision=precision)
@@ -962,9 +969,7 @@ def _gradient_rows(op, tokens, masks, cotangents, dA_kk, dk_w, gated, *, scale, 
                      for f in op.fields]
   square = _column_block(_token_spec(C, C), n_cb, False)
   rows = lambda width: _sub_chunk_rows_spec(width, n, n_cb)
-  out_specs = [rows(K), rows(K), rows(K),
-               pl.BlockSpec((None, None, None, K // n_cb),
-                            lambda b, h, c, p: (b, c * n + p // n_cb, h, p % n_cb))]
+  out_specs = [rows(K), rows(K), rows(K), _sub_chunk_total_spec(K, n, n_cb)]
   dq, dk = _gradient_shapes(tokens, normalized)[:2]
   out_shapes = [dq, dk, jax.ShapeDtypeStruct((B, T, HV, K), F32),
                 jax.ShapeDtypeStruct((B, T // S, HV, K), F32)]
