@@ -823,9 +823,10 @@ def _kda_intra_forward(op, tokens, masks, *, scale, normalized, for_backward, si
   (partial sums of A_qk and M = P_kk by key blocks), the block inverse (their sums, and T from
   M and beta) and the chunk outputs (W, U, Qg, Kg, decay from T); T [B, T, HV, C] passes
   through memory and, ``for_backward``, is saved with M and the pair rows' gated operands (both
-  written only then) for the intra backward. A_qk, T and M are stored in v's dtype: the chunk outputs, the state kernels and the
-  backward take A_qk and T only into products, whose operands on the GPU are v's dtype or
-  (dA_kk = -T^T dT T^T) TF32, and M only into dbeta's sums, sum(dA_kk * M) over each row. U is
+  written only then) for the intra backward. A_qk, T and M are stored in v's dtype: the chunk
+  outputs, the state kernels and the backward take A_qk and T only into products, whose
+  operands on the GPU are v's dtype or (dA_kk = -T^T dT T^T) TF32, and M only into dbeta's
+  sums, sum(dA_kk * M) over each row. U is
   stored in v's dtype unless ``for_backward``: it enters only V~ = U - W S, which the products
   then round to v's dtype, but the backward's sums through U can cancel (``KDA``'s fields keep
   U float32)."""
