@@ -71,12 +71,12 @@ state forward 3 C K V + C C V products: about 7 MFLOP; the intra backward takes 
 times the intra forward's products. Bytes: inputs once (beta as a [C, 1] column; the intra
 forward's kernels read them twice), P_kk and T ([C, C] in v's dtype; a differentiated call
 alone writes P_kk) written once and read in both directions, the chunk matrices (W, Q Gamma,
-K exp(G_C - G) and A_qk in v's dtype, exp(G_C) float32, U float32 for a differentiated call
-and in v's dtype otherwise) written once and read once per value block; the arrays in v's
-dtype enter only products, whose operands on the GPU are v's dtype, or sums whose result the
-products round so (docs/kernels.md, versions 11-13). A differentiated call keeps U float32
-because the gradients take it into sums that can cancel (dA_qk = dO U^T): rounded to bfloat16
-it made a one-token dq 1.6% off the reference at the gradient's usual size. Tokens that the op
+K exp(G_C - G), A_qk and U in v's dtype, exp(G_C) float32) written once and read once per
+value block; the arrays in v's dtype enter only products, whose operands on the GPU are v's
+dtype, or sums whose result the products round so (docs/kernels.md, versions 11-13 and 19).
+Until version 19 a differentiated call kept U float32, because the state backward formed
+dA_qk = dO V~^T from V~ = U - W S, a sum that can cancel; it now reads the V~ that the state
+forward kept, which no longer depends on U's dtype beyond V~'s own rounding. Tokens that the op
 L2-normalises (``walk``'s ``normalized``: KDA's q and k under ``l2_normalize_qk``) arrive in their
 own dtype with a float32 inverse norm per token, multiplied in as each kernel loads them, so the
 normalised values are float32 without a float32 copy in memory (docs/kernels.md, version 8).
@@ -792,12 +792,12 @@ def _output_chunks(sizes, column_blocks: int) -> int:
   return P
 
 
-def _chunk_outputs(op, tokens, masks, T_inverse, *, rounded, scale, normalized, sizes, interpret,
+def _chunk_outputs(op, tokens, masks, T_inverse, *, scale, normalized, sizes, interpret,
                    precision):
-  """W, U, Qg, Kg and decay (``_CHUNK_OUTPUTS``) stored as ``op.fields`` asks, those named in
-  ``rounded`` in v's dtype whatever their field's; grid B x HV x (chunks / P) x column blocks,
-  each program P consecutive chunks (``_output_chunks``): every output is a column-wise function
-  of its inputs and T, so each program takes 1 / ``_column_blocks`` of the K and V columns."""
+  """W, U, Qg, Kg and decay (``_CHUNK_OUTPUTS``) stored as ``op.fields`` asks; grid
+  B x HV x (chunks / P) x column blocks, each program P consecutive chunks (``_output_chunks``):
+  every output is a column-wise function of its inputs and T, so each program takes
+  1 / ``_column_blocks`` of the K and V columns."""
   n = _column_blocks(sizes, OUTPUT_COLUMNS)
   P = _output_chunks(sizes, n)
   rows = P * sizes.C
@@ -810,11 +810,9 @@ def _chunk_outputs(op, tokens, masks, T_inverse, *, rounded, scale, normalized, 
   store = tokens[op.value_index].dtype
   return _triton_call(
       _chunk_outputs_kernel, (sizes.B, sizes.HV, sizes.T // rows, n), in_specs, out_specs,
-      [jax.ShapeDtypeStruct(_layout(f.width, sizes)[0],
-                            store if f.dtype is None or name in rounded else f.dtype)
-       for name, f in zip(_CHUNK_OUTPUTS, fields)], interpret, LAUNCH["chunk_outputs"],
-      num_tokens=len(tokens), scale=scale, normalized=normalized, precision=precision)(
-          *tokens, *masks, T_inverse)
+      [jax.ShapeDtypeStruct(_layout(f.width, sizes)[0], store if f.dtype is None else f.dtype)
+       for f in fields], interpret, LAUNCH["chunk_outputs"], num_tokens=len(tokens),
+      scale=scale, normalized=normalized, precision=precision)(*tokens, *masks, T_inverse)
 
 
 def _kda_intra_forward(op, tokens, masks, *, scale, normalized, for_backward, sizes, interpret,
@@ -826,10 +824,8 @@ def _kda_intra_forward(op, tokens, masks, *, scale, normalized, for_backward, si
   written only then) for the intra backward. A_qk, T and M are stored in v's dtype: the chunk
   outputs, the state kernels and the backward take A_qk and T only into products, whose
   operands on the GPU are v's dtype or (dA_kk = -T^T dT T^T) TF32, and M only into dbeta's
-  sums, sum(dA_kk * M) over each row. U is
-  stored in v's dtype unless ``for_backward``: it enters only V~ = U - W S, which the products
-  then round to v's dtype, but the backward's sums through U can cancel (``KDA``'s fields keep
-  U float32)."""
+  sums, sum(dA_kk * M) over each row. U is stored in v's dtype too: it enters only
+  V~ = U - W S in the state forward, and the backward reads the V~ kept there (version 19)."""
   config = dict(sizes=sizes, interpret=interpret, precision=precision)
   reading = dict(scale=scale, normalized=normalized)
   A_parts, M_parts, gated = _pair_rows(tokens, masks, keep_gated=for_backward, **reading,
@@ -837,8 +833,7 @@ def _kda_intra_forward(op, tokens, masks, *, scale, normalized, for_backward, si
   A, T_inverse, *M = _inverse_blocks(A_parts, M_parts, tokens[4],
                                      dtype=tokens[op.value_index].dtype, with_M=for_backward,
                                      **config)
-  outputs = _chunk_outputs(op, tokens, masks, T_inverse, rounded=() if for_backward else ("U",),
-                           **reading, **config)
+  outputs = _chunk_outputs(op, tokens, masks, T_inverse, **reading, **config)
   return (op.math.ChunkMatrices(A=A, **dict(zip(_CHUNK_OUTPUTS, outputs))),
           (*M, T_inverse, *gated) if for_backward else ())
 
@@ -1213,7 +1208,7 @@ def walk_stages(op: TritonOp, tokens, initial_state, *, scale: float, chunk_size
 
 KDA = TritonOp(name="kda", primitives=primitives, math=chunk_math, value_index=3,
                fields=chunk_math.ChunkMatrices(W=Field("K", cotangent_dtype=None),
-                                               U=Field("V", F32, cotangent_is="d_shared",
+                                               U=Field("V", cotangent_is="d_shared",
                                                        cotangent_dtype=None),
                                                Qg=Field("K"),
                                                Kg=Field("K"), A=Field("C"),
