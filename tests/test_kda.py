@@ -694,8 +694,7 @@ def test_gpu_chunk_outputs_over_consecutive_chunks_equal_one_chunk_a_program(mon
   """On a large call each chunk-outputs program loops over consecutive chunks
   (``_output_chunks``); small calls, as the other tests make, keep one chunk a program. With the
   grid's floor lowered the loop runs here, over the chunks of two packed segments (the last
-  chunk partial, the normalised q and k read in bf16, U kept float32 for the backward), and
-  gives the same outputs exactly."""
+  chunk partial, the normalised q and k read in bf16), and gives the same outputs exactly."""
   rng = np.random.default_rng(3)
   B, T, H, K, V, C = 1, 250, 2, 32, 16, 32  # eight chunks of two sub-chunks, the last partial
   q, k = (jnp.asarray(num.normal(rng, (B, T, H, K)), jnp.bfloat16) for _ in range(2))
@@ -715,7 +714,7 @@ def test_gpu_chunk_outputs_over_consecutive_chunks_equal_one_chunk_a_program(mon
   monkeypatch.setattr(pallas_gpu, "OUTPUT_PROGRAMS", 1)
   assert pallas_gpu._output_chunks(sizes, n) == 8
   looped = pallas_gpu._chunk_outputs(
-      pallas_gpu.KDA, tokens[:-3], tokens[-3:], T_inverse, rounded=(), scale=K ** -0.5,
+      pallas_gpu.KDA, tokens[:-3], tokens[-3:], T_inverse, scale=K ** -0.5,
       normalized=(0, 1), sizes=sizes, interpret=True,
       precision=pallas_gpu.precision_for(v.dtype, True))
   expected = one_chunk(*args)
