@@ -75,8 +75,9 @@ K exp(G_C - G), A_qk and U in v's dtype, exp(G_C) float32) written once and read
 value block; the arrays in v's dtype enter only products, whose operands on the GPU are v's
 dtype, or sums whose result the products round so (docs/kernels.md, versions 11-13 and 19).
 Until version 19 a differentiated call kept U float32, because the state backward formed
-dA_qk = dO V~^T from V~ = U - W S, a sum that can cancel; it now reads the V~ that the state
-forward kept, which no longer depends on U's dtype beyond V~'s own rounding. Tokens that the op
+dA_qk = dO V~^T from V~ = U - W S, a sum that can cancel; since version 18 it reads the V~
+that the state forward kept in v's dtype, so U's rounding reaches the backward only through
+that V~, as it reaches o in every call. Tokens that the op
 L2-normalises (``walk``'s ``normalized``: KDA's q and k under ``l2_normalize_qk``) arrive in their
 own dtype with a float32 inverse norm per token, multiplied in as each kernel loads them, so the
 normalised values are float32 without a float32 copy in memory (docs/kernels.md, version 8).
@@ -825,7 +826,8 @@ def _kda_intra_forward(op, tokens, masks, *, scale, normalized, for_backward, si
   outputs, the state kernels and the backward take A_qk and T only into products, whose
   operands on the GPU are v's dtype or (dA_kk = -T^T dT T^T) TF32, and M only into dbeta's
   sums, sum(dA_kk * M) over each row. U is stored in v's dtype too: it enters only
-  V~ = U - W S in the state forward, and the backward reads the V~ kept there (version 19)."""
+  V~ = U - W S in the state forward, and the backward reads the V~ kept there
+  (docs/kernels.md, version 19)."""
   config = dict(sizes=sizes, interpret=interpret, precision=precision)
   reading = dict(scale=scale, normalized=normalized)
   A_parts, M_parts, gated = _pair_rows(tokens, masks, keep_gated=for_backward, **reading,
