@@ -717,17 +717,12 @@ def _key_wide(op):
   return lambda i, x: i != op.value_index and x.shape[-1] > 1
 
 
-def _sub_chunk_rows_spec(width, n: int, blocks: int):
+def _sub_chunk_rows_spec(width, n: int, blocks: int, *, one_row: bool = False):
   """Output block of a [B, T, HV, width] array for a grid B x HV x chunks x (n x ``blocks``):
-  program p writes sub-chunk p // ``blocks``'s rows of column block p % ``blocks``."""
-  S = _kernel_subchunk.SUB
-  return pl.BlockSpec((None, S, None, width // blocks),
-                      lambda b, h, c, p: (b, c * n + p // blocks, h, p % blocks))
-
-
-def _sub_chunk_total_spec(width, n: int, blocks: int):
-  """As ``_sub_chunk_rows_spec``, of a [B, T/16, HV, width] array of one row a sub-chunk."""
-  return pl.BlockSpec((None, None, None, width // blocks),
+  program p writes sub-chunk p // ``blocks``'s rows of column block p % ``blocks``. With
+  ``one_row``, of a [B, T/16, HV, width] array of one row a sub-chunk."""
+  rows = None if one_row else _kernel_subchunk.SUB
+  return pl.BlockSpec((None, rows, None, width // blocks),
                       lambda b, h, c, p: (b, c * n + p // blocks, h, p % blocks))
 
 
@@ -751,8 +746,8 @@ def _pair_rows(tokens, masks, *, keep_gated: bool, scale, normalized, sizes, int
   out_specs = [row_block] * 2
   out_shapes = [jax.ShapeDtypeStruct((n_kb, B, T, HV, C), F32)] * 2
   if keep_gated:
-    out_specs += [_sub_chunk_total_spec(K, n, n_kb) if name == "total" else
-                  _sub_chunk_rows_spec(K, n, n_kb) for name in _kernel_subchunk.GATED]
+    out_specs += [_sub_chunk_rows_spec(K, n, n_kb, one_row=name == "total")
+                  for name in _kernel_subchunk.GATED]
     out_shapes += _gated_shapes(tokens, sizes)
   A_parts, M_parts, *gated = _triton_call(
       _pair_rows_kernel, (B, HV, T // C, n * n_kb), in_specs, out_specs, out_shapes, interpret,
@@ -967,7 +962,7 @@ def _gradient_rows(op, tokens, masks, cotangents, dA_kk, dk_w, gated, *, scale, 
                      for f in op.fields]
   square = _column_block(_token_spec(C, C), n_cb, False)
   rows = lambda width: _sub_chunk_rows_spec(width, n, n_cb)
-  out_specs = [rows(K), rows(K), rows(K), _sub_chunk_total_spec(K, n, n_cb)]
+  out_specs = [rows(K), rows(K), rows(K), _sub_chunk_rows_spec(K, n, n_cb, one_row=True)]
   dq, dk = _gradient_shapes(tokens, normalized)[:2]
   out_shapes = [dq, dk, jax.ShapeDtypeStruct((B, T, HV, K), F32),
                 jax.ShapeDtypeStruct((B, T // S, HV, K), F32)]
