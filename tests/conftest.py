@@ -1,6 +1,6 @@
 """Test session setup: 8 host CPU devices, set before JAX starts, a compilation cache for each
-test process, hypothesis profiles, and XLA's optimisation passes off for the compile-bound
-modules."""
+test process, hypothesis profiles, and XLA's optimisation passes off for the tests marked
+``compile_bound``."""
 
 import os
 
@@ -41,16 +41,24 @@ hypothesis.settings.register_profile(
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "compile_bound: run with XLA's optimisation passes off (see conftest's "
+      "_compile_bound); compile_bound(False) keeps them for one test of a marked module or class")
+
+
 @pytest.fixture(autouse=True)
-def _compile_bound_module(request):
-  """A test class or module that sets ``COMPILE_BOUND = True`` (the class's setting first) runs
-  with ``jax_disable_most_optimizations``: its tests compile many small programs and run each
-  briefly, and skipping XLA's optimisation passes cut test_models from 106 s to 66 s and the
-  plain-JAX agreement classes from 41 s to 26 s (the same operations, unfused). Tests whose time
-  goes into running programs (the interpret-mode kernels, the recall training) keep the passes:
-  without them they run slower."""
-  owner = request.cls if hasattr(request.cls, "COMPILE_BOUND") else request.module
-  if not getattr(owner, "COMPILE_BOUND", False):
+def _compile_bound(request):
+  """A test marked ``compile_bound`` (itself, its class or its module: ``pytestmark``; the
+  closest marker counts) runs with ``jax_disable_most_optimizations``: its tests compile many
+  small programs and run each briefly, and skipping XLA's optimisation passes cut test_models
+  from 106 s to 66 s and the plain-JAX agreement classes from 41 s to 26 s (the same operations,
+  unfused). The interpret-mode Pallas kernels are compile-bound too (six of their slowest tests:
+  191 s to 144 s, none slower). Tests whose time goes into running programs (the recall
+  training: 600 steps 39 s with the passes, 52 s without) or that check what the optimised
+  compile gives (the scan's backward memory) keep the passes: ``compile_bound(False)``."""
+  marker = request.node.get_closest_marker("compile_bound")
+  if marker is None or marker.args[:1] == (False,):
     yield
     return
   previous = jax.config.values["jax_disable_most_optimizations"]

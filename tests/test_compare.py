@@ -2,7 +2,7 @@
 grouped-query softmax attention) at two short contexts, one timed call each; the JSON, the table
 and the plots are written and every number in the JSON is finite and positive.
 
-XLA's optimisations are turned off for it (``COMPILE_BOUND``, see conftest): the run is
+XLA's optimisations are turned off for it (``compile_bound``, see conftest): the run is
 compile-bound, and that halves it (19 s to 12 s on a 2-core CPU).
 """
 
@@ -17,7 +17,7 @@ MODELS = ("kimi_linear_tiny:layer_pattern=KM:num_layers=2:mlp=none,"
           "mamba_tiny:layer_pattern=A:num_layers=1:attn_num_kv_heads=2")
 
 
-COMPILE_BOUND = True  # conftest: XLA's optimisation passes off for this module
+pytestmark = pytest.mark.compile_bound  # conftest: XLA's optimisation passes off
 
 
 def _numbers(value, where="$"):

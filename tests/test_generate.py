@@ -13,7 +13,7 @@ from models.lm import LanguageModel, decode_state_bytes
 from train.config import ModelConfig, SampleConfig
 from train.generate import generate, print_sample, sample_token
 
-COMPILE_BOUND = True  # conftest: XLA's optimisation passes off for this module
+pytestmark = pytest.mark.compile_bound  # conftest: XLA's optimisation passes off
 
 LOGITS = jnp.log(jnp.asarray([[0.05, 0.5, 0.3, 0.1, 0.05]]))
 

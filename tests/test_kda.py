@@ -56,6 +56,8 @@ from ops._validate import resolve_implementation
 from ops.kda import gated_delta_rule, kda, kda_gate, kda_step, l2norm, pallas_gpu, pallas_tpu
 from tests import _numerics as num
 
+pytestmark = pytest.mark.compile_bound  # conftest: XLA's optimisation passes off
+
 TOL_F32, tolerance = num.TOL_F32, num.tolerance
 IMPLEMENTATIONS = ("reference", "xla", "pallas_gpu", "pallas_tpu")
 KERNELS = ("pallas_gpu", "pallas_tpu")
@@ -509,7 +511,6 @@ class TestXla(AgreementBase):
   """The chunkwise WY form in plain JAX (``ops.kda.chunk``)."""
 
   implementation = "xla"
-  COMPILE_BOUND = True  # conftest: XLA's optimisation passes off for this class
 
 
 class TestPallasGpu(AgreementBase):

@@ -40,7 +40,7 @@ from tests import _numerics as num
 from tests.test_attention import TIMES, jit, xla_cpu_cannot_compile
 from tests.test_attention import oracle as attention_oracle
 
-COMPILE_BOUND = True  # conftest: XLA's optimisation passes off for this module
+pytestmark = pytest.mark.compile_bound  # conftest: XLA's optimisation passes off
 
 TOL_F32, tolerance = num.TOL_F32, num.tolerance
 IMPLEMENTATIONS = ("expanded", "absorbed")

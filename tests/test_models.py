@@ -19,7 +19,7 @@ from ops.kda import reference as kda_reference
 from tests._numerics import assert_close
 from train.config import ModelConfig
 
-COMPILE_BOUND = True  # conftest: XLA's optimisation passes off for this module
+pytestmark = pytest.mark.compile_bound  # conftest: XLA's optimisation passes off
 
 # Small enough to be fast; KDA with grouped value heads (HV = 2 H), V != K and a chunk shorter
 # than the sequences, so the chunkwise form crosses chunk boundaries; grouped-query attention

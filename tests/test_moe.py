@@ -30,7 +30,7 @@ from models.moe import MoE, load_balance_stats, update_router_bias
 from tests import _numerics as num
 from train.config import ModelConfig
 
-COMPILE_BOUND = True  # conftest: XLA's optimisation passes off for this module
+pytestmark = pytest.mark.compile_bound  # conftest: XLA's optimisation passes off
 
 
 CONFIG = ModelConfig(d_model=16, mlp="moe", moe_num_experts=6, moe_top_k=2,

@@ -46,7 +46,7 @@ from hypothesis import strategies as st
 from ops.rwkv6 import rwkv6, rwkv6_step
 from tests import _numerics as num
 
-COMPILE_BOUND = True  # conftest: XLA's optimisation passes off for this module
+pytestmark = pytest.mark.compile_bound  # conftest: XLA's optimisation passes off
 
 TOL_F32, tolerance = num.TOL_F32, num.tolerance
 IMPLEMENTATIONS = ("reference", "xla")

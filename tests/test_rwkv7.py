@@ -55,6 +55,8 @@ from ops.kda import _segment_index, kda
 from ops.rwkv7 import pallas_gpu, pallas_tpu, rwkv7, rwkv7_step
 from tests import _numerics as num
 
+pytestmark = pytest.mark.compile_bound  # conftest: XLA's optimisation passes off
+
 TOL_F32, tolerance = num.TOL_F32, num.tolerance
 PLAIN_FORMS = ("reference", "xla")
 IMPLEMENTATIONS = PLAIN_FORMS + ("pallas_gpu", "pallas_tpu")
@@ -332,7 +334,6 @@ class TestXla(AgreementBase):
   """The chunkwise generalised delta rule in plain JAX (``ops.rwkv7.chunk``)."""
 
   implementation = "xla"
-  COMPILE_BOUND = True  # conftest: XLA's optimisation passes off for this class
 
 
 class KernelAgreement(AgreementBase):

@@ -44,6 +44,8 @@ from ops.selective_scan import _kernel_math as km
 from ops.selective_scan import pallas_gpu, pallas_tpu, selective_scan, selective_scan_step
 from tests import _numerics as num
 
+pytestmark = pytest.mark.compile_bound  # conftest: XLA's optimisation passes off
+
 TOL_F32, tolerance = num.TOL_F32, num.tolerance
 IMPLEMENTATIONS = ("reference", "xla", "pallas_gpu", "pallas_tpu")
 # Fixed oracle cases the kernels also run (interpret mode is slow; their drawn cases are in the
@@ -271,7 +273,6 @@ class AgreementBase:
 class TestXlaAgreement(AgreementBase):
   __test__ = True
   implementation = "xla"
-  COMPILE_BOUND = True  # conftest: XLA's optimisation passes off for this class
 
 
 class TestPallasGpuAgreement(AgreementBase):
@@ -479,6 +480,7 @@ def _grad_temp_bytes(implementation: str, time: int, channels=64, state=64) -> i
   return grad.lower(u, u, B, B).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.compile_bound(False)  # the memory of the optimised compile
 def test_xla_backward_memory_does_not_hold_every_state():
   """Going from T=4096 to T=16384 adds 192 MiB of [T, channels, state] states. The reference
   stores them for its backward; the chunked form keeps one state per chunk and recomputes, so it

@@ -26,7 +26,7 @@ from train.step import make_trainer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 MODEL = ModelConfig(vocab_size=256, d_model=32, num_layers=2, d_state=4)
-COMPILE_BOUND = True  # conftest: XLA's optimisation passes off for this module
+pytestmark = pytest.mark.compile_bound  # conftest: XLA's optimisation passes off
 
 
 @pytest.fixture(scope="module")
