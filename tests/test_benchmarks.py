@@ -13,6 +13,7 @@ import pytest
 from benchmarks import kda as kda_bench
 from benchmarks import selective_scan as scan_bench
 
+pytestmark = pytest.mark.compile_bound  # conftest: XLA's optimisation passes off
 FAST = ["--iters", "1", "--warmup", "0", "--implementations", "reference"]
 
 
