@@ -131,8 +131,18 @@ def _train_command(workdir, data_dir, steps):
       f"--{k}={v}" for k, v in overrides.items()]
 
 
-def _run(command):
-  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+def _train_env(cache_dir):
+  """The runs' environment: one compilation cache for the three runs of a test (the straight run
+  writes it; the killed run and the resumed one, compiling the same programs, read it back), and
+  XLA's optimisation passes off as in this module's other tests (the runs are compile-bound)."""
+  return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+
+
+def _run(command, env):
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
 
@@ -140,13 +150,14 @@ def _run(command):
 def test_resume_after_sigkill_during_a_checkpoint_is_exact(tmp_path, data_dir):
   """2N steps straight == N steps, SIGKILL while a checkpoint is written, restart to 2N."""
   total = 8
+  env = _train_env(tmp_path / "compilation_cache")
   straight = tmp_path / "straight"
-  _run(_train_command(straight, data_dir, total))
+  _run(_train_command(straight, data_dir, total), env)
   expected = {step: losses[0] for step, losses in _losses(straight).items()}
   assert sorted(expected) == list(range(1, total + 1))
 
   killed = tmp_path / "killed"
-  process = subprocess.Popen(_train_command(killed, data_dir, total), cwd=REPO,
+  process = subprocess.Popen(_train_command(killed, data_dir, total), cwd=REPO, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   checkpoints, partial = killed / "checkpoints", None
   deadline = time.monotonic() + 240
@@ -164,7 +175,7 @@ def test_resume_after_sigkill_during_a_checkpoint_is_exact(tmp_path, data_dir):
 
   finished = Checkpointer(checkpoints, 10).latest_step()
   assert finished == killed_step - 1, "the partial checkpoint must not count as finished"
-  output = _run(_train_command(killed, data_dir, total))
+  output = _run(_train_command(killed, data_dir, total), env)
   assert f"resuming from step {finished}" in output
   for step, losses in _losses(killed).items():
     assert all(loss == expected[step] for loss in losses), (step, losses, expected[step])
