@@ -41,12 +41,6 @@ hypothesis.settings.register_profile(
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-def pytest_configure(config):
-  config.addinivalue_line(
-      "markers", "compile_bound: run with XLA's optimisation passes off (see conftest's "
-      "_compile_bound); compile_bound(False) keeps them for one test of a marked module or class")
-
-
 @pytest.fixture(autouse=True)
 def _compile_bound(request):
   """A test marked ``compile_bound`` (itself, its class or its module: ``pytestmark``; the
