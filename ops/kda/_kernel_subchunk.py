@@ -121,8 +121,8 @@ def pair_rows(load: Callable, j, prims: Primitives, store: Callable,
   backward reads it for dbeta). Blocks above the diagonal, zero, are not stored: the block
   inverse writes A_qk's (``inverse_blocks``' caller) and no step reads M's. Given
   ``store_gated(name, value)``, sub-chunk j's ``gated_operands`` go to it too, for the backward
-  (docs/kernels.md, version 19), last: stored before the blocks they cost the pair rows 0.07 ms
-  more at B4 T8192 (version 20).
+  (docs/kernels.md, version 19), after j's blocks: stored before them, they cost the pair rows
+  0.07 ms more at B4 T8192 (version 20).
 
   ``load(a)`` gives sub-chunk a's ``Rows``. The earlier sub-chunks a = j - 1, ..., 0 are visited
   backwards carrying ``since``, the sum of g over the sub-chunks between a and j, so that with
