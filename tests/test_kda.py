@@ -519,22 +519,27 @@ class TestPallasGpu(AgreementBase):
   implementation = "pallas_gpu"
   keeps_input_dtype = True
 
-  def test_wide_heads_match_reference(self):
+  @pytest.mark.parametrize("cotangent_values", [128, 64])
+  def test_wide_heads_match_reference(self, cotangent_values, monkeypatch):
     """K = V = 128, where these kernels split the key and value columns across programs (two
     64-column blocks; narrower heads take one), with segments, so that the split is checked in
-    every run rather than when a draw happens to pick both widths."""
+    every run rather than when a draw happens to pick both widths; the state cotangents both
+    on the whole V (one call) and on 64-column value blocks (two groups, the sums held in their
+    loop), the form wider values take."""
+    monkeypatch.setitem(pallas_gpu.VALUE_BLOCK, "state_cotangents", cotangent_values)
     _check_matches_reference(dataclasses.replace(BASE, time=70, heads=1, key_dim=128,
                                                   value_dim=128, with_segment_ids=True, seed=3),
                              self.implementation)
 
   def test_state_cotangents_split_into_groups_only_over_several_value_blocks(self):
-    """One state-cotangents call per group of fields: all at once with one value block, and at
-    K = V = 128 (two value blocks, the sums held in the loop) two groups that hold every field
-    once; the wide-heads case above checks the values."""
+    """One state-cotangents call per group of fields: all at once with one value block (up to
+    V = 128), and at V = 256 (two value blocks, the sums held in the loop) two groups that hold
+    every field once; the wide-heads case above checks the values of both forms."""
     sizes = lambda K, V: pallas_gpu.Sizes(B=1, T=64, HV=1, K=K, V=V, C=64)
     written = ("W", "Qg", "Kg", "A", "decay")  # dU is dV~, which the reverse walk writes
     assert pallas_gpu._cotangent_groups(pallas_gpu.KDA, sizes(128, 64)) == [written]
-    assert pallas_gpu._cotangent_groups(pallas_gpu.KDA, sizes(128, 128)) == [written[:2],
+    assert pallas_gpu._cotangent_groups(pallas_gpu.KDA, sizes(128, 128)) == [written]
+    assert pallas_gpu._cotangent_groups(pallas_gpu.KDA, sizes(128, 256)) == [written[:2],
                                                                              written[2:]]
 
 

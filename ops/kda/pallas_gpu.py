@@ -102,9 +102,10 @@ from ops.kda._step_common import next_power_of_2
 
 F32 = jnp.float32
 # Value channels a state-kernel program takes (the cotangents': a step of its loop over them);
-# "state_cotangents[<fields>]" sets one group's (docs/kernels.md, version 18: KDA's second group
-# loads S, dS, V~ and dO each step and runs faster on 32).
-VALUE_BLOCK = {"state_forward": 64, "state_walk_backward": 64, "state_cotangents": 64,
+# "state_cotangents[<fields>]" sets one group's. The cotangents take V = 128 whole, one call for
+# every field, each formed where it is stored (docs/kernels.md, version 21); wider values loop
+# over blocks in groups (version 18: KDA's second group then ran faster on 32).
+VALUE_BLOCK = {"state_forward": 64, "state_walk_backward": 64, "state_cotangents": 128,
                "state_cotangents[Kg,A,decay]": 32}
 MAX_KEY_DIM = 128  # the widest K the state kernels fit in shared memory (``unsupported``)
 PAIR_KEY_BLOCKS = 2  # key blocks of the pair rows' grid (docs/kernels.md, version 6)
@@ -567,9 +568,12 @@ def _state_walk_backward_kernel(*refs, op, sizes, BV, precision):
 
 def _state_cotangents_kernel(*refs, op, sizes, BV, precision, names):
   """Chunk program_id(2)'s cotangents of the chunk matrices ``names`` (``math.state_cotangents``)
-  from the state before it, the dS after it and the shared values and their cotangent, value
-  block by value block: a "V" field's block written in place, the others summed over the
-  blocks in the loop and written once. What a group's fields do not read is not loaded:
+  from the state before it, the dS after it and the shared values and their cotangent. With one
+  value block each field is formed and stored in turn, so that one product's result is live at
+  a time (KDA at K = V = 128: 156 registers at 8 warps, where the five sums of the loop below
+  take 173). Otherwise value block by value block: a "V" field's block written in place, the
+  others summed over the blocks in the loop and written once. What a group's fields do not read
+  is not loaded:
   ``pallas_call`` removes unused reads when it traces the kernel (``pe.dce_jaxpr``; reads are
   a dead-code-eliminable effect)."""
   num_fields = len(op.fields)
@@ -583,22 +587,37 @@ def _state_cotangents_kernel(*refs, op, sizes, BV, precision, names):
   rows = pl.ds(c * sizes.C, sizes.C)
   dot = op.primitives(precision).dot
 
-  def value_block(vb, sums):
+  def cotangents(vb):
+    """Value block vb's cotangent of one field, by name: each formed where it is stored."""
     values = pl.ds(vb * BV, BV)
-    grads = op.math.state_cotangents(
-        states_ref[b, c, h, :, values].astype(F32), dstates_ref[b, c, h, :, values].astype(F32),
-        shared_ref[b, rows, h, values].astype(F32), d_shared_ref[b, rows, h, values].astype(F32),
-        _load_matrices(op, matrix_refs, b, h, c, rows, values),
-        do_ref[b, rows, h, values].astype(F32), dot)
+    inputs = (states_ref[b, c, h, :, values].astype(F32),
+              dstates_ref[b, c, h, :, values].astype(F32),
+              shared_ref[b, rows, h, values].astype(F32),
+              d_shared_ref[b, rows, h, values].astype(F32),
+              _load_matrices(op, matrix_refs, b, h, c, rows, values),
+              do_ref[b, rows, h, values].astype(F32))
+    return values, lambda name: getattr(op.math.state_cotangents(*inputs, dot), name)
+
+  def store(ref, width, value, values):
+    ref[_block(width, b, h, c, rows, values)] = (
+        value.reshape(ref.shape[-1]) if width == "chunk" else value).astype(ref.dtype)
+
+  if sizes.V == BV:
+    values, grad = cotangents(0)
+    for name, width, ref in written:
+      store(ref, width, grad(name), values)
+    return
+
+  def value_block(vb, sums):
+    values, grad = cotangents(vb)
     for name, width, ref in per_block:
-      ref[_block(width, b, h, c, rows, values)] = getattr(grads, name).astype(ref.dtype)
-    return tuple(s + getattr(grads, name) for s, (name, _, _) in zip(sums, summed))
+      store(ref, width, grad(name), values)
+    return tuple(s + grad(name) for s, (name, _, _) in zip(sums, summed))
 
   sums = jax.lax.fori_loop(0, sizes.V // BV, value_block,
                            tuple(jnp.zeros(_tile(width, sizes), F32) for _, width, _ in summed))
   for (_, width, ref), value in zip(summed, sums):
-    ref[_block(width, b, h, c, rows, None)] = (value.reshape(ref.shape[-1])
-                                               if width == "chunk" else value).astype(ref.dtype)
+    store(ref, width, value, None)
 
 
 # ------------------------------------------------------------------------------------ wrappers
